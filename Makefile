@@ -1,0 +1,38 @@
+# Every target here is what CI or a developer runs; `make test` is what CI calls.
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: deps demo test check-fmt fmt lint unit doc bench bench-build
+
+## Installs (as root) or names the system packages the build and tests need.
+deps:
+	@scripts/ensure-system-deps.sh
+
+## Runs the main job on an embedded default and prints a summary.
+demo: deps
+	$(CARGO) run --release -p rill --example demo
+
+## Formatting, lints, every test, and the docs: what CI runs.
+test: deps check-fmt lint unit doc
+
+check-fmt:
+	$(CARGO) fmt --all -- --check
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+
+## Criterion benches (quote medians; the machines are shared and noisy).
+bench: deps
+	$(CARGO) bench -p benches
+
+bench-build:
+	$(CARGO) bench -p benches --no-run

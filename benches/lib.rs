@@ -1,0 +1,1 @@
+//! Criterion benches live in this crate's `[[bench]]` targets; the library is empty.

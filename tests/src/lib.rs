@@ -1,0 +1,1 @@
+//! Test support shared by every crate's tests: real `redis-server` processes and Kafka.
