@@ -1,0 +1,1 @@
+//! Throwaway `redis-server` processes on free loopback ports. Being built; see issue 6.
