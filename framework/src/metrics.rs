@@ -1,0 +1,33 @@
+//! Metric names, all in one place, recorded through the `metrics` facade.
+//!
+//! The host application installs a recorder (Prometheus, StatsD); without one, recording is
+//! a no-op. Names are dotted, under `rill.`.
+
+/// Counter: messages polled from the consumer.
+pub const MESSAGES_POLLED: &str = "rill.consumer.messages_polled";
+/// Counter: submissions the pipeline rejected (backpressure).
+pub const MESSAGES_REJECTED: &str = "rill.consumer.messages_rejected";
+/// Counter: offset commits sent to the consumer.
+pub const COMMITS: &str = "rill.consumer.commits";
+/// Counter: times the processor paused its partitions after sustained backpressure.
+pub const PAUSES: &str = "rill.consumer.pauses";
+/// Histogram: seconds the processor spent in backpressure before a message was accepted.
+pub const BACKPRESSURE_SECONDS: &str = "rill.consumer.backpressure_seconds";
+/// Histogram: seconds spent joining the pipeline on a rebalance or shutdown.
+pub const JOIN_SECONDS: &str = "rill.consumer.join_seconds";
+/// Counter: partitions assigned.
+pub const PARTITIONS_ASSIGNED: &str = "rill.consumer.partitions_assigned";
+/// Counter: partitions revoked.
+pub const PARTITIONS_REVOKED: &str = "rill.consumer.partitions_revoked";
+/// Counter: invalid messages (tag `outcome`: `dead_lettered`, `skipped`).
+pub const INVALID_MESSAGES: &str = "rill.consumer.invalid_messages";
+/// Histogram: seconds between a message's broker timestamp and its commit step.
+pub const LATENCY_SECONDS: &str = "rill.consumer.latency_seconds";
+/// Counter: batches flushed by `Reduce` (tag `reason`: `size`, `time`, `join`).
+pub const BATCHES_FLUSHED: &str = "rill.reduce.batches_flushed";
+/// Gauge: tasks in flight in `RunTaskInThreads`.
+pub const TASKS_IN_FLIGHT: &str = "rill.run_task_in_threads.in_flight";
+/// Counter: deliveries confirmed by `Produce` (tag `status`: `ok`, `retried`, `failed`).
+pub const PRODUCE_DELIVERIES: &str = "rill.produce.deliveries";
+/// Counter: messages dropped by `Filter`.
+pub const MESSAGES_FILTERED: &str = "rill.filter.dropped";

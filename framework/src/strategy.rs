@@ -1,0 +1,143 @@
+//! The step trait every pipeline stage implements, and the factory that builds pipelines.
+
+use std::time::Instant;
+
+use crate::commit::CommitRequest;
+use crate::error::{StrategyError, SubmitError};
+use crate::message::{Message, Partition};
+
+/// One stage of a pipeline: takes messages, does work, hands results to the step after it.
+///
+/// A pipeline is a chain of steps, each owning the next; the stream processor owns the first
+/// and calls these methods from one thread.
+///
+/// # Backpressure
+///
+/// A step that cannot take a message right now returns [`SubmitError::MessageRejected`] with
+/// the message inside. Nothing is cloned and nothing is lost: the caller keeps the message,
+/// keeps calling [`poll`](Self::poll) so work drains, and submits it again. A step holding a
+/// rejected message of its own rejects new input until that one is accepted; the
+/// [`CarriedOver`](crate::CarriedOver) helper implements exactly this, and every built-in step
+/// uses it.
+///
+/// # Commits
+///
+/// Offsets flow backwards. `poll` and `join` return a [`CommitRequest`] naming offsets whose
+/// work is *done* in this step or any step after it (processed by the last step, filtered out,
+/// folded into a finished batch). The stream processor feeds them to its
+/// [`OffsetLedger`](crate::OffsetLedger), which commits a partition only up to its first
+/// offset not yet done. A step must never drop a request returned by its next step: it merges
+/// it into its own and returns it, even after an error (keep it for the next call).
+///
+/// # Examples
+///
+/// ```
+/// use rill::steps::{CommitOffsets, RunTask};
+/// use rill::{Message, Partition, ProcessingStrategy, Topic};
+///
+/// let mut pipeline = RunTask::new(
+///     |m: Message<&str>| Ok(m.map(str::len)),
+///     CommitOffsets::new(std::time::Duration::ZERO),
+/// );
+/// let partition = Partition::new(Topic::new("words"), 0);
+///
+/// pipeline.submit(Message::broker("hello", partition.clone(), 0, None)).unwrap();
+/// let done = pipeline.poll().unwrap().unwrap();
+///
+/// assert_eq!(done.offsets(&partition), vec![0..1]);
+/// ```
+pub trait ProcessingStrategy<T>: Send {
+    /// Does pending work and returns offsets that are now done.
+    ///
+    /// Called on every iteration of the consumer loop; must not block.
+    ///
+    /// # Errors
+    ///
+    /// [`StrategyError::InvalidMessage`] for a message found invalid after it was accepted
+    /// (it goes to the dead-letter queue); [`StrategyError::Other`] stops the processor.
+    fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError>;
+
+    /// Offers a message to the step. `Ok` means accepted, not processed.
+    ///
+    /// # Errors
+    ///
+    /// [`SubmitError::MessageRejected`] with the message inside if the step is at capacity
+    /// (see [Backpressure](#backpressure)); [`SubmitError::InvalidMessage`] if the message can
+    /// never be processed.
+    fn submit(&mut self, message: Message<T>) -> Result<(), SubmitError<T>>;
+
+    /// Finishes all accepted work, waiting until `deadline` at most (`None`: as long as it
+    /// takes), and returns the final offsets that are done.
+    ///
+    /// Work not finished by the deadline is abandoned: its offsets are not reported, so they
+    /// are never committed and the broker delivers those messages again. The deadline is
+    /// passed on unchanged to the next step, which therefore gets whatever time is left.
+    ///
+    /// # Errors
+    ///
+    /// As for [`poll`](Self::poll).
+    fn join(&mut self, deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError>;
+
+    /// Stops at once, abandoning work in progress (aborting tasks), and terminates the next step.
+    fn terminate(&mut self);
+
+    /// The next instant at which this step or a step after it has timed work to do (a batch
+    /// window closing, a commit interval ending), so the processor does not sleep past it.
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+}
+
+impl<T, S> ProcessingStrategy<T> for Box<S>
+where
+    S: ProcessingStrategy<T> + ?Sized,
+{
+    fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
+        (**self).poll()
+    }
+
+    fn submit(&mut self, message: Message<T>) -> Result<(), SubmitError<T>> {
+        (**self).submit(message)
+    }
+
+    fn join(&mut self, deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
+        (**self).join(deadline)
+    }
+
+    fn terminate(&mut self) {
+        (**self).terminate();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        (**self).next_deadline()
+    }
+}
+
+/// Builds a pipeline for the partitions currently assigned.
+///
+/// The stream processor calls it from its own loop (never from inside a client library
+/// callback) whenever the assignment changes, after the previous pipeline was joined and its
+/// offsets committed. Any `FnMut(&[Partition]) -> Box<dyn ProcessingStrategy<T>>` is a factory.
+///
+/// # Examples
+///
+/// ```
+/// use rill::steps::Noop;
+/// use rill::{Partition, ProcessingStrategy, ProcessingStrategyFactory};
+///
+/// let mut factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u32>> { Box::new(Noop) };
+/// let _pipeline = factory.create(&[]);
+/// ```
+pub trait ProcessingStrategyFactory<T>: Send {
+    /// Builds a pipeline for `partitions` (sorted), the whole current assignment.
+    fn create(&mut self, partitions: &[Partition]) -> Box<dyn ProcessingStrategy<T>>;
+}
+
+impl<T, F> ProcessingStrategyFactory<T> for F
+where
+    F: FnMut(&[Partition]) -> Box<dyn ProcessingStrategy<T>> + Send,
+{
+    fn create(&mut self, partitions: &[Partition]) -> Box<dyn ProcessingStrategy<T>> {
+        self(partitions)
+    }
+}

@@ -1,0 +1,206 @@
+//! Test doubles for steps: a recording next step and message builders.
+//!
+//! Compiled for this crate's tests and, with the `test-utils` feature, for other crates' tests;
+//! never part of a production build.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use crate::commit::CommitRequest;
+use crate::error::{InvalidMessage, StrategyError, SubmitError};
+use crate::message::{Message, Partition, Topic};
+use crate::strategy::ProcessingStrategy;
+
+/// The topic of [`message`] and [`partition`].
+pub const TEST_TOPIC: &str = "test";
+
+/// Partition `index` of [`TEST_TOPIC`].
+pub fn partition(index: u32) -> Partition {
+    Partition::new(Topic::new(TEST_TOPIC), index)
+}
+
+/// A broker message on partition 0 of [`TEST_TOPIC`] at `offset`.
+pub fn message<T>(offset: u64, payload: T) -> Message<T> {
+    Message::broker(payload, partition(0), offset, None)
+}
+
+#[derive(Debug)]
+struct State<T> {
+    messages: Vec<Message<T>>,
+    reject_next: usize,
+    rejected: usize,
+    invalid_offsets: Vec<u64>,
+    commit_on_poll: bool,
+    uncommitted: CommitRequest,
+    joined: bool,
+    terminated: bool,
+    polls: usize,
+}
+
+/// A last step that records what it receives and can push back on demand.
+///
+/// Clones share state: keep one in the test, give the other to the step under test.
+///
+/// # Examples
+///
+/// ```
+/// use rill::ProcessingStrategy;
+/// use rill::testing::{RecordingStep, message};
+///
+/// let next = RecordingStep::new().reject_next(1);
+/// let mut step = next.clone();
+///
+/// assert!(step.submit(message(0, "a")).is_err()); // rejected once
+/// step.submit(message(0, "a")).unwrap();
+///
+/// assert_eq!(next.payloads(), ["a"]);
+/// ```
+#[derive(Debug)]
+pub struct RecordingStep<T> {
+    state: Arc<Mutex<State<T>>>,
+}
+
+impl<T> Clone for RecordingStep<T> {
+    fn clone(&self) -> Self {
+        Self {
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+impl<T> RecordingStep<T> {
+    /// Accepts everything and never reports done offsets.
+    pub fn new() -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State {
+                messages: Vec::new(),
+                reject_next: 0,
+                rejected: 0,
+                invalid_offsets: Vec::new(),
+                commit_on_poll: false,
+                uncommitted: CommitRequest::new(),
+                joined: false,
+                terminated: false,
+                polls: 0,
+            })),
+        }
+    }
+
+    /// Rejects the next `count` submissions (more may be added later with the same call).
+    #[must_use]
+    pub fn reject_next(self, count: usize) -> Self {
+        self.set_reject_next(count);
+        self
+    }
+
+    /// Rejects the next `count` submissions, from now on.
+    pub fn set_reject_next(&self, count: usize) {
+        self.state.lock().reject_next = count;
+    }
+
+    /// Reports submitted messages as invalid when their offset is in `offsets`.
+    #[must_use]
+    pub fn invalid_at(self, offsets: &[u64]) -> Self {
+        self.state.lock().invalid_offsets = offsets.to_vec();
+        self
+    }
+
+    /// Reports the offsets of accepted messages as done on the next `poll` or `join`.
+    #[must_use]
+    pub fn commit_on_poll(self) -> Self {
+        self.state.lock().commit_on_poll = true;
+        self
+    }
+
+    /// The messages accepted so far, metadata included.
+    pub fn messages(&self) -> Vec<Message<T>>
+    where
+        T: Clone,
+    {
+        self.state.lock().messages.clone()
+    }
+
+    /// The payloads accepted so far.
+    pub fn payloads(&self) -> Vec<T>
+    where
+        T: Clone,
+    {
+        let state = self.state.lock();
+        state.messages.iter().map(|m| m.payload().clone()).collect()
+    }
+
+    /// How many messages were accepted.
+    pub fn accepted(&self) -> usize {
+        self.state.lock().messages.len()
+    }
+
+    /// How many submissions were rejected.
+    pub fn rejected(&self) -> usize {
+        self.state.lock().rejected
+    }
+
+    /// How many times `poll` was called.
+    pub fn polls(&self) -> usize {
+        self.state.lock().polls
+    }
+
+    /// Whether `join` was called.
+    pub fn joined(&self) -> bool {
+        self.state.lock().joined
+    }
+
+    /// Whether `terminate` was called.
+    pub fn terminated(&self) -> bool {
+        self.state.lock().terminated
+    }
+
+    fn take_done(state: &mut State<T>) -> Option<CommitRequest> {
+        if !state.commit_on_poll || state.uncommitted.is_empty() {
+            return None;
+        }
+        Some(std::mem::take(&mut state.uncommitted))
+    }
+}
+
+impl<T> Default for RecordingStep<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Send> ProcessingStrategy<T> for RecordingStep<T> {
+    fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
+        let mut state = self.state.lock();
+        state.polls += 1;
+        Ok(Self::take_done(&mut state))
+    }
+
+    fn submit(&mut self, message: Message<T>) -> Result<(), SubmitError<T>> {
+        let mut state = self.state.lock();
+        if state.reject_next > 0 {
+            state.reject_next -= 1;
+            state.rejected += 1;
+            return Err(SubmitError::MessageRejected(message));
+        }
+        if let (Some(partition), Some(offset)) = (message.partition(), message.offset())
+            && state.invalid_offsets.contains(&offset)
+        {
+            return Err(InvalidMessage::new(partition.clone(), offset, "rejected by test").into());
+        }
+        message.add_committable_to(&mut state.uncommitted);
+        state.messages.push(message);
+        Ok(())
+    }
+
+    fn join(&mut self, _deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
+        let mut state = self.state.lock();
+        state.joined = true;
+        Ok(Self::take_done(&mut state))
+    }
+
+    fn terminate(&mut self) {
+        self.state.lock().terminated = true;
+    }
+}
