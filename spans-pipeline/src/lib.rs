@@ -1,2 +1,10 @@
 //! The spans buffer: assembles tracing spans into segments in Redis and flushes finished
-//! segments. Being built; see issue 6.
+//! segments, compatible byte for byte with the Redis layout of Sentry's process-spans
+//! consumer, so either consumer can take over a live buffer from the other.
+//!
+//! - [`span`]: decoding and validating `ingest-spans` messages;
+//! - [`buffer`]: [`buffer::SpansBuffer`] (the logic) and [`buffer::SpansBufferStore`] (Redis);
+
+pub mod buffer;
+pub mod metrics;
+pub mod span;

@@ -1,1 +1,527 @@
-//! Throwaway `redis-server` processes on free loopback ports. Being built; see issue 6.
+//! Throwaway `redis-server` processes on free loopback ports, for tests and benches.
+//!
+//! Tests talk to real Redis, never to a mock: the buffer's correctness lives as much in
+//! `add-buffer.lua` and in Redis Cluster's slot rules as in Rust. A [`RedisServer`] is one
+//! standalone server per test (cheap, about 10 ms to start), so tests never see each other's
+//! keys. A [`RedisCluster`] is three masters wired by hand with `CLUSTER ADDSLOTSRANGE` and
+//! `CLUSTER MEET` (about 2 s to converge), so one cluster is shared per test binary through
+//! [`RedisCluster::shared`], which serialises its users and flushes every node between them.
+//! Every process is killed and waited for on drop.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// How long a server may take to answer `PING`, or a cluster to report `cluster_state:ok`.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Slot ranges of the three cluster masters.
+const CLUSTER_SLOT_RANGES: [(u16, u16); 3] = [(0, 5460), (5461, 10922), (10923, 16383)];
+
+/// Why a test Redis could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisServerError {
+    /// `redis-server` could not be spawned (not installed?).
+    #[error("failed to spawn redis-server")]
+    Spawn(#[source] std::io::Error),
+    /// The temporary directory or a free port could not be obtained.
+    #[error("failed to prepare redis-server")]
+    Prepare(#[source] std::io::Error),
+    /// The server did not become ready in time.
+    #[error("redis-server on port {port} did not become ready: {reason}")]
+    NotReady {
+        /// Port of the server.
+        port: u16,
+        /// What was last observed.
+        reason: String,
+    },
+    /// A command used to set the server up failed.
+    #[error("redis setup command failed")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// One key left in Redis, with its remaining time to live (`-1` when it has none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyTtl {
+    /// The key's bytes.
+    pub key: Vec<u8>,
+    /// `TTL` of the key in seconds; `-1` means no expiry.
+    pub ttl_secs: i64,
+}
+
+impl KeyTtl {
+    /// The key as text, lossily, for assertions and messages.
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(&self.key).into_owned()
+    }
+}
+
+/// A standalone `redis-server` on a free loopback port, killed when dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    process: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts a standalone server without persistence and waits until it answers `PING`.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the server cannot be started; use [`RedisServer::try_start`] to handle it.
+    pub fn start() -> Self {
+        match Self::try_start() {
+            Ok(server) => server,
+            Err(error) => panic!("cannot start redis-server: {error}"),
+        }
+    }
+
+    /// Starts a standalone server, retrying a few times if the chosen port was taken meanwhile.
+    pub fn try_start() -> Result<Self, RedisServerError> {
+        retry_on_port_race(|| Self::spawn(&[]))
+    }
+
+    fn spawn(extra_args: &[&str]) -> Result<Self, RedisServerError> {
+        let dir = TempDir::new().map_err(RedisServerError::Prepare)?;
+        let port = free_port()?;
+        let process = spawn_redis(port, dir.path(), extra_args)?;
+        let mut server = Self {
+            process,
+            port,
+            _dir: dir,
+        };
+        server.wait_for_ping()?;
+        Ok(server)
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A blocking connection, for setup and assertions.
+    pub fn connection(&self) -> redis::Connection {
+        connect_sync(&self.url())
+    }
+
+    /// Every key of the server with its TTL.
+    pub fn keys_with_ttls(&self) -> Vec<KeyTtl> {
+        keys_with_ttls_of(&mut self.connection())
+    }
+
+    fn wait_for_ping(&mut self) -> Result<(), RedisServerError> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let mut last_error = String::from("no answer");
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.process.try_wait() {
+                return Err(RedisServerError::NotReady {
+                    port: self.port,
+                    reason: format!("exited with {status}"),
+                });
+            }
+            match redis::Client::open(self.url()).and_then(|client| {
+                let mut conn = client.get_connection_with_timeout(Duration::from_millis(200))?;
+                redis::cmd("PING").query::<String>(&mut conn)
+            }) {
+                Ok(pong) if pong == "PONG" => return Ok(()),
+                Ok(other) => last_error = other,
+                Err(error) => last_error = error.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Err(RedisServerError::NotReady {
+            port: self.port,
+            reason: last_error,
+        })
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// A 3-master Redis Cluster on free loopback ports, killed when dropped.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+/// Exclusive use of the per-binary shared cluster; see [`RedisCluster::shared`].
+#[derive(Debug)]
+pub struct SharedCluster {
+    cluster: Arc<RedisCluster>,
+    _exclusive: MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for SharedCluster {
+    type Target = RedisCluster;
+
+    fn deref(&self) -> &RedisCluster {
+        &self.cluster
+    }
+}
+
+static SHARED_CLUSTER: Mutex<Weak<RedisCluster>> = Mutex::new(Weak::new());
+static SHARED_CLUSTER_USER: Mutex<()> = Mutex::new(());
+
+impl RedisCluster {
+    /// Starts three masters, assigns the slots and waits until every node reports
+    /// `cluster_state:ok` and sees the other two.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the cluster cannot be brought up.
+    pub fn start() -> Self {
+        match Self::try_start() {
+            Ok(cluster) => cluster,
+            Err(error) => panic!("cannot start redis cluster: {error}"),
+        }
+    }
+
+    /// Starts a cluster; see [`RedisCluster::start`].
+    pub fn try_start() -> Result<Self, RedisServerError> {
+        let mut nodes = Vec::with_capacity(CLUSTER_SLOT_RANGES.len());
+        for _ in CLUSTER_SLOT_RANGES {
+            nodes.push(retry_on_port_race(|| {
+                RedisServer::spawn(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+            })?);
+        }
+        let cluster = Self { nodes };
+        cluster.form()?;
+        Ok(cluster)
+    }
+
+    /// The cluster shared by the tests of this binary, flushed and reserved for the caller.
+    ///
+    /// Queue keys (`span-buf:q:<shard>`) are global, so tests cannot share a cluster at the same
+    /// time; the returned guard serialises them. The cluster lives while any test holds or waits
+    /// for it and is killed when the last one lets go.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the cluster cannot be started or flushed.
+    pub fn shared() -> SharedCluster {
+        let cluster = {
+            let mut slot = SHARED_CLUSTER
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match slot.upgrade() {
+                Some(cluster) => cluster,
+                None => {
+                    let cluster = Arc::new(Self::start());
+                    *slot = Arc::downgrade(&cluster);
+                    cluster
+                }
+            }
+        };
+        let exclusive = SHARED_CLUSTER_USER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cluster.flush_all();
+        SharedCluster {
+            cluster,
+            _exclusive: exclusive,
+        }
+    }
+
+    /// Seed URLs of the three masters.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The cluster's nodes, for per-node inspection.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// `FLUSHALL` and `SCRIPT FLUSH` on every node.
+    ///
+    /// # Panics
+    ///
+    /// Panics when a node does not answer.
+    pub fn flush_all(&self) {
+        for node in &self.nodes {
+            let mut conn = node.connection();
+            let _: () = redis::cmd("FLUSHALL")
+                .query(&mut conn)
+                .unwrap_or_else(|error| panic!("FLUSHALL failed: {error}"));
+            let _: () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query(&mut conn)
+                .unwrap_or_else(|error| panic!("SCRIPT FLUSH failed: {error}"));
+        }
+    }
+
+    /// Every key on every node with its TTL.
+    pub fn keys_with_ttls(&self) -> Vec<KeyTtl> {
+        self.nodes
+            .iter()
+            .flat_map(RedisServer::keys_with_ttls)
+            .collect()
+    }
+
+    fn form(&self) -> Result<(), RedisServerError> {
+        for (node, (first, last)) in self.nodes.iter().zip(CLUSTER_SLOT_RANGES) {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(first)
+                .arg(last)
+                .query(&mut node.connection())?;
+        }
+        let mut first = self.nodes[0].connection();
+        for other in &self.nodes[1..] {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(other.port)
+                .query(&mut first)?;
+        }
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        for node in &self.nodes {
+            let mut conn = node.connection();
+            loop {
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut conn)?;
+                let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut conn)?;
+                let connected = nodes.lines().filter(|l| l.contains("connected")).count();
+                if info.contains("cluster_state:ok") && connected == self.nodes.len() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(RedisServerError::NotReady {
+                        port: node.port,
+                        reason: format!("cluster did not converge: {}", first_line(&info)),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Redis to run one test against: its own standalone server, or the shared cluster.
+#[derive(Debug)]
+pub enum TestRedis {
+    /// A standalone server owned by the test.
+    Standalone(RedisServer),
+    /// The shared 3-node cluster, reserved for the test.
+    Cluster(SharedCluster),
+}
+
+impl TestRedis {
+    /// Both modes, for tests that loop over them.
+    pub const MODES: [RedisMode; 2] = [RedisMode::Standalone, RedisMode::Cluster];
+
+    /// Starts (or reserves) a Redis of the given mode.
+    pub fn start(mode: RedisMode) -> Self {
+        match mode {
+            RedisMode::Standalone => Self::Standalone(RedisServer::start()),
+            RedisMode::Cluster => Self::Cluster(RedisCluster::shared()),
+        }
+    }
+
+    /// The mode of this Redis.
+    pub fn mode(&self) -> RedisMode {
+        match self {
+            Self::Standalone(_) => RedisMode::Standalone,
+            Self::Cluster(_) => RedisMode::Cluster,
+        }
+    }
+
+    /// Whether this is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// The server URL, or the seed URLs of the cluster.
+    pub fn urls(&self) -> Vec<String> {
+        match self {
+            Self::Standalone(server) => vec![server.url()],
+            Self::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    /// Every key on every node with its TTL.
+    pub fn keys_with_ttls(&self) -> Vec<KeyTtl> {
+        match self {
+            Self::Standalone(server) => server.keys_with_ttls(),
+            Self::Cluster(cluster) => cluster.keys_with_ttls(),
+        }
+    }
+
+    /// Blocking connections to every node (one for a standalone server).
+    pub fn node_connections(&self) -> Vec<redis::Connection> {
+        match self {
+            Self::Standalone(server) => vec![server.connection()],
+            Self::Cluster(cluster) => cluster
+                .nodes()
+                .iter()
+                .map(RedisServer::connection)
+                .collect(),
+        }
+    }
+
+    /// Runs one single-key command on whichever node owns the key (the others answer `MOVED`).
+    ///
+    /// # Panics
+    ///
+    /// Panics when no node accepts the command.
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        let mut last_error = None;
+        for mut conn in self.node_connections() {
+            match cmd.query::<T>(&mut conn) {
+                Ok(value) => return value,
+                Err(error) => last_error = Some(error),
+            }
+        }
+        panic!("no node accepted the command: {last_error:?}")
+    }
+}
+
+/// Standalone server or cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One standalone server.
+    Standalone,
+    /// A 3-master cluster.
+    Cluster,
+}
+
+fn spawn_redis(port: u16, dir: &Path, extra_args: &[&str]) -> Result<Child, RedisServerError> {
+    Command::new("redis-server")
+        .arg("--port")
+        .arg(port.to_string())
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .args(extra_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(RedisServerError::Spawn)
+}
+
+fn free_port() -> Result<u16, RedisServerError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(RedisServerError::Prepare)?;
+    let port = listener
+        .local_addr()
+        .map_err(RedisServerError::Prepare)?
+        .port();
+    // The cluster bus listens on port + 10000, which must be a valid port too.
+    if port > u16::MAX - 10_000 {
+        return free_port();
+    }
+    Ok(port)
+}
+
+fn retry_on_port_race<T>(
+    mut start: impl FnMut() -> Result<T, RedisServerError>,
+) -> Result<T, RedisServerError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match start() {
+            Err(RedisServerError::NotReady { .. }) if attempt < 5 => continue,
+            other => return other,
+        }
+    }
+}
+
+fn connect_sync(url: &str) -> redis::Connection {
+    redis::Client::open(url)
+        .and_then(|client| client.get_connection())
+        .unwrap_or_else(|error| panic!("cannot connect to {url}: {error}"))
+}
+
+fn keys_with_ttls_of(conn: &mut redis::Connection) -> Vec<KeyTtl> {
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg("*")
+        .query(conn)
+        .unwrap_or_else(|error| panic!("KEYS failed: {error}"));
+    keys.into_iter()
+        .map(|key| {
+            let ttl_secs: i64 = redis::cmd("TTL")
+                .arg(&key)
+                .query(conn)
+                .unwrap_or_else(|error| panic!("TTL failed: {error}"));
+            KeyTtl { key, ttl_secs }
+        })
+        .filter(|key| key.ttl_secs != -2)
+        .collect()
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standalone_server_answers_and_is_killed_on_drop() {
+        let server = RedisServer::start();
+        let mut conn = server.connection();
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .arg("EX")
+            .arg(10)
+            .query(&mut conn)
+            .unwrap();
+        let keys = server.keys_with_ttls();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].key_str(), "k");
+        assert!(keys[0].ttl_secs > 0);
+        let url = server.url();
+        drop(server);
+        assert!(
+            redis::Client::open(url)
+                .unwrap()
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn cluster_routes_keys_across_three_masters() {
+        let cluster = RedisCluster::shared();
+        let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        for i in 0..30 {
+            let _: () = redis::cmd("SET")
+                .arg(format!("key-{i}"))
+                .arg(i)
+                .query(&mut conn)
+                .unwrap();
+        }
+        let per_node: Vec<usize> = cluster
+            .nodes()
+            .iter()
+            .map(|node| node.keys_with_ttls().len())
+            .collect();
+        assert_eq!(per_node.iter().sum::<usize>(), 30);
+        assert!(per_node.iter().all(|&n| n > 0), "{per_node:?}");
+    }
+}

@@ -1,0 +1,202 @@
+//! One connection type for standalone Redis and Redis Cluster, so the store has one code path.
+//!
+//! The store builds its commands into a [`CommandBatch`], each command tagged with the key that
+//! decides its cluster slot. Against a standalone server the batch is one pipeline, in order.
+//! Against a cluster the redis crate only pipelines commands of one slot, so the batch is split
+//! by slot (keys that share a hash tag share a slot) and the groups are sent concurrently;
+//! results come back in the batch's order either way. Server errors are returned in place as
+//! [`Value::ServerError`], so one failed command (for example `NOSCRIPT`) can be retried alone.
+
+use std::collections::HashMap;
+
+use futures::future::try_join_all;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+
+use crate::buffer::keys;
+
+/// A connection to a standalone server (reconnecting) or to a cluster.
+#[derive(Clone)]
+pub enum RedisConnection {
+    /// A standalone server through a reconnecting connection manager.
+    Standalone(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Standalone(_) => "RedisConnection::Standalone",
+            Self::Cluster(_) => "RedisConnection::Cluster",
+        })
+    }
+}
+
+impl RedisConnection {
+    /// Connects to the server at `urls[0]`, or to the cluster seeded by `urls`.
+    pub async fn connect(urls: &[String], cluster: bool) -> RedisResult<Self> {
+        if cluster {
+            let client = redis::cluster::ClusterClient::new(urls.to_vec())?;
+            Ok(Self::Cluster(client.get_async_connection().await?))
+        } else {
+            let url = urls.first().ok_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no redis url"))
+            })?;
+            let client = redis::Client::open(url.as_str())?;
+            Ok(Self::Standalone(ConnectionManager::new(client).await?))
+        }
+    }
+
+    /// Whether this is a cluster connection.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// Runs `cmd` on every master (one server when standalone); fails if any fails.
+    pub async fn on_all_masters(&self, cmd: Cmd) -> RedisResult<Value> {
+        match self {
+            Self::Standalone(conn) => cmd.query_async(&mut conn.clone()).await,
+            Self::Cluster(conn) => {
+                let routing = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::AllSucceeded),
+                ));
+                conn.clone().route_command(cmd, routing).await
+            }
+        }
+    }
+
+    /// Runs a batch; see the module docs. The result has one value per command, in order.
+    pub async fn execute(&self, batch: CommandBatch) -> RedisResult<Vec<Value>> {
+        if batch.commands.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Self::Standalone(conn) => {
+                let mut pipe = Pipeline::with_capacity(batch.commands.len());
+                pipe.ignore_errors();
+                for (_, cmd) in batch.commands {
+                    pipe.add_command(cmd);
+                }
+                pipe.query_async(&mut conn.clone()).await
+            }
+            Self::Cluster(conn) => {
+                let total = batch.commands.len();
+                let mut groups: HashMap<Vec<u8>, (Vec<usize>, Pipeline)> = HashMap::new();
+                for (index, (slot_key, cmd)) in batch.commands.into_iter().enumerate() {
+                    let (indices, pipe) = groups
+                        .entry(keys::hash_slot_input(&slot_key).to_vec())
+                        .or_insert_with(|| {
+                            let mut pipe = Pipeline::new();
+                            pipe.ignore_errors();
+                            (Vec::new(), pipe)
+                        });
+                    indices.push(index);
+                    pipe.add_command(cmd);
+                }
+                let requests = groups.into_values().map(|(indices, pipe)| {
+                    let mut conn = conn.clone();
+                    async move {
+                        let values: Vec<Value> = pipe.query_async(&mut conn).await?;
+                        Ok::<_, redis::RedisError>((indices, values))
+                    }
+                });
+                let mut results = vec![Value::Nil; total];
+                for (indices, values) in try_join_all(requests).await? {
+                    for (index, value) in indices.into_iter().zip(values) {
+                        results[index] = value;
+                    }
+                }
+                Ok(results)
+            }
+        }
+    }
+}
+
+impl RedisConnection {
+    /// Runs batches whose effects must land in order (payloads before the script that
+    /// indexes them). Standalone: one pipeline, which one server runs in order. Cluster: one
+    /// batch after the other.
+    pub async fn execute_in_order(
+        &self,
+        batches: Vec<CommandBatch>,
+    ) -> RedisResult<Vec<Vec<Value>>> {
+        let lengths: Vec<usize> = batches.iter().map(CommandBatch::len).collect();
+        if self.is_cluster() {
+            let mut results = Vec::with_capacity(batches.len());
+            for batch in batches {
+                results.push(self.execute(batch).await?);
+            }
+            return Ok(results);
+        }
+        let mut merged = CommandBatch::new();
+        for batch in batches {
+            merged.commands.extend(batch.commands);
+        }
+        let mut values = self.execute(merged).await?.into_iter();
+        Ok(lengths
+            .into_iter()
+            .map(|len| values.by_ref().take(len).collect())
+            .collect())
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Standalone(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Standalone(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Standalone(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// Commands to send together, each with the key that routes it.
+#[derive(Debug, Default)]
+pub struct CommandBatch {
+    commands: Vec<(Vec<u8>, Cmd)>,
+}
+
+impl CommandBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `cmd`, routed by `key` (the command's first key).
+    pub fn add(&mut self, key: impl Into<Vec<u8>>, cmd: Cmd) -> usize {
+        self.commands.push((key.into(), cmd));
+        self.commands.len() - 1
+    }
+
+    /// Number of commands.
+    pub fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// Whether there are no commands.
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+}

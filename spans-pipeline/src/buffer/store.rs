@@ -1,0 +1,730 @@
+//! `SpansBufferStore`: the one place that talks to Redis.
+//!
+//! It owns every command and key of the buffer: payload writes, the add-buffer script, queue
+//! deadlines, flush candidates, flush locks, loading segments and cleanup. Each phase is one
+//! round trip across all subsegments or segments (split per slot and sent concurrently on a
+//! cluster), because round trips, not Redis CPU, bound a serial consumer. The buffer above it
+//! holds the decisions; the store only maps them to commands and replies back to values.
+
+use std::collections::HashMap;
+
+use redis::{Cmd, Value};
+
+use crate::buffer::codec::{PayloadEncoder, decode_member};
+use crate::buffer::connection::{CommandBatch, RedisConnection};
+use crate::buffer::error::BufferError;
+use crate::buffer::keys::{self, SegmentKey};
+use crate::buffer::options::BufferOptions;
+use crate::buffer::script;
+use crate::buffer::segment::{
+    FlushCandidate, FlushedSegment, IngestMetadata, InsertedSubsegment, LoadedSegment, ScriptSample,
+};
+use crate::buffer::subsegment::Subsegment;
+
+/// The queue changes of one batch for one queue.
+struct QueueUpdate {
+    queue: String,
+    /// Deadline per segment, in first-seen order.
+    adds: Vec<(SegmentKey, i64)>,
+    /// Entries of segments merged away.
+    removes: Vec<SegmentKey>,
+}
+
+/// Span ids per `HDEL` and members per `ZREM` in cleanup.
+const CLEANUP_CHUNK: usize = 100;
+
+/// Redis access of the spans buffer.
+#[derive(Debug)]
+pub struct SpansBufferStore {
+    conn: RedisConnection,
+    options: BufferOptions,
+    encoder: PayloadEncoder,
+}
+
+impl SpansBufferStore {
+    /// A store on `conn`; loads the add-buffer script on every master.
+    pub async fn new(conn: RedisConnection, options: BufferOptions) -> Result<Self, BufferError> {
+        options.validate()?;
+        let encoder =
+            PayloadEncoder::new(options.compression_level).map_err(BufferError::Compress)?;
+        let store = Self {
+            conn,
+            options,
+            encoder,
+        };
+        store.load_script().await?;
+        Ok(store)
+    }
+
+    /// The connection (for callers that inspect Redis, such as the replay tool).
+    pub fn connection(&self) -> &RedisConnection {
+        &self.conn
+    }
+
+    /// The options the store writes with.
+    pub fn options(&self) -> &BufferOptions {
+        &self.options
+    }
+
+    /// `SCRIPT LOAD` of add-buffer.lua on every master.
+    pub async fn load_script(&self) -> Result<(), BufferError> {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD").arg(script::ADD_BUFFER_SOURCE);
+        self.conn.on_all_masters(cmd).await?;
+        Ok(())
+    }
+
+    /// Writes the subsegments' payloads, then runs the script for each; returns where each
+    /// subsegment went, in order.
+    pub async fn write_subsegments(
+        &mut self,
+        subsegments: &[Subsegment<'_>],
+    ) -> Result<Vec<InsertedSubsegment>, BufferError> {
+        let ttl = self.options.redis_ttl_secs;
+        let mut payloads = CommandBatch::new();
+        for subsegment in subsegments {
+            let members = self
+                .encoder
+                .encode(subsegment.spans.iter().map(|span| span.payload))
+                .map_err(BufferError::Compress)?;
+            let mut targets = Vec::with_capacity(2);
+            if self.options.write_distributed_payloads {
+                targets.push(subsegment.payload_key());
+            }
+            if self.options.write_merged_payloads {
+                targets.push(subsegment.parent_segment_key().as_str().to_owned());
+            }
+            for key in targets {
+                let mut sadd = redis::cmd("SADD");
+                sadd.arg(&key).arg(&members);
+                payloads.add(key.clone(), sadd);
+                payloads.add(key.clone(), expire(&key, ttl));
+            }
+        }
+        let mut scripts = CommandBatch::new();
+        for subsegment in subsegments {
+            scripts.add(
+                subsegment.project_and_trace.as_bytes().to_vec(),
+                self.add_buffer_call(subsegment),
+            );
+        }
+        let mut results = self
+            .conn
+            .execute_in_order(vec![payloads, scripts])
+            .await?
+            .into_iter();
+        let payload_replies = results.next().unwrap_or_default();
+        if let Some(error) = payload_replies.iter().find(|v| is_error(v)) {
+            return Err(BufferError::unexpected("SADD", error));
+        }
+        let mut replies = results.next().unwrap_or_default();
+        self.retry_noscript(subsegments, &mut replies).await?;
+
+        let inserted = subsegments
+            .iter()
+            .zip(&replies)
+            .map(|(subsegment, reply)| parse_inserted(subsegment, reply))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.options.write_merged_payloads {
+            self.merge_legacy_sets(subsegments, &inserted).await?;
+        }
+        Ok(inserted)
+    }
+
+    fn add_buffer_call(&self, subsegment: &Subsegment<'_>) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script::add_buffer().get_hash())
+            .arg(1)
+            .arg(&subsegment.project_and_trace)
+            .arg(subsegment.spans.len())
+            .arg(&subsegment.parent_span_id)
+            .arg(bool_arg(subsegment.has_segment_span()))
+            .arg(self.options.redis_ttl_secs)
+            .arg(subsegment.byte_count())
+            .arg(self.options.max_segment_bytes)
+            .arg(&subsegment.salt)
+            .arg(bool_arg(self.options.flush_lock_ttl_secs > 0))
+            .arg(self.options.metrics_sample_rate);
+        for span_id in subsegment.span_ids() {
+            cmd.arg(span_id);
+        }
+        cmd
+    }
+
+    /// Re-runs the script calls that failed with `NOSCRIPT` (they did not run) after loading
+    /// the script again.
+    async fn retry_noscript(
+        &self,
+        subsegments: &[Subsegment<'_>],
+        replies: &mut [Value],
+    ) -> Result<(), BufferError> {
+        let failed: Vec<usize> = replies
+            .iter()
+            .enumerate()
+            .filter(|(_, reply)| is_noscript(reply))
+            .map(|(index, _)| index)
+            .collect();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            calls = failed.len(),
+            "Reloading add-buffer.lua after NOSCRIPT."
+        );
+        self.load_script().await?;
+        let mut retry = CommandBatch::new();
+        for &index in &failed {
+            let subsegment = &subsegments[index];
+            retry.add(
+                subsegment.project_and_trace.as_bytes().to_vec(),
+                self.add_buffer_call(subsegment),
+            );
+        }
+        for (index, reply) in failed.into_iter().zip(self.conn.execute(retry).await?) {
+            replies[index] = reply;
+        }
+        Ok(())
+    }
+
+    /// Legacy merged layout: move payloads written under the batch-local parent, and the sets
+    /// of merged child segments, into the set of the segment the script chose.
+    async fn merge_legacy_sets(
+        &self,
+        subsegments: &[Subsegment<'_>],
+        inserted: &[InsertedSubsegment],
+    ) -> Result<(), BufferError> {
+        let mut batch = CommandBatch::new();
+        for (subsegment, result) in subsegments.iter().zip(inserted) {
+            if result.is_detached() {
+                continue;
+            }
+            let target = result.segment_key.as_str();
+            let pt = result.segment_key.project_and_trace();
+            let mut sources: Vec<String> = Vec::new();
+            let parent = subsegment.parent_segment_key();
+            if parent != result.segment_key {
+                sources.push(parent.as_str().to_owned());
+            }
+            for child in &result.merged_segment_span_ids {
+                sources.push(SegmentKey::new(pt, child).as_str().to_owned());
+            }
+            if sources.is_empty() {
+                continue;
+            }
+            let mut union = redis::cmd("SUNIONSTORE");
+            union.arg(target).arg(target).arg(&sources);
+            batch.add(target, union);
+            let mut del = redis::cmd("DEL");
+            del.arg(&sources);
+            batch.add(target, del);
+            batch.add(target, expire(target, self.options.redis_ttl_secs));
+        }
+        check_replies("SUNIONSTORE", &self.conn.execute(batch).await?)
+    }
+
+    /// Sets each segment's queue deadline and drops queue entries of segments merged away.
+    pub async fn update_queue(
+        &self,
+        inserted: &[InsertedSubsegment],
+        now: i64,
+        slice_id: Option<u32>,
+    ) -> Result<(), BufferError> {
+        // Per queue, in first-seen order: deadline per segment (last write wins, as in a
+        // Python dict) and the stale entries to remove.
+        let mut queues: Vec<QueueUpdate> = Vec::new();
+        let mut queue_index: HashMap<String, usize> = HashMap::new();
+        for result in inserted {
+            let queue = keys::queue(slice_id, result.queue_shard());
+            let index = *queue_index.entry(queue.clone()).or_insert_with(|| {
+                queues.push(QueueUpdate {
+                    queue,
+                    adds: Vec::new(),
+                    removes: Vec::new(),
+                });
+                queues.len() - 1
+            });
+            let QueueUpdate { adds, removes, .. } = &mut queues[index];
+            let timeout = if result.has_root_span {
+                self.options.root_timeout_secs
+            } else {
+                self.options.timeout_secs
+            };
+            let deadline = now + i64::try_from(timeout).unwrap_or(i64::MAX / 2);
+            match adds.iter_mut().find(|(key, _)| *key == result.segment_key) {
+                Some(entry) => entry.1 = deadline,
+                None => adds.push((result.segment_key.clone(), deadline)),
+            }
+            if !result.is_detached() {
+                let pt = result.segment_key.project_and_trace();
+                removes.extend(
+                    result
+                        .merged_segment_span_ids
+                        .iter()
+                        .map(|span_id| SegmentKey::new(pt, span_id)),
+                );
+            }
+        }
+        let mut batch = CommandBatch::new();
+        for QueueUpdate {
+            queue,
+            adds,
+            mut removes,
+        } in queues
+        {
+            for (segment, _) in &adds {
+                if self.is_debug_trace(segment) {
+                    let mut score = redis::cmd("ZSCORE");
+                    score.arg(&queue).arg(segment.as_str());
+                    batch.add(queue.clone(), score);
+                }
+            }
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(&queue);
+            for (segment, deadline) in &adds {
+                zadd.arg(*deadline).arg(segment.as_str());
+            }
+            batch.add(queue.clone(), zadd);
+            batch.add(queue.clone(), expire(&queue, self.options.redis_ttl_secs));
+            removes.retain(|stale| !adds.iter().any(|(added, _)| added == stale));
+            if !removes.is_empty() {
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(&queue);
+                for stale in &removes {
+                    zrem.arg(stale.as_str());
+                }
+                batch.add(queue.clone(), zrem);
+            }
+            for (segment, deadline) in &adds {
+                if self.is_debug_trace(segment) {
+                    tracing::debug!(
+                        segment_key = %segment,
+                        queue_key = %queue,
+                        new_deadline = deadline,
+                        "Updated queue deadline of a debug trace."
+                    );
+                }
+            }
+        }
+        check_replies("ZADD", &self.conn.execute(batch).await?)
+    }
+
+    fn is_debug_trace(&self, segment: &SegmentKey) -> bool {
+        !self.options.debug_traces.is_empty()
+            && segment
+                .project_and_trace()
+                .split_once(':')
+                .is_some_and(|(_, trace)| self.options.debug_traces.iter().any(|t| t == trace))
+    }
+
+    /// Segments whose deadline is at or before `now`, oldest first, at most `limit` per queue.
+    /// Returns one list per queue, in the order of `queues` (`(shard, queue key)`).
+    pub async fn load_flush_candidates(
+        &self,
+        queues: &[(u16, String)],
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<Vec<FlushCandidate>>, BufferError> {
+        let mut batch = CommandBatch::new();
+        for (_, queue) in queues {
+            let mut range = redis::cmd("ZRANGEBYSCORE");
+            range
+                .arg(queue)
+                .arg(0)
+                .arg(now)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit);
+            batch.add(queue.clone(), range);
+        }
+        let replies = self.conn.execute(batch).await?;
+        queues
+            .iter()
+            .zip(replies)
+            .map(|((shard, queue), reply)| {
+                let items = into_array("ZRANGEBYSCORE", reply)?;
+                items
+                    .chunks(2)
+                    .map(|pair| {
+                        let member = as_string("ZRANGEBYSCORE", &pair[0])?;
+                        let score = pair.get(1).map_or(Ok(0.0), as_f64)?;
+                        Ok(FlushCandidate {
+                            shard: *shard,
+                            queue_key: queue.clone(),
+                            segment_key: SegmentKey::parse(member.clone()).ok_or_else(|| {
+                                BufferError::UnexpectedReply {
+                                    command: "ZRANGEBYSCORE",
+                                    reply: member,
+                                }
+                            })?,
+                            deadline: score as i64,
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Takes the flush lock of each candidate (`SET NX EX`); returns the candidates whose
+    /// lock was taken and how many were already locked. Locks off (ttl 0): everything.
+    pub async fn acquire_flush_locks(
+        &self,
+        candidates: Vec<FlushCandidate>,
+    ) -> Result<(Vec<FlushCandidate>, usize), BufferError> {
+        let ttl = self.options.flush_lock_ttl_secs;
+        if ttl == 0 || candidates.is_empty() {
+            return Ok((candidates, 0));
+        }
+        let mut batch = CommandBatch::new();
+        for candidate in &candidates {
+            let lock = keys::flush_lock(&candidate.segment_key);
+            let mut set = redis::cmd("SET");
+            set.arg(&lock).arg(1).arg("EX").arg(ttl).arg("NX");
+            batch.add(lock, set);
+        }
+        let replies = self.conn.execute(batch).await?;
+        let mut acquired = Vec::with_capacity(candidates.len());
+        let mut contended = 0;
+        for (candidate, reply) in candidates.into_iter().zip(replies) {
+            match reply {
+                Value::Okay | Value::SimpleString(_) => acquired.push(candidate),
+                Value::Nil => contended += 1,
+                other => return Err(BufferError::unexpected("SET NX", &other)),
+            }
+        }
+        Ok((acquired, contended))
+    }
+
+    /// Loads payloads and ingest counters of each candidate.
+    pub async fn load_segments(
+        &self,
+        candidates: Vec<FlushCandidate>,
+    ) -> Result<Vec<LoadedSegment>, BufferError> {
+        let read_distributed = self.options.read_distributed_payloads;
+        let list_member_keys = read_distributed || self.options.write_distributed_payloads;
+        let mut batch = CommandBatch::new();
+        for candidate in &candidates {
+            let segment = &candidate.segment_key;
+            if list_member_keys {
+                let member_keys = keys::member_keys(segment);
+                let mut smembers = redis::cmd("SMEMBERS");
+                smembers.arg(&member_keys);
+                batch.add(member_keys, smembers);
+            }
+            for key in [keys::ingested_count(segment), keys::ingested_bytes(segment)] {
+                let mut get = redis::cmd("GET");
+                get.arg(&key);
+                batch.add(key, get);
+            }
+        }
+        let mut replies = self.conn.execute(batch).await?.into_iter();
+        let mut segments = Vec::with_capacity(candidates.len());
+        let mut scans: Vec<(usize, String)> = Vec::new();
+        for candidate in candidates {
+            let index = segments.len();
+            let segment = &candidate.segment_key;
+            let mut payload_keys = Vec::new();
+            if list_member_keys {
+                let salts = into_array("SMEMBERS", replies.next().unwrap_or(Value::Nil))?;
+                for salt in &salts {
+                    let key =
+                        keys::payload(segment.project_and_trace(), &as_string("SMEMBERS", salt)?);
+                    if read_distributed {
+                        scans.push((index, key.clone()));
+                    }
+                    payload_keys.push(key);
+                }
+            }
+            if !read_distributed {
+                scans.push((index, segment.as_str().to_owned()));
+            }
+            let span_count = as_optional_u64(replies.next().unwrap_or(Value::Nil))?;
+            let byte_count = as_optional_u64(replies.next().unwrap_or(Value::Nil))?;
+            segments.push(LoadedSegment {
+                candidate,
+                payloads: Vec::new(),
+                payload_keys,
+                ingested: IngestMetadata {
+                    span_count,
+                    byte_count,
+                },
+            });
+        }
+        self.scan_payloads(scans, &mut segments).await?;
+        Ok(segments)
+    }
+
+    /// Reads every member of each `(segment index, key)` with paged `SSCAN`, pipelined across
+    /// keys, until every cursor is back at 0.
+    async fn scan_payloads(
+        &self,
+        mut scans: Vec<(usize, String)>,
+        segments: &mut [LoadedSegment],
+    ) -> Result<(), BufferError> {
+        let page = self.options.segment_page_size.max(1);
+        let mut cursors: Vec<u64> = vec![0; scans.len()];
+        while !scans.is_empty() {
+            let mut batch = CommandBatch::new();
+            for ((_, key), cursor) in scans.iter().zip(&cursors) {
+                let mut sscan = redis::cmd("SSCAN");
+                sscan.arg(key).arg(*cursor).arg("COUNT").arg(page);
+                batch.add(key.clone(), sscan);
+            }
+            let replies = self.conn.execute(batch).await?;
+            let mut next_scans = Vec::new();
+            let mut next_cursors = Vec::new();
+            for ((index, key), reply) in scans.into_iter().zip(replies) {
+                let mut parts = into_array("SSCAN", reply)?.into_iter();
+                let cursor: u64 = as_string("SSCAN", &parts.next().unwrap_or(Value::Nil))?
+                    .parse()
+                    .map_err(|_| BufferError::UnexpectedReply {
+                        command: "SSCAN",
+                        reply: "cursor".to_owned(),
+                    })?;
+                for member in into_array("SSCAN", parts.next().unwrap_or(Value::Nil))? {
+                    decode_member(&as_bytes("SSCAN", member)?, &mut segments[index].payloads)?;
+                }
+                if cursor != 0 {
+                    next_scans.push((index, key));
+                    next_cursors.push(cursor);
+                }
+            }
+            scans = next_scans;
+            cursors = next_cursors;
+        }
+        Ok(())
+    }
+
+    /// Removes everything of flushed segments: metadata, redirects of their spans, member-keys
+    /// index and payload keys (when payload keys were found), the lock, and queue entries.
+    pub async fn cleanup_flushed_segments(
+        &self,
+        segments: &[FlushedSegment],
+    ) -> Result<(), BufferError> {
+        let mut batch = CommandBatch::new();
+        let mut queue_removals: Vec<(String, Vec<&str>)> = Vec::new();
+        for segment in segments {
+            let key = &segment.segment_key;
+            for metadata in [
+                keys::has_root_span(key),
+                keys::ingested_count(key),
+                keys::ingested_bytes(key),
+            ] {
+                batch.add(metadata.clone(), del(&metadata));
+            }
+            let redirects = keys::redirect_map(key.project_and_trace());
+            let span_ids: Vec<&str> = segment
+                .spans
+                .iter()
+                .map(|span| span.span_id.as_str())
+                .filter(|id| !id.is_empty())
+                .collect();
+            for chunk in span_ids.chunks(CLEANUP_CHUNK) {
+                let mut hdel = redis::cmd("HDEL");
+                hdel.arg(&redirects).arg(chunk);
+                batch.add(redirects.clone(), hdel);
+            }
+            if !segment.payload_keys.is_empty() {
+                let member_keys = keys::member_keys(key);
+                batch.add(member_keys.clone(), del(&member_keys));
+                for payload_key in &segment.payload_keys {
+                    let mut unlink = redis::cmd("UNLINK");
+                    unlink.arg(payload_key);
+                    batch.add(payload_key.clone(), unlink);
+                }
+            }
+            // The legacy merged payload set lives under the segment key itself.
+            let mut unlink = redis::cmd("UNLINK");
+            unlink.arg(key.as_str());
+            batch.add(key.as_str(), unlink);
+            let lock = keys::flush_lock(key);
+            batch.add(lock.clone(), del(&lock));
+            for queue in &segment.queue_keys {
+                match queue_removals.iter_mut().find(|(q, _)| q == queue) {
+                    Some((_, members)) => members.push(key.as_str()),
+                    None => queue_removals.push((queue.clone(), vec![key.as_str()])),
+                }
+            }
+        }
+        for (queue, members) in queue_removals {
+            for chunk in members.chunks(CLEANUP_CHUNK) {
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(&queue).arg(chunk);
+                batch.add(queue.clone(), zrem);
+            }
+        }
+        check_replies("cleanup", &self.conn.execute(batch).await?)
+    }
+
+    /// The queue deadline of a segment (`ZSCORE`), if queued.
+    pub async fn queue_deadline(
+        &self,
+        queue_key: &str,
+        segment: &SegmentKey,
+    ) -> Result<Option<i64>, BufferError> {
+        let mut batch = CommandBatch::new();
+        let mut score = redis::cmd("ZSCORE");
+        score.arg(queue_key).arg(segment.as_str());
+        batch.add(queue_key, score);
+        match self.conn.execute(batch).await?.pop() {
+            None | Some(Value::Nil) => Ok(None),
+            Some(value) => Ok(Some(as_f64(&value)? as i64)),
+        }
+    }
+
+    /// Number of segments in each queue (`ZCARD`), for the stored-segments gauge.
+    pub async fn queue_sizes(&self, queues: &[String]) -> Result<Vec<u64>, BufferError> {
+        let mut batch = CommandBatch::new();
+        for queue in queues {
+            let mut zcard = redis::cmd("ZCARD");
+            zcard.arg(queue);
+            batch.add(queue.clone(), zcard);
+        }
+        self.conn
+            .execute(batch)
+            .await?
+            .into_iter()
+            .map(|v| as_optional_u64(v).map(Option::unwrap_or_default))
+            .collect()
+    }
+}
+
+fn bool_arg(value: bool) -> &'static str {
+    if value { "true" } else { "false" }
+}
+
+fn expire(key: &str, ttl: u64) -> Cmd {
+    let mut cmd = redis::cmd("EXPIRE");
+    cmd.arg(key).arg(ttl);
+    cmd
+}
+
+fn del(key: &str) -> Cmd {
+    let mut cmd = redis::cmd("DEL");
+    cmd.arg(key);
+    cmd
+}
+
+fn is_error(value: &Value) -> bool {
+    matches!(value, Value::ServerError(_))
+}
+
+fn is_noscript(value: &Value) -> bool {
+    matches!(value, Value::ServerError(error) if error.code() == "NOSCRIPT")
+}
+
+fn check_replies(command: &'static str, replies: &[Value]) -> Result<(), BufferError> {
+    match replies.iter().find(|v| is_error(v)) {
+        Some(error) => Err(BufferError::unexpected(command, error)),
+        None => Ok(()),
+    }
+}
+
+fn into_array(command: &'static str, value: Value) -> Result<Vec<Value>, BufferError> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(BufferError::unexpected(command, &other)),
+    }
+}
+
+fn as_bytes(command: &'static str, value: Value) -> Result<Vec<u8>, BufferError> {
+    match value {
+        Value::BulkString(bytes) => Ok(bytes),
+        Value::SimpleString(text) => Ok(text.into_bytes()),
+        other => Err(BufferError::unexpected(command, &other)),
+    }
+}
+
+fn as_string(command: &'static str, value: &Value) -> Result<String, BufferError> {
+    match value {
+        Value::BulkString(bytes) => {
+            String::from_utf8(bytes.clone()).map_err(|_| BufferError::unexpected(command, value))
+        }
+        Value::SimpleString(text) => Ok(text.clone()),
+        Value::Int(n) => Ok(n.to_string()),
+        other => Err(BufferError::unexpected(command, other)),
+    }
+}
+
+fn as_f64(value: &Value) -> Result<f64, BufferError> {
+    match value {
+        Value::Double(d) => Ok(*d),
+        Value::Int(n) => Ok(*n as f64),
+        other => as_string("score", other)?
+            .parse()
+            .map_err(|_| BufferError::unexpected("score", other)),
+    }
+}
+
+fn as_optional_u64(value: Value) -> Result<Option<u64>, BufferError> {
+    match value {
+        Value::Nil => Ok(None),
+        Value::Int(n) => Ok(Some(u64::try_from(n).unwrap_or(0))),
+        other => as_string("GET", &other)?
+            .parse::<i64>()
+            .map(|n| Some(u64::try_from(n).unwrap_or(0)))
+            .map_err(|_| BufferError::unexpected("GET", &other)),
+    }
+}
+
+fn as_i64(value: &Value) -> Result<i64, BufferError> {
+    match value {
+        Value::Int(n) => Ok(*n),
+        other => as_string("EVALSHA", other)?
+            .parse()
+            .map_err(|_| BufferError::unexpected("EVALSHA", other)),
+    }
+}
+
+fn flat_pairs(value: Value) -> Result<Vec<(String, i64)>, BufferError> {
+    into_array("EVALSHA", value)?
+        .chunks(2)
+        .map(|pair| {
+            let name = as_string("EVALSHA", &pair[0])?;
+            let value = pair.get(1).map_or(Ok(0), as_i64)?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+/// Maps the script's reply `{segment_key, has_root_span, latency_us, latencies, metrics,
+/// merged_segment_span_ids}` for one subsegment.
+fn parse_inserted(
+    subsegment: &Subsegment<'_>,
+    reply: &Value,
+) -> Result<InsertedSubsegment, BufferError> {
+    let Value::Array(items) = reply else {
+        return Err(BufferError::unexpected("EVALSHA", reply));
+    };
+    let mut items = items.iter().cloned();
+    let mut next = || items.next().unwrap_or(Value::Nil);
+    let key = as_string("EVALSHA", &next())?;
+    let segment_key = SegmentKey::parse(key.clone()).ok_or(BufferError::UnexpectedReply {
+        command: "EVALSHA",
+        reply: key,
+    })?;
+    let has_root_span = matches!(next(), Value::Int(1));
+    let latency_us = match next() {
+        Value::Nil => -1,
+        value => as_i64(&value)?,
+    };
+    let latencies = flat_pairs(next())?;
+    let metrics = flat_pairs(next())?;
+    let merged_segment_span_ids = into_array("EVALSHA", next())?
+        .iter()
+        .map(|id| as_string("EVALSHA", id))
+        .collect::<Result<_, _>>()?;
+    Ok(InsertedSubsegment {
+        segment_key,
+        has_root_span,
+        salt: subsegment.salt.clone(),
+        partition: subsegment.partition(),
+        merged_segment_span_ids,
+        sampled: (latency_us >= 0).then(|| ScriptSample {
+            latency_us: u64::try_from(latency_us).unwrap_or(0),
+            latencies,
+            metrics,
+        }),
+    })
+}

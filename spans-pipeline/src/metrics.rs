@@ -1,0 +1,34 @@
+//! Metric names, in one place. They follow Sentry's names so dashboards carry over.
+
+/// Spans received by `process_spans`.
+pub const PROCESS_SPANS: &str = "spans.buffer.process_spans.count_spans";
+/// Subsegments (script calls) written per batch.
+pub const PROCESS_SUBSEGMENTS: &str = "spans.buffer.process_spans.num_subsegments";
+/// Sampled script latency in microseconds.
+pub const EVALSHA_LATENCY_US: &str = "spans.buffer.process_spans.evalsha_latency_us";
+/// Sampled redirect depth.
+pub const REDIRECT_DEPTH: &str = "spans.buffer.redirect_depth";
+/// Sampled subsegments detached because the segment was too large.
+pub const DETACHED_TOO_LARGE: &str = "spans.buffer.detached_segment_too_large";
+/// Sampled subsegments detached because the segment was flush-locked.
+pub const DETACHED_LOCKED: &str = "spans.buffer.detached_segment_locked";
+/// Candidates whose flush lock was held by someone else.
+pub const LOCK_CONTENTION: &str = "spans.buffer.flush_segments.lock_contention";
+/// Segments flushed.
+pub const FLUSHED_SEGMENTS: &str = "spans.buffer.flush_segments.num_segments";
+/// Spans flushed.
+pub const FLUSHED_SPANS: &str = "spans.buffer.flush_segments.num_spans";
+/// Bytes of flushed spans.
+pub const SEGMENT_SIZE_BYTES: &str = "spans.buffer.segment_size_bytes";
+/// Segments that had nothing left to load.
+pub const EMPTY_SEGMENTS: &str = "spans.buffer.empty_segments";
+/// Segments whose keys expired before they were flushed.
+pub const EXPIRED_BEFORE_FLUSH: &str = "spans.buffer.segment_expired_before_flush";
+/// Spans ingested but not loaded at flush.
+pub const DROPPED_SPANS: &str = "spans.buffer.flush_segments.dropped_spans";
+/// Time to read flush candidates, in milliseconds.
+pub const LOAD_IDS_LATENCY_MS: &str = "spans.buffer.flush_segments.load_ids_latency_ms";
+/// Time to load segment data, in milliseconds.
+pub const LOAD_DATA_LATENCY_MS: &str = "spans.buffer.flush_segments.load_data_latency_ms";
+/// Time to build output spans, in milliseconds.
+pub const BUILD_LATENCY_MS: &str = "spans.buffer.flush_segments.build_latency_ms";

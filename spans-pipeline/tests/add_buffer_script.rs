@@ -1,0 +1,345 @@
+//! `lua/add-buffer.lua` called directly (Sentry's `test_add_buffer_lua.py`), on a standalone
+//! server and on a cluster.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use integration_tests::redis_server::TestRedis;
+use redis::{AsyncCommands, Value};
+use spans_pipeline::buffer::RedisConnection;
+use spans_pipeline::buffer::script::add_buffer;
+use support::{connect, for_each_mode};
+
+const PT: &str = "1:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+fn segment(id: &str) -> String {
+    format!("span-buf:s:{{{PT}}}:{id}")
+}
+
+fn member_keys(id: &str) -> String {
+    format!("span-buf:mk:{{{PT}}}:{id}")
+}
+
+struct Call<'a> {
+    parent: &'a str,
+    spans: &'a [&'a str],
+    has_root: bool,
+    bytes: u64,
+    max_bytes: u64,
+    salt: &'a str,
+    check_lock: bool,
+}
+
+impl<'a> Call<'a> {
+    fn new(parent: &'a str, spans: &'a [&'a str], bytes: u64, salt: &'a str) -> Self {
+        Self {
+            parent,
+            spans,
+            has_root: false,
+            bytes,
+            max_bytes: 0,
+            salt,
+            check_lock: false,
+        }
+    }
+}
+
+/// Runs the script; returns `(segment key, has_root, metrics, merged ids)`.
+async fn call(
+    conn: &RedisConnection,
+    call: Call<'_>,
+) -> (String, bool, Vec<(String, i64)>, Vec<String>) {
+    let mut invocation = add_buffer().key(PT);
+    invocation
+        .arg(call.spans.len())
+        .arg(call.parent)
+        .arg(if call.has_root { "true" } else { "false" })
+        .arg(3600)
+        .arg(call.bytes)
+        .arg(call.max_bytes)
+        .arg(call.salt)
+        .arg(if call.check_lock { "true" } else { "false" })
+        .arg(1);
+    for span in call.spans {
+        invocation.arg(*span);
+    }
+    let reply: Value = invocation.invoke_async(&mut conn.clone()).await.unwrap();
+    let Value::Array(items) = reply else {
+        panic!("unexpected reply {reply:?}")
+    };
+    let key: String = redis::from_redis_value(items[0].clone()).unwrap();
+    let has_root = matches!(items[1], Value::Int(1));
+    assert!(
+        matches!(items[2], Value::Int(n) if n >= 0),
+        "sampled latency"
+    );
+    let metrics: Vec<Value> = redis::from_redis_value(items[4].clone()).unwrap();
+    let metrics = metrics
+        .chunks(2)
+        .map(|pair| {
+            (
+                redis::from_redis_value::<String>(pair[0].clone()).unwrap(),
+                redis::from_redis_value::<i64>(pair[1].clone()).unwrap(),
+            )
+        })
+        .collect();
+    let merged: Vec<String> = redis::from_redis_value(items[5].clone()).unwrap();
+    (key, has_root, metrics, merged)
+}
+
+fn metric(metrics: &[(String, i64)], name: &str) -> i64 {
+    metrics
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+async fn get(conn: &RedisConnection, key: &str) -> Option<String> {
+    conn.clone().get(key).await.unwrap()
+}
+
+async fn members(conn: &RedisConnection, key: &str) -> Vec<String> {
+    let mut members: Vec<String> = conn.clone().smembers(key).await.unwrap();
+    members.sort();
+    members
+}
+
+async fn ttl(conn: &RedisConnection, key: &str) -> i64 {
+    conn.clone().ttl(key).await.unwrap()
+}
+
+#[tokio::test]
+async fn creates_segment_metadata() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        let mut first = Call::new("b", &["b", "a"], 23, "salt-root");
+        first.has_root = true;
+        let (key, has_root, metrics, merged) = call(&conn, first).await;
+        assert_eq!(key, segment("b"));
+        assert!(has_root);
+        assert!(merged.is_empty());
+        assert_eq!(metric(&metrics, "detached_segment_too_large"), 0);
+        assert_eq!(metric(&metrics, "detached_segment_locked"), 0);
+
+        let redirects: std::collections::BTreeMap<String, String> = conn
+            .clone()
+            .hgetall(format!("span-buf:ssr:{{{PT}}}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            redirects.into_iter().collect::<Vec<_>>(),
+            [("a".into(), "b".into()), ("b".into(), "b".into())]
+        );
+        assert_eq!(members(&conn, &member_keys("b")).await, ["salt-root"]);
+        let b = segment("b");
+        assert_eq!(
+            get(&conn, &format!("span-buf:ic:{b}")).await.as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            get(&conn, &format!("span-buf:ibc:{b}")).await.as_deref(),
+            Some("23")
+        );
+        assert_eq!(
+            get(&conn, &format!("span-buf:hrs:{b}")).await.as_deref(),
+            Some("1")
+        );
+        for key in [
+            format!("span-buf:ssr:{{{PT}}}"),
+            member_keys("b"),
+            format!("span-buf:ic:{b}"),
+            format!("span-buf:ibc:{b}"),
+            format!("span-buf:hrs:{b}"),
+        ] {
+            assert!(ttl(&conn, &key).await > 0, "{key}");
+        }
+        support::assert_ttls(&redis);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn merges_existing_child_segment() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        let (key, ..) = call(&conn, Call::new("b", &["c"], 11, "salt-leaf")).await;
+        assert_eq!(key, segment("b"));
+        let (key, has_root, _, merged) =
+            call(&conn, Call::new("a", &["b"], 13, "salt-child")).await;
+        assert_eq!(key, segment("a"));
+        assert!(!has_root);
+        assert_eq!(merged, ["b"]);
+        assert_eq!(
+            members(&conn, &member_keys("a")).await,
+            ["salt-child", "salt-leaf"]
+        );
+        let (a, b) = (segment("a"), segment("b"));
+        assert!(members(&conn, &member_keys("b")).await.is_empty());
+        assert_eq!(get(&conn, &format!("span-buf:ic:{b}")).await, None);
+        assert_eq!(get(&conn, &format!("span-buf:ibc:{b}")).await, None);
+        assert_eq!(
+            get(&conn, &format!("span-buf:ic:{a}")).await.as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            get(&conn, &format!("span-buf:ibc:{a}")).await.as_deref(),
+            Some("24")
+        );
+        let redirects: std::collections::BTreeMap<String, String> = conn
+            .clone()
+            .hgetall(format!("span-buf:ssr:{{{PT}}}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            redirects.into_iter().collect::<Vec<_>>(),
+            [("b".into(), "a".into()), ("c".into(), "b".into())]
+        );
+        support::assert_ttls(&redis);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn merges_large_child_member_key_set() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        let b = segment("b");
+        let salts: Vec<String> = (0..9000).map(|i| format!("salt-{i}")).collect();
+        for chunk in salts.chunks(1000) {
+            let _: () = conn.clone().sadd(member_keys("b"), chunk).await.unwrap();
+        }
+        let _: () = conn
+            .clone()
+            .set(format!("span-buf:ic:{b}"), 9000)
+            .await
+            .unwrap();
+        let _: () = conn
+            .clone()
+            .set(format!("span-buf:ibc:{b}"), 123)
+            .await
+            .unwrap();
+
+        let (key, _, _, merged) = call(&conn, Call::new("a", &["b"], 7, "salt-parent")).await;
+        assert_eq!(key, segment("a"));
+        assert_eq!(merged, ["b"]);
+        let a = segment("a");
+        assert!(members(&conn, &member_keys("b")).await.is_empty());
+        assert_eq!(members(&conn, &member_keys("a")).await.len(), 9001);
+        assert_eq!(
+            get(&conn, &format!("span-buf:ic:{a}")).await.as_deref(),
+            Some("9001")
+        );
+        assert_eq!(
+            get(&conn, &format!("span-buf:ibc:{a}")).await.as_deref(),
+            Some("130")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn detaches_when_segment_exceeds_byte_limit() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        let (key, ..) = call(&conn, Call::new("a", &["b"], 40, "salt-first")).await;
+        assert_eq!(key, segment("a"));
+        let mut second = Call::new("a", &["c"], 30, "salt-second");
+        second.max_bytes = 60;
+        let (key, _, metrics, _) = call(&conn, second).await;
+        assert_eq!(key, segment("salt-second"));
+        assert_eq!(metric(&metrics, "detached_segment_too_large"), 1);
+        assert_eq!(metric(&metrics, "detached_segment_locked"), 0);
+        assert_eq!(members(&conn, &member_keys("a")).await, ["salt-first"]);
+        assert_eq!(
+            members(&conn, &member_keys("salt-second")).await,
+            ["salt-second"]
+        );
+        let a = segment("a");
+        let detached = segment("salt-second");
+        assert_eq!(
+            get(&conn, &format!("span-buf:ibc:{a}")).await.as_deref(),
+            Some("40")
+        );
+        assert_eq!(
+            get(&conn, &format!("span-buf:ibc:{detached}"))
+                .await
+                .as_deref(),
+            Some("30")
+        );
+        support::assert_ttls(&redis);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn detaches_when_segment_is_flush_locked() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        call(&conn, Call::new("a", &["b"], 10, "salt-first")).await;
+        let lock = format!("span-buf:fl:{}", segment("a"));
+        let _: () = conn.clone().set_ex(&lock, 1, 60).await.unwrap();
+        let mut locked = Call::new("a", &["c"], 10, "salt-locked");
+        locked.check_lock = true;
+        let (key, _, metrics, _) = call(&conn, locked).await;
+        assert_eq!(key, segment("salt-locked"));
+        assert_eq!(metric(&metrics, "detached_segment_locked"), 1);
+        assert_eq!(metric(&metrics, "detached_segment_too_large"), 0);
+        assert_eq!(members(&conn, &member_keys("a")).await, ["salt-first"]);
+        assert_eq!(
+            members(&conn, &member_keys("salt-locked")).await,
+            ["salt-locked"]
+        );
+        // Without the lock check the same call merges normally.
+        let (key, ..) = call(&conn, Call::new("a", &["d"], 10, "salt-unchecked")).await;
+        assert_eq!(key, segment("a"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn follows_redirect_chains_and_keeps_old_entries() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        call(&conn, Call::new("b", &["c"], 1, "s1")).await;
+        call(&conn, Call::new("a", &["b"], 1, "s2")).await;
+        // d's parent c resolves c → b → a.
+        let (key, _, metrics, _) = call(&conn, Call::new("c", &["d"], 1, "s3")).await;
+        assert_eq!(key, segment("a"));
+        assert_eq!(metric(&metrics, "redirect_depth"), 2);
+        assert_eq!(
+            get(&conn, &format!("span-buf:ic:{}", segment("a")))
+                .await
+                .as_deref(),
+            Some("3")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unsampled_calls_report_no_metrics() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        let mut invocation = add_buffer().key(PT);
+        // A hex salt whose first 8 digits are not a multiple of 1000 is not sampled.
+        invocation
+            .arg(1)
+            .arg("a")
+            .arg("true")
+            .arg(3600)
+            .arg(5)
+            .arg(0)
+            .arg("00000001aaaaaaaaaaaaaaaaaaaaaaaa")
+            .arg("false")
+            .arg(1000)
+            .arg("a");
+        let reply: Value = invocation.invoke_async(&mut conn.clone()).await.unwrap();
+        let Value::Array(items) = reply else { panic!() };
+        assert_eq!(items[2], Value::Int(-1));
+        assert_eq!(items[3], Value::Array(vec![]));
+        assert_eq!(items[4], Value::Array(vec![]));
+    })
+    .await;
+}
