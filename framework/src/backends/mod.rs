@@ -18,6 +18,7 @@ use std::time::Duration;
 use crate::error::BoxError;
 use crate::message::{Message, Partition};
 
+pub mod kafka;
 mod producer;
 
 pub use producer::{Delivered, DeliveryError, DeliveryFuture, Destination, ProduceError, Producer};

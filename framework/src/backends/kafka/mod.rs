@@ -1,0 +1,22 @@
+//! The Kafka backend: a consumer-group member and a producer on librdkafka (`rdkafka`).
+//!
+//! - [`KafkaConsumer`] implements [`Consumer`](crate::Consumer): rebalances become events
+//!   handled by the stream processor's loop (eager and cooperative protocols), commits are
+//!   manual and confirmed, revoked partitions are given up only after the processor committed
+//!   for them.
+//! - [`KafkaProducer`] implements [`Producer`](crate::Producer): a delivery future per message
+//!   that resolves on the broker's delivery report; a full queue is backpressure.
+//! - [`KafkaPayload`] is the message type both use: key, value and headers behind one `Arc`.
+
+mod config;
+mod consumer;
+mod context;
+mod payload;
+mod producer;
+
+pub use config::{
+    InitialOffset, KafkaConfigError, KafkaConsumerConfig, KafkaProducerConfig, RebalanceProtocol,
+};
+pub use consumer::{KafkaConsumer, KafkaConsumerError};
+pub use payload::KafkaPayload;
+pub use producer::{KafkaProducer, KafkaProducerError};

@@ -1,0 +1,136 @@
+//! A producer on librdkafka whose deliveries resolve on the broker's delivery report.
+//!
+//! `produce` only enqueues into librdkafka; the returned future completes when librdkafka's
+//! background thread receives the delivery report, so work is durable exactly when the future
+//! says so. A full local queue hands the payload back as [`ProduceError::QueueFull`]
+//! (backpressure), never as a failure.
+
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
+
+use super::config::{KafkaConfigError, KafkaProducerConfig};
+use super::context::LoggingContext;
+use super::payload::KafkaPayload;
+use crate::backends::{
+    Delivered, DeliveryError, DeliveryFuture, Destination, ProduceError, Producer,
+};
+use crate::message::Partition;
+
+/// Errors creating a [`KafkaProducer`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KafkaProducerError {
+    /// The settings are invalid.
+    #[error("invalid producer settings")]
+    Config(#[from] KafkaConfigError),
+    /// librdkafka refused to create the client.
+    #[error("cannot create the kafka producer")]
+    Client(#[from] KafkaError),
+}
+
+/// A Kafka producer for [`KafkaPayload`]s.
+///
+/// Cheap to share: wrap it in an `Arc` to use it from several steps.
+pub struct KafkaProducer {
+    client: FutureProducer<LoggingContext>,
+}
+
+impl std::fmt::Debug for KafkaProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaProducer")
+            .field("in_flight", &self.client.in_flight_count())
+            .finish()
+    }
+}
+
+impl KafkaProducer {
+    /// Creates a producer with `config`.
+    ///
+    /// # Errors
+    ///
+    /// Invalid settings, or a client librdkafka refuses to create.
+    pub fn new(config: &KafkaProducerConfig) -> Result<Self, KafkaProducerError> {
+        let client = config
+            .client_config()?
+            .create_with_context(LoggingContext)?;
+        Ok(Self { client })
+    }
+
+    /// Messages enqueued whose delivery is not reported yet.
+    pub fn in_flight(&self) -> i32 {
+        self.client.in_flight_count()
+    }
+
+    /// Waits up to `timeout` for every enqueued message to be delivered or fail.
+    ///
+    /// # Errors
+    ///
+    /// If messages are still in flight when `timeout` passes.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.client.flush(Timeout::After(timeout))
+    }
+}
+
+impl Producer<KafkaPayload> for KafkaProducer {
+    fn produce(
+        &self,
+        destination: &Destination,
+        payload: KafkaPayload,
+    ) -> Result<DeliveryFuture, ProduceError<KafkaPayload>> {
+        let topic = match destination {
+            Destination::Topic(topic) => topic.clone(),
+            Destination::Partition(partition) => partition.topic().clone(),
+        };
+        let sent = {
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic.as_str());
+            if let Some(key) = payload.key() {
+                record = record.key(key);
+            }
+            if let Some(value) = payload.value() {
+                record = record.payload(value);
+            }
+            if let Destination::Partition(partition) = destination {
+                record = record.partition(i32::try_from(partition.index()).unwrap_or(i32::MAX));
+            }
+            let mut headers = payload.headers().peekable();
+            if headers.peek().is_some() {
+                record = record.headers(headers.fold(OwnedHeaders::new(), |all, (key, value)| {
+                    all.insert(Header {
+                        key,
+                        value: Some(value),
+                    })
+                }));
+            }
+            // The record borrows the payload; keep only the error so the payload can be
+            // handed back.
+            self.client.send_result(record).map_err(|(error, _)| error)
+        };
+        match sent {
+            Ok(delivery) => Ok(Box::pin(async move {
+                match delivery.await {
+                    Ok(Ok(delivered)) => Ok(Delivered {
+                        partition: Partition::new(
+                            topic,
+                            u32::try_from(delivered.partition).unwrap_or_default(),
+                        ),
+                        offset: u64::try_from(delivered.offset).unwrap_or_default(),
+                    }),
+                    Ok(Err((error, _))) => Err(DeliveryError::Failed(error.into())),
+                    Err(_) => Err(DeliveryError::Canceled),
+                }
+            })),
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                Err(ProduceError::QueueFull(payload))
+            }
+            Err(error) => Err(ProduceError::Failed {
+                payload,
+                source: error.into(),
+            }),
+        }
+    }
+}
