@@ -41,10 +41,12 @@ pub mod backends;
 mod carried_over;
 mod clock;
 mod commit;
+pub mod dlq;
 mod error;
 mod ledger;
 mod message;
 pub mod metrics;
+pub mod processor;
 pub mod steps;
 mod strategy;
 #[cfg(any(test, feature = "test-utils"))]

@@ -204,3 +204,22 @@ impl<T: Send> ProcessingStrategy<T> for RecordingStep<T> {
         self.state.lock().terminated = true;
     }
 }
+
+/// An in-memory broker with `topic` of `partitions` partitions, each holding the payloads
+/// `0..per_partition` at the same offsets.
+pub fn numbered_broker(
+    topic: &str,
+    partitions: u32,
+    per_partition: u64,
+) -> (crate::backends::local::LocalBroker<u64>, Topic) {
+    let broker = crate::backends::local::LocalBroker::new();
+    let topic = Topic::new(topic);
+    broker.create_topic(&topic, partitions);
+    for index in 0..partitions {
+        for n in 0..per_partition {
+            let stored = broker.produce_to(&Partition::new(topic.clone(), index), n);
+            debug_assert_eq!(stored.ok(), Some(n));
+        }
+    }
+    (broker, topic)
+}

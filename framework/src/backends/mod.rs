@@ -19,8 +19,10 @@ use crate::error::BoxError;
 use crate::message::{Message, Partition};
 
 pub mod kafka;
+pub mod local;
 mod producer;
 
+pub(crate) use producer::poll_delivery;
 pub use producer::{Delivered, DeliveryError, DeliveryFuture, Destination, ProduceError, Producer};
 
 /// Something that happened on a consumer, returned by [`Consumer::poll`].

@@ -117,3 +117,11 @@ impl<T, P: Producer<T> + ?Sized> Producer<T> for std::sync::Arc<P> {
         (**self).produce(destination, payload)
     }
 }
+
+/// Polls a delivery once, without an executor (see the polling contract of [`DeliveryFuture`]).
+pub(crate) fn poll_delivery(
+    delivery: &mut DeliveryFuture,
+) -> std::task::Poll<Result<Delivered, DeliveryError>> {
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    delivery.as_mut().poll(&mut context)
+}

@@ -1,0 +1,13 @@
+//! An in-memory broker: topics, partitions, consumer groups with rebalancing, a producer.
+//!
+//! It makes every step and the stream processor testable without Kafka, deterministically:
+//! consumers serve their partitions round robin in sorted order, group rebalances are computed
+//! the same way every time, and commits and deliveries can be observed and faults injected.
+
+mod broker;
+mod consumer;
+mod producer;
+
+pub use broker::{LocalBroker, OffsetReset, RebalanceProtocol};
+pub use consumer::LocalConsumer;
+pub use producer::LocalProducer;

@@ -1,0 +1,1095 @@
+//! The stream processor: runs a pipeline on a consumer, handles rebalances, commits.
+//!
+//! One loop, on one thread, owns the consumer, the pipeline, the [`OffsetLedger`] and the
+//! dead-letter state. Each iteration it polls the consumer for one event (a message or an
+//! assignment change), drives dead-letter deliveries, polls the pipeline, submits waiting
+//! messages, commits what the ledger allows, and pauses or resumes partitions.
+//!
+//! # Where to call `run`
+//!
+//! [`StreamProcessor::run`] blocks until shutdown. Call it from a thread of its own (or
+//! `tokio::task::spawn_blocking`), not from an async task: steps may wait briefly for their
+//! work during a join. The processor never calls `Handle::block_on`, so steps that use a tokio
+//! runtime (`RunTaskInThreads`) work either way.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::backends::{Consumer, ConsumerError, ConsumerEvent};
+use crate::clock::{SharedClock, SystemClock};
+use crate::commit::CommitRequest;
+use crate::dlq::{DeadLetterQueue, DlqError, DlqPolicy};
+use crate::error::{BoxError, InvalidMessage, StrategyError, SubmitError};
+use crate::ledger::OffsetLedger;
+use crate::message::{Message, Partition};
+use crate::metrics;
+use crate::strategy::{ProcessingStrategy, ProcessingStrategyFactory};
+
+/// Settings of a [`StreamProcessor`].
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    poll_timeout: Duration,
+    backpressure_grace: Duration,
+    join_timeout: Duration,
+    max_pending_messages: usize,
+    retry_interval: Duration,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        Self {
+            poll_timeout: Duration::from_millis(100),
+            backpressure_grace: Duration::from_secs(5),
+            join_timeout: Duration::from_secs(25),
+            max_pending_messages: 1_000,
+            retry_interval: Duration::from_millis(1),
+        }
+    }
+}
+
+impl ProcessorConfig {
+    /// Longest wait for a consumer event when idle (default 100 ms); shortened to the
+    /// pipeline's [`next_deadline`](ProcessingStrategy::next_deadline).
+    #[must_use]
+    pub const fn with_poll_timeout(mut self, timeout: Duration) -> Self {
+        self.poll_timeout = timeout;
+        self
+    }
+
+    /// How long the pipeline may reject continuously before all partitions are paused
+    /// (default 5 s). Pausing makes librdkafka drop its prefetched messages, so short bursts
+    /// of backpressure are ridden out without it.
+    #[must_use]
+    pub const fn with_backpressure_grace(mut self, grace: Duration) -> Self {
+        self.backpressure_grace = grace;
+        self
+    }
+
+    /// How long a rebalance or shutdown waits for the pipeline to finish its work (default
+    /// 25 s, below Kafka's usual session timeout).
+    #[must_use]
+    pub const fn with_join_timeout(mut self, timeout: Duration) -> Self {
+        self.join_timeout = timeout;
+        self
+    }
+
+    /// How many polled messages may wait for the pipeline (default 1000); when reached, all
+    /// partitions are paused at once, whatever the grace period.
+    #[must_use]
+    pub const fn with_max_pending_messages(mut self, count: usize) -> Self {
+        self.max_pending_messages = count;
+        self
+    }
+
+    /// The pause between two attempts to submit a rejected message (default 1 ms, so at most
+    /// about a thousand retries per second).
+    #[must_use]
+    pub const fn with_retry_interval(mut self, interval: Duration) -> Self {
+        self.retry_interval = interval;
+        self
+    }
+}
+
+/// Asks a running processor to stop; clones control the same processor, from any thread.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessorHandle {
+    shutdown: Arc<AtomicBool>,
+}
+
+impl ProcessorHandle {
+    /// Asks for a graceful stop: [`StreamProcessor::run`] joins the pipeline, commits, closes
+    /// the consumer and returns.
+    pub fn signal_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_shutdown_requested(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+}
+
+/// Counters of what a processor did, for summaries and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProcessorStats {
+    /// Messages received from the consumer.
+    pub messages_polled: u64,
+    /// Messages the pipeline accepted.
+    pub messages_submitted: u64,
+    /// Submissions the pipeline rejected.
+    pub rejections: u64,
+    /// Invalid messages reported by the pipeline.
+    pub invalid_messages: u64,
+    /// Invalid messages whose dead-letter delivery was confirmed.
+    pub dead_lettered: u64,
+    /// Commits sent to the consumer.
+    pub commits: u64,
+    /// Times all partitions were paused.
+    pub pauses: u64,
+    /// Assignment changes handled.
+    pub rebalances: u64,
+}
+
+/// Why [`StreamProcessor::run`] stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// A step failed with [`StrategyError::Other`].
+    #[error("pipeline step failed")]
+    Strategy(#[source] BoxError),
+
+    /// A step panicked; the pipeline was dropped.
+    #[error("pipeline step panicked during {during}: {message}")]
+    Panicked {
+        /// The call that panicked (`poll`, `submit`, `join`, `create`).
+        during: &'static str,
+        /// The panic message.
+        message: String,
+    },
+
+    /// The consumer failed.
+    #[error("consumer failed")]
+    Consumer(#[from] ConsumerError),
+
+    /// Dead-lettering failed or hit a limit.
+    #[error("dead-letter queue failed")]
+    DeadLetter(#[from] DlqError),
+}
+
+/// Runs a pipeline, built by a factory for each assignment, on a [`Consumer`].
+///
+/// # Backpressure
+///
+/// A rejected message is kept (with any messages polled after it, up to
+/// [`max_pending_messages`](ProcessorConfig::with_max_pending_messages)) and retried at most
+/// once per [`retry_interval`](ProcessorConfig::with_retry_interval), while the consumer keeps
+/// being polled so assignment changes are handled. After
+/// [`backpressure_grace`](ProcessorConfig::with_backpressure_grace) of continuous rejection all
+/// partitions are paused; they resume when a message is accepted.
+///
+/// # Commits
+///
+/// Every polled offset is recorded in an [`OffsetLedger`]; offsets the pipeline reports done,
+/// and offsets whose dead-letter delivery is confirmed, are marked. A partition is committed up
+/// to its low watermark, so commits never pass unfinished work and never go backwards.
+///
+/// # Rebalances
+///
+/// On any assignment change the pipeline is joined (up to
+/// [`join_timeout`](ProcessorConfig::with_join_timeout)), what it finished is committed, and a
+/// new pipeline is built for the new assignment. Pending messages of revoked partitions are
+/// dropped (never committed, so redelivered to the new owner), and the consumer is told when a
+/// revocation is complete. Work a timed-out join abandoned on a partition that stays assigned
+/// is replayed: the consumer is rewound to that partition's watermark.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use rill::backends::local::LocalBroker;
+/// use rill::processor::StreamProcessor;
+/// use rill::steps::{CommitOffsets, RunTask};
+/// use rill::{Message, Partition, ProcessingStrategy, Topic};
+///
+/// let broker = LocalBroker::new();
+/// let topic = Topic::new("numbers");
+/// broker.create_topic(&topic, 1);
+/// let partition = Partition::new(topic.clone(), 0);
+/// for n in 0..10_u64 {
+///     broker.produce_to(&partition, n).unwrap();
+/// }
+///
+/// let consumer = broker.subscribe("doubler", &[topic]);
+/// let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+///     Box::new(RunTask::new(
+///         |m: Message<u64>| Ok(m.map(|n| n * 2)),
+///         CommitOffsets::new(Duration::ZERO),
+///     ))
+/// };
+/// let mut processor = StreamProcessor::new(consumer, factory);
+///
+/// while broker.committed("doubler", &partition) != Some(10) {
+///     processor.run_once().unwrap();
+/// }
+/// processor.shutdown().unwrap();
+/// ```
+pub struct StreamProcessor<T, C> {
+    consumer: C,
+    factory: Box<dyn ProcessingStrategyFactory<T>>,
+    strategy: Option<Box<dyn ProcessingStrategy<T>>>,
+    ledger: OffsetLedger,
+    pending: VecDeque<Message<T>>,
+    dlq: Option<DeadLetterQueue<T>>,
+    config: ProcessorConfig,
+    clock: SharedClock,
+    handle: ProcessorHandle,
+    backpressure_since: Option<Instant>,
+    retry_at: Option<Instant>,
+    paused: Vec<Partition>,
+    committed: HashMap<Partition, u64>,
+    stats: ProcessorStats,
+    closed: bool,
+}
+
+impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
+    /// A processor polling `consumer` and building pipelines with `factory`, with default
+    /// settings, the system clock and no dead-letter queue (invalid messages are logged and
+    /// skipped).
+    pub fn new(consumer: C, factory: impl ProcessingStrategyFactory<T> + 'static) -> Self {
+        Self {
+            consumer,
+            factory: Box::new(factory),
+            strategy: None,
+            ledger: OffsetLedger::new(),
+            pending: VecDeque::new(),
+            dlq: None,
+            config: ProcessorConfig::default(),
+            clock: SystemClock::shared(),
+            handle: ProcessorHandle::default(),
+            backpressure_since: None,
+            retry_at: None,
+            paused: Vec::new(),
+            committed: HashMap::new(),
+            stats: ProcessorStats::default(),
+            closed: false,
+        }
+    }
+
+    /// Uses `config`.
+    #[must_use]
+    pub fn with_config(mut self, config: ProcessorConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Reads time (grace periods, join deadlines) from `clock`.
+    #[must_use]
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Sends invalid messages to a dead-letter queue.
+    #[must_use]
+    pub fn with_dlq(mut self, policy: DlqPolicy<T>) -> Self {
+        self.dlq = Some(DeadLetterQueue::new(policy));
+        self
+    }
+
+    /// A handle to stop [`run`](Self::run) from another thread.
+    pub fn handle(&self) -> ProcessorHandle {
+        self.handle.clone()
+    }
+
+    /// What the processor did so far.
+    pub fn stats(&self) -> ProcessorStats {
+        let mut stats = self.stats.clone();
+        stats.dead_lettered = self.dlq.as_ref().map_or(0, DeadLetterQueue::delivered);
+        stats
+    }
+
+    /// The last position committed for each partition.
+    pub const fn committed(&self) -> &HashMap<Partition, u64> {
+        &self.committed
+    }
+
+    /// The consumer.
+    pub const fn consumer(&self) -> &C {
+        &self.consumer
+    }
+
+    /// Runs until [`ProcessorHandle::signal_shutdown`], then stops gracefully (join, final
+    /// commit, close).
+    ///
+    /// # Errors
+    ///
+    /// The first [`RunError`]; the pipeline is then terminated (or dropped, after a panic)
+    /// and the consumer closed, without a final commit.
+    pub fn run(&mut self) -> Result<(), RunError> {
+        while !self.handle.is_shutdown_requested() {
+            if let Err(error) = self.run_once() {
+                self.abort(&error);
+                return Err(error);
+            }
+        }
+        self.shutdown()
+    }
+
+    /// One iteration of the loop; [`run`](Self::run) calls it until shutdown.
+    ///
+    /// # Errors
+    ///
+    /// As [`run`](Self::run), but nothing is terminated or closed.
+    pub fn run_once(&mut self) -> Result<(), RunError> {
+        let timeout = self.poll_timeout(self.clock.now());
+        match self.consumer.poll(timeout) {
+            Ok(Some(event)) => self.handle_event(event)?,
+            Ok(None) => {}
+            Err(ConsumerError::Transient(error)) => {
+                tracing::warn!(%error, "Transient consumer error; polling again.");
+            }
+            Err(error) => return Err(error.into()),
+        }
+        self.poll_dlq()?;
+        self.poll_strategy()?;
+        self.submit_pending()?;
+        self.commit()?;
+        self.update_pause()
+    }
+
+    /// Stops gracefully: joins the pipeline (up to the join timeout), waits for dead-letter
+    /// deliveries, commits, and closes the consumer.
+    ///
+    /// # Errors
+    ///
+    /// A failure while joining or committing; the consumer is closed anyway.
+    pub fn shutdown(&mut self) -> Result<(), RunError> {
+        if self.closed {
+            return Ok(());
+        }
+        let deadline = self.clock.now() + self.config.join_timeout;
+        let drained = self.drain(deadline);
+        if let Err(error) = &drained {
+            self.abort(error);
+            return drained;
+        }
+        self.pending.clear();
+        self.closed = true;
+        self.consumer.close()?;
+        Ok(())
+    }
+
+    fn abort(&mut self, error: &RunError) {
+        if let Some(mut strategy) = self.strategy.take() {
+            // A panicked pipeline is in an unknown state: drop it without calling into it.
+            if !matches!(error, RunError::Panicked { .. }) {
+                let _ = catch_unwind(AssertUnwindSafe(|| strategy.terminate()));
+            }
+        }
+        self.pending.clear();
+        if !self.closed {
+            self.closed = true;
+            if let Err(close_error) = self.consumer.close() {
+                tracing::warn!(%close_error, "Closing the consumer after a failure failed too.");
+            }
+        }
+    }
+
+    fn poll_timeout(&self, now: Instant) -> Duration {
+        if !self.pending.is_empty() && self.strategy.is_some() {
+            return self
+                .retry_at
+                .map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+        }
+        let mut timeout = self.config.poll_timeout;
+        if let Some(deadline) = self.strategy.as_ref().and_then(|s| s.next_deadline()) {
+            timeout = timeout.min(deadline.saturating_duration_since(now));
+        }
+        if self.dlq.as_ref().is_some_and(|dlq| !dlq.is_idle()) {
+            timeout = timeout.min(self.config.retry_interval);
+        }
+        timeout
+    }
+
+    fn handle_event(&mut self, event: ConsumerEvent<T>) -> Result<(), RunError> {
+        match event {
+            ConsumerEvent::Message(message) => {
+                self.stats.messages_polled += 1;
+                ::metrics::counter!(metrics::MESSAGES_POLLED).increment(1);
+                let recorded = match (message.partition(), message.offset()) {
+                    (Some(partition), Some(offset)) => self.ledger.record_polled(partition, offset),
+                    _ => false,
+                };
+                if recorded {
+                    self.pending.push_back(message);
+                } else {
+                    tracing::warn!(?message, "Dropping a message of a partition not assigned.");
+                }
+                Ok(())
+            }
+            ConsumerEvent::Assigned(partitions) => self.assign(partitions),
+            ConsumerEvent::Revoked(partitions) => self.revoke(&partitions),
+        }
+    }
+
+    fn assign(&mut self, partitions: HashMap<Partition, u64>) -> Result<(), RunError> {
+        self.stats.rebalances += 1;
+        ::metrics::counter!(metrics::PARTITIONS_ASSIGNED).increment(partitions.len() as u64);
+        tracing::info!(partitions = ?partitions.keys().collect::<Vec<_>>(), "Partitions assigned.");
+        if self.strategy.is_some() {
+            let deadline = self.clock.now() + self.config.join_timeout;
+            self.drain(deadline)?;
+            self.rewind_abandoned()?;
+        }
+        for (partition, start) in partitions {
+            if let Some(dlq) = &mut self.dlq {
+                dlq.assign(&partition, start);
+            }
+            self.ledger.assign(partition, start);
+        }
+        self.rebuild()
+    }
+
+    fn revoke(&mut self, partitions: &[Partition]) -> Result<(), RunError> {
+        self.stats.rebalances += 1;
+        ::metrics::counter!(metrics::PARTITIONS_REVOKED).increment(partitions.len() as u64);
+        tracing::info!(?partitions, "Partitions revoked.");
+        let deadline = self.clock.now() + self.config.join_timeout;
+        self.drain(deadline)?;
+        // Never committed, so the next owner reads them again.
+        self.pending
+            .retain(|m| m.partition().is_some_and(|p| !partitions.contains(p)));
+        self.paused.retain(|p| !partitions.contains(p));
+        for partition in partitions {
+            self.ledger.revoke(partition);
+            if let Some(dlq) = &mut self.dlq {
+                dlq.forget(partition);
+            }
+            self.committed.remove(partition);
+        }
+        self.rewind_abandoned()?;
+        self.consumer.complete_revocation(partitions)?;
+        self.rebuild()
+    }
+
+    /// Joins the pipeline, dead-letters what it reports, waits for dead-letter deliveries and
+    /// commits; all bounded by `deadline`.
+    fn drain(&mut self, deadline: Instant) -> Result<(), RunError> {
+        if let Some(mut strategy) = self.strategy.take() {
+            let started = self.clock.now();
+            loop {
+                match guard("join", || strategy.join(Some(deadline)))? {
+                    Ok(done) => {
+                        self.mark_done(done.as_ref());
+                        break;
+                    }
+                    Err(StrategyError::InvalidMessage(invalid)) => self.invalid(invalid)?,
+                    Err(StrategyError::Other(error)) => return Err(RunError::Strategy(error)),
+                }
+            }
+            let joined = self.clock.now().saturating_duration_since(started);
+            ::metrics::histogram!(metrics::JOIN_SECONDS).record(joined.as_secs_f64());
+        }
+        while self.dlq.as_ref().is_some_and(|dlq| !dlq.is_idle()) && self.clock.now() < deadline {
+            self.poll_dlq()?;
+            if self.dlq.as_ref().is_some_and(|dlq| !dlq.is_idle()) {
+                self.clock.sleep(self.config.retry_interval);
+            }
+        }
+        self.commit()?;
+        self.backpressure_since = None;
+        self.retry_at = None;
+        Ok(())
+    }
+
+    /// Replays work abandoned by a timed-out join on partitions that stay assigned.
+    fn rewind_abandoned(&mut self) -> Result<(), RunError> {
+        let partitions: Vec<Partition> = self.ledger.partitions().cloned().collect();
+        for partition in partitions {
+            let waiting = self
+                .pending
+                .iter()
+                .filter(|m| m.partition() == Some(&partition))
+                .count();
+            let dead_lettering = self.dlq.as_ref().map_or(0, |dlq| dlq.in_flight(&partition));
+            if self.ledger.in_flight(&partition) <= waiting + dead_lettering {
+                continue;
+            }
+            let Some(watermark) = self.ledger.watermark(&partition) else {
+                continue;
+            };
+            tracing::warn!(%partition, watermark, "Join abandoned work; rewinding to replay it.");
+            self.consumer
+                .seek(&HashMap::from([(partition.clone(), watermark)]))?;
+            self.ledger.rewind(&partition, watermark);
+            self.pending.retain(|m| m.partition() != Some(&partition));
+            if let Some(dlq) = &mut self.dlq {
+                dlq.forget(&partition);
+                dlq.assign(&partition, watermark);
+            }
+        }
+        Ok(())
+    }
+
+    fn rebuild(&mut self) -> Result<(), RunError> {
+        let mut partitions: Vec<Partition> = self.ledger.partitions().cloned().collect();
+        partitions.sort();
+        if !self.paused.is_empty() {
+            let paused = std::mem::take(&mut self.paused);
+            self.consumer.resume(&paused)?;
+        }
+        if partitions.is_empty() {
+            self.strategy = None;
+            return Ok(());
+        }
+        let factory = &mut self.factory;
+        self.strategy = Some(guard("create", || factory.create(&partitions))?);
+        Ok(())
+    }
+
+    fn poll_strategy(&mut self) -> Result<(), RunError> {
+        let Some(strategy) = self.strategy.as_mut() else {
+            return Ok(());
+        };
+        match guard("poll", || strategy.poll())? {
+            Ok(done) => {
+                self.mark_done(done.as_ref());
+                Ok(())
+            }
+            Err(StrategyError::InvalidMessage(invalid)) => self.invalid(invalid),
+            Err(StrategyError::Other(error)) => Err(RunError::Strategy(error)),
+        }
+    }
+
+    fn submit_pending(&mut self) -> Result<(), RunError> {
+        let now = self.clock.now();
+        if self.retry_at.is_some_and(|at| now < at) {
+            return Ok(());
+        }
+        while let Some(message) = self.pending.pop_front() {
+            let Some(strategy) = self.strategy.as_mut() else {
+                self.pending.push_front(message);
+                return Ok(());
+            };
+            if let (Some(dlq), Some(partition)) = (&mut self.dlq, message.partition()) {
+                if !dlq.has_room(partition) {
+                    self.pending.push_front(message);
+                    self.start_backpressure(now);
+                    return Ok(());
+                }
+                dlq.buffer(&message);
+            }
+            match guard("submit", || strategy.submit(message))? {
+                Ok(()) => {
+                    self.stats.messages_submitted += 1;
+                    self.end_backpressure(now);
+                }
+                Err(SubmitError::MessageRejected(message)) => {
+                    self.pending.push_front(message);
+                    self.start_backpressure(now);
+                    return Ok(());
+                }
+                Err(SubmitError::InvalidMessage(invalid)) => {
+                    self.end_backpressure(now);
+                    self.invalid(invalid)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_backpressure(&mut self, now: Instant) {
+        self.stats.rejections += 1;
+        ::metrics::counter!(metrics::MESSAGES_REJECTED).increment(1);
+        self.backpressure_since.get_or_insert(now);
+        self.retry_at = Some(now + self.config.retry_interval);
+    }
+
+    fn end_backpressure(&mut self, now: Instant) {
+        self.retry_at = None;
+        if let Some(since) = self.backpressure_since.take() {
+            let seconds = now.saturating_duration_since(since).as_secs_f64();
+            ::metrics::histogram!(metrics::BACKPRESSURE_SECONDS).record(seconds);
+        }
+    }
+
+    fn update_pause(&mut self) -> Result<(), RunError> {
+        let now = self.clock.now();
+        let sustained = self.backpressure_since.is_some_and(|since| {
+            now.saturating_duration_since(since) >= self.config.backpressure_grace
+        });
+        let should_pause = sustained || self.pending.len() >= self.config.max_pending_messages;
+        if should_pause && self.paused.is_empty() {
+            let mut partitions: Vec<Partition> = self.ledger.partitions().cloned().collect();
+            if partitions.is_empty() {
+                return Ok(());
+            }
+            partitions.sort();
+            tracing::warn!(
+                partitions = partitions.len(),
+                "Pausing consumer after sustained backpressure."
+            );
+            self.consumer.pause(&partitions)?;
+            self.paused = partitions;
+            self.stats.pauses += 1;
+            ::metrics::counter!(metrics::PAUSES).increment(1);
+        } else if !should_pause && !self.paused.is_empty() {
+            let paused = std::mem::take(&mut self.paused);
+            tracing::info!(partitions = paused.len(), "Resuming consumer.");
+            self.consumer.resume(&paused)?;
+        }
+        Ok(())
+    }
+
+    fn poll_dlq(&mut self) -> Result<(), RunError> {
+        if let Some(dlq) = &mut self.dlq {
+            let done = dlq.poll()?;
+            self.ledger.mark_done(&done);
+        }
+        Ok(())
+    }
+
+    fn invalid(&mut self, invalid: InvalidMessage) -> Result<(), RunError> {
+        self.stats.invalid_messages += 1;
+        if !self.ledger.owns(&invalid.partition) {
+            tracing::warn!(%invalid, "Ignoring an invalid message of a partition not assigned.");
+            return Ok(());
+        }
+        match &mut self.dlq {
+            Some(dlq) => {
+                tracing::warn!(%invalid, "Dead-lettering invalid message.");
+                ::metrics::counter!(metrics::INVALID_MESSAGES, "outcome" => "dead_lettered")
+                    .increment(1);
+                dlq.dead_letter(invalid)?;
+            }
+            None => {
+                tracing::warn!(%invalid, "Skipping invalid message: no dead-letter queue configured.");
+                ::metrics::counter!(metrics::INVALID_MESSAGES, "outcome" => "skipped").increment(1);
+                let mut done = CommitRequest::new();
+                done.add(&invalid.partition, invalid.offset);
+                self.ledger.mark_done(&done);
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_done(&mut self, done: Option<&CommitRequest>) {
+        if let Some(done) = done {
+            self.ledger.mark_done(done);
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), RunError> {
+        let positions = self.ledger.take_committable();
+        if positions.is_empty() {
+            return Ok(());
+        }
+        if let Some(dlq) = &mut self.dlq {
+            dlq.trim(&positions);
+        }
+        self.consumer.commit(&positions)?;
+        self.stats.commits += 1;
+        ::metrics::counter!(metrics::COMMITS).increment(1);
+        self.committed.extend(positions);
+        Ok(())
+    }
+}
+
+impl<T, C: std::fmt::Debug> std::fmt::Debug for StreamProcessor<T, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamProcessor")
+            .field("consumer", &self.consumer)
+            .field("ledger", &self.ledger)
+            .field("pending", &self.pending.len())
+            .field("config", &self.config)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs a call into the pipeline, turning a panic into [`RunError::Panicked`].
+fn guard<R>(during: &'static str, call: impl FnOnce() -> R) -> Result<R, RunError> {
+    catch_unwind(AssertUnwindSafe(call)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(ToString::to_string)
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".to_owned());
+        RunError::Panicked { during, message }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::local::{LocalBroker, LocalConsumer, LocalProducer};
+    use crate::clock::ManualClock;
+    use crate::dlq::{DlqLimits, DlqTopic};
+    use crate::message::Topic;
+    use crate::steps::CommitOffsets;
+    use crate::testing::{RecordingStep, numbered_broker};
+
+    const GROUP: &str = "g";
+
+    struct Fixture {
+        broker: LocalBroker<u64>,
+        topic: Topic,
+    }
+
+    impl Fixture {
+        fn new(partitions: u32, per_partition: u64) -> Self {
+            let (broker, topic) = numbered_broker("in", partitions, per_partition);
+            Self { broker, topic }
+        }
+
+        fn partition(&self, index: u32) -> Partition {
+            Partition::new(self.topic.clone(), index)
+        }
+
+        fn consumer(&self) -> LocalConsumer<u64> {
+            self.broker
+                .subscribe(GROUP, std::slice::from_ref(&self.topic))
+        }
+
+        fn committed(&self, index: u32) -> Option<u64> {
+            self.broker.committed(GROUP, &self.partition(index))
+        }
+    }
+
+    fn recording(step: &RecordingStep<u64>) -> impl ProcessingStrategyFactory<u64> + 'static {
+        let step = step.clone();
+        move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> { Box::new(step.clone()) }
+    }
+
+    fn committing() -> impl ProcessingStrategyFactory<u64> + 'static {
+        |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+            Box::new(CommitOffsets::new(Duration::ZERO))
+        }
+    }
+
+    fn fast() -> ProcessorConfig {
+        ProcessorConfig::default().with_poll_timeout(Duration::ZERO)
+    }
+
+    fn run_until<T: 'static, C: Consumer<T>>(
+        processor: &mut StreamProcessor<T, C>,
+        mut done: impl FnMut(&StreamProcessor<T, C>) -> bool,
+    ) {
+        for _ in 0..100_000 {
+            if done(processor) {
+                return;
+            }
+            processor.run_once().unwrap();
+        }
+        panic!("condition not reached");
+    }
+
+    #[test]
+    fn commits_every_partition_once_the_work_is_done() {
+        let fixture = Fixture::new(3, 10);
+        let mut processor =
+            StreamProcessor::new(fixture.consumer(), committing()).with_config(fast());
+
+        run_until(&mut processor, |_| {
+            (0..3).all(|i| fixture.committed(i) == Some(10))
+        });
+        processor.shutdown().unwrap();
+
+        assert_eq!(processor.stats().messages_polled, 30);
+    }
+
+    #[test]
+    fn nothing_is_committed_while_a_message_is_unfinished() {
+        let fixture = Fixture::new(1, 3);
+        let step = RecordingStep::new(); // accepts, never reports done
+        let mut processor =
+            StreamProcessor::new(fixture.consumer(), recording(&step)).with_config(fast());
+
+        run_until(&mut processor, |_| step.accepted() == 3);
+
+        assert_eq!(fixture.committed(0), None);
+    }
+
+    #[test]
+    fn a_rejected_message_is_retried_until_accepted_without_loss() {
+        let fixture = Fixture::new(1, 5);
+        let step = RecordingStep::new().reject_next(20).commit_on_poll();
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_config(fast().with_retry_interval(Duration::ZERO));
+
+        run_until(&mut processor, |_| fixture.committed(0) == Some(5));
+
+        assert_eq!(step.payloads(), [0, 1, 2, 3, 4]);
+        assert_eq!(processor.stats().rejections, 20);
+    }
+
+    #[test]
+    fn retries_are_spaced_so_the_loop_never_spins() {
+        let fixture = Fixture::new(1, 1);
+        let step = RecordingStep::new().reject_next(usize::MAX);
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step));
+        let started = Instant::now();
+
+        while started.elapsed() < Duration::from_millis(200) {
+            processor.run_once().unwrap();
+        }
+
+        // One retry per millisecond at most (rust-arroyo made ~600 000 here).
+        assert!(
+            step.rejected() <= 220,
+            "{} retries in 200 ms",
+            step.rejected()
+        );
+        assert!(step.rejected() >= 10);
+    }
+
+    #[test]
+    fn partitions_pause_after_the_grace_period_and_resume_when_accepted() {
+        let fixture = Fixture::new(2, 3);
+        let clock = ManualClock::new();
+        let step = RecordingStep::new().reject_next(usize::MAX);
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_clock(clock.shared())
+            .with_config(fast().with_backpressure_grace(Duration::from_secs(5)));
+        run_until(&mut processor, |_| step.rejected() > 0);
+
+        clock.advance(Duration::from_secs(4));
+        processor.run_once().unwrap();
+        assert!(processor.consumer().paused().is_empty());
+        clock.advance(Duration::from_secs(1));
+        processor.run_once().unwrap();
+        assert_eq!(processor.consumer().paused().len(), 2);
+
+        step.set_reject_next(0);
+        clock.advance(Duration::from_millis(1));
+        processor.run_once().unwrap();
+
+        assert!(processor.consumer().paused().is_empty());
+        assert_eq!(processor.stats().pauses, 1);
+    }
+
+    #[test]
+    fn a_full_pending_queue_pauses_at_once() {
+        let fixture = Fixture::new(1, 50);
+        let step = RecordingStep::new().reject_next(usize::MAX);
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_config(fast().with_max_pending_messages(10));
+
+        run_until(&mut processor, |p| p.stats().pauses == 1);
+        for _ in 0..20 {
+            processor.run_once().unwrap();
+        }
+
+        assert_eq!(processor.stats().messages_polled, 10);
+    }
+
+    #[test]
+    fn invalid_messages_are_committed_only_after_dead_letter_delivery() {
+        let fixture = Fixture::new(1, 4);
+        let dlq_topic = Topic::new("dlq");
+        fixture.broker.create_topic(&dlq_topic, 1);
+        let producer = LocalProducer::new(fixture.broker.clone());
+        producer.hold_deliveries();
+        let step = RecordingStep::new().invalid_at(&[2]).commit_on_poll();
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_config(fast())
+            .with_dlq(DlqPolicy::new(DlqTopic::new(
+                producer.clone(),
+                dlq_topic.clone(),
+            )));
+
+        run_until(&mut processor, |_| fixture.committed(0) == Some(2));
+        for _ in 0..10 {
+            processor.run_once().unwrap();
+        }
+        assert_eq!(fixture.committed(0), Some(2));
+        producer.release_deliveries();
+        run_until(&mut processor, |_| fixture.committed(0) == Some(4));
+
+        assert_eq!(fixture.broker.payloads(&Partition::new(dlq_topic, 0)), [2]);
+        assert_eq!(processor.stats().dead_lettered, 1);
+    }
+
+    #[test]
+    fn the_last_message_of_a_partition_can_be_dead_lettered_and_committed() {
+        let fixture = Fixture::new(1, 3);
+        let dlq_topic = Topic::new("dlq");
+        fixture.broker.create_topic(&dlq_topic, 1);
+        let step = RecordingStep::new().invalid_at(&[2]).commit_on_poll();
+        let producer = LocalProducer::new(fixture.broker.clone());
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_config(fast())
+            .with_dlq(DlqPolicy::new(DlqTopic::new(producer, dlq_topic)));
+
+        run_until(&mut processor, |_| fixture.committed(0) == Some(3));
+    }
+
+    #[test]
+    fn without_a_dead_letter_queue_invalid_messages_are_skipped() {
+        let fixture = Fixture::new(1, 3);
+        let step = RecordingStep::new().invalid_at(&[0, 1, 2]);
+        let mut processor =
+            StreamProcessor::new(fixture.consumer(), recording(&step)).with_config(fast());
+
+        run_until(&mut processor, |_| fixture.committed(0) == Some(3));
+
+        assert_eq!(processor.stats().invalid_messages, 3);
+    }
+
+    #[test]
+    fn exceeding_a_dead_letter_limit_is_an_error_not_a_panic() {
+        let fixture = Fixture::new(1, 5);
+        let dlq_topic = Topic::new("dlq");
+        fixture.broker.create_topic(&dlq_topic, 1);
+        let step = RecordingStep::new().invalid_at(&[0, 1, 2, 3, 4]);
+        let policy = DlqPolicy::new(DlqTopic::new(
+            LocalProducer::new(fixture.broker.clone()),
+            dlq_topic,
+        ))
+        .with_limits(DlqLimits::none().with_max_consecutive_invalid(2));
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_config(fast())
+            .with_dlq(policy);
+
+        let error = (0..1000).find_map(|_| processor.run_once().err());
+
+        assert!(matches!(
+            error,
+            Some(RunError::DeadLetter(DlqError::LimitExceeded { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_failing_dead_letter_delivery_is_retried_then_fatal() {
+        let fixture = Fixture::new(1, 1);
+        let dlq_topic = Topic::new("dlq");
+        fixture.broker.create_topic(&dlq_topic, 1);
+        let producer = LocalProducer::new(fixture.broker.clone());
+        producer.fail_next_deliveries(3);
+        let step = RecordingStep::new().invalid_at(&[0]);
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_config(fast())
+            .with_dlq(DlqPolicy::new(DlqTopic::new(producer, dlq_topic)).with_max_attempts(3));
+
+        let error = (0..1000).find_map(|_| processor.run_once().err());
+
+        assert!(matches!(
+            error,
+            Some(RunError::DeadLetter(DlqError::DeliveryFailed {
+                attempts: 3,
+                ..
+            }))
+        ));
+        assert_eq!(fixture.committed(0), None);
+    }
+
+    #[test]
+    fn a_panicking_step_becomes_an_error() {
+        #[derive(Debug)]
+        struct Panics;
+        impl ProcessingStrategy<u64> for Panics {
+            fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
+                Ok(None)
+            }
+            fn submit(&mut self, _message: Message<u64>) -> Result<(), SubmitError<u64>> {
+                panic!("step exploded")
+            }
+            fn join(&mut self, _: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
+                Ok(None)
+            }
+            fn terminate(&mut self) {}
+        }
+        let fixture = Fixture::new(1, 1);
+        let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> { Box::new(Panics) };
+        let mut processor = StreamProcessor::new(fixture.consumer(), factory).with_config(fast());
+
+        let result = processor.run();
+
+        assert!(matches!(
+            result,
+            Err(RunError::Panicked { during: "submit", ref message }) if message == "step exploded"
+        ));
+    }
+
+    #[test]
+    fn a_revocation_joins_commits_and_drops_pending_messages_of_revoked_partitions() {
+        let fixture = Fixture::new(2, 3);
+        let step = RecordingStep::new()
+            .reject_next(usize::MAX)
+            .commit_on_poll();
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_config(fast().with_retry_interval(Duration::ZERO));
+        run_until(&mut processor, |p| p.stats().messages_polled == 6);
+
+        // A second member joins: partition 1 moves to it.
+        let mut second = fixture.consumer();
+        step.set_reject_next(0);
+        run_until(&mut processor, |p| p.stats().rebalances == 2);
+
+        run_until(&mut processor, |_| fixture.committed(0) == Some(3));
+        let offsets_of_p1: Vec<_> = step
+            .messages()
+            .iter()
+            .filter(|m| m.partition().map(Partition::index) == Some(1))
+            .map(|m| m.offset())
+            .collect();
+        assert!(
+            offsets_of_p1.is_empty(),
+            "revoked messages submitted: {offsets_of_p1:?}"
+        );
+        assert!(step.joined());
+        assert_eq!(fixture.committed(1), None);
+        // The new owner starts where nobody committed: from the beginning.
+        let assigned = (0..10).find_map(|_| match second.poll(Duration::ZERO).unwrap() {
+            Some(ConsumerEvent::Assigned(assigned)) => Some(assigned),
+            _ => None,
+        });
+        assert_eq!(assigned, Some(HashMap::from([(fixture.partition(1), 0)])));
+    }
+
+    #[test]
+    fn a_join_that_times_out_replays_abandoned_work_on_kept_partitions() {
+        let fixture = Fixture::new(2, 2);
+        let clock = ManualClock::new();
+        let step = RecordingStep::new(); // never reports done: join abandons everything
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_clock(clock.shared())
+            .with_config(fast());
+        run_until(&mut processor, |_| step.accepted() == 4);
+
+        let _second = fixture.consumer();
+        run_until(&mut processor, |p| p.stats().rebalances == 2);
+
+        // Partition 0 stays; its two messages are read again.
+        run_until(&mut processor, |_| step.accepted() == 6);
+        let replayed: Vec<_> = step.messages()[4..].iter().map(|m| m.offset()).collect();
+        assert_eq!(replayed, [Some(0), Some(1)]);
+    }
+
+    #[test]
+    fn shutdown_from_another_thread_joins_and_commits_work_in_flight() {
+        let fixture = Fixture::new(1, 100);
+        let commit = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+            Box::new(CommitOffsets::new(Duration::from_secs(3600)))
+        };
+        let mut processor = StreamProcessor::new(fixture.consumer(), commit);
+        let handle = processor.handle();
+        let broker = fixture.broker.clone();
+        let runner = std::thread::spawn(move || {
+            let result = processor.run();
+            (result, processor.stats())
+        });
+
+        // The commit interval is an hour: only the shutdown's join commits.
+        while broker.high_watermark(&fixture.partition(0)) != 100 {}
+        std::thread::sleep(Duration::from_millis(50));
+        handle.signal_shutdown();
+        let (result, stats) = runner.join().unwrap();
+
+        result.unwrap();
+        assert_eq!(stats.messages_polled, 100);
+        assert_eq!(fixture.committed(0), Some(100));
+    }
+
+    #[test]
+    fn commits_never_name_a_partition_after_its_revocation() {
+        let fixture = Fixture::new(4, 20);
+        let mut processor =
+            StreamProcessor::new(fixture.consumer(), committing()).with_config(fast());
+        run_until(&mut processor, |p| p.stats().messages_polled >= 10);
+
+        let mut second = fixture.consumer();
+        for _ in 0..500 {
+            processor.run_once().unwrap();
+            while second.poll(Duration::ZERO).unwrap().is_some() {}
+        }
+
+        // The local broker refuses commits from non-owners, so success means none happened.
+        let log = fixture.broker.commit_log(GROUP);
+        assert!(!log.is_empty());
+    }
+}
