@@ -159,9 +159,8 @@ impl<T> CarriedOver<T> {
         self.pending_commit.take()
     }
 
-    /// Joins `next`: retries held messages until they are accepted or `deadline` passes,
-    /// waiting a millisecond on `clock` between attempts, then joins `next` with the same
-    /// deadline and returns every done offset collected.
+    /// Joins `next`: [hands over](Self::hand_over) held messages, then joins `next` with the
+    /// same deadline and returns every done offset collected.
     ///
     /// Messages still held at the deadline are dropped: their offsets were never reported, so
     /// they are redelivered.
@@ -178,28 +177,64 @@ impl<T> CarriedOver<T> {
     where
         N: ProcessingStrategy<T> + ?Sized,
     {
-        while self.is_holding() {
-            self.poll_next(next)?;
-            if !self.is_holding() || expired(clock, deadline) {
-                break;
+        self.hand_over(next, deadline, clock)?;
+        let committed = next.join(deadline)?;
+        self.add_commit(committed);
+        Ok(self.take_commit())
+    }
+
+    /// Retries held messages until `next` accepts them all or `deadline` passes; what is still
+    /// held then is dropped (its offsets were never reported, so it is redelivered).
+    ///
+    /// # Errors
+    ///
+    /// As [`poll_next`](Self::poll_next).
+    pub fn hand_over<N>(
+        &mut self,
+        next: &mut N,
+        deadline: Option<Instant>,
+        clock: &dyn Clock,
+    ) -> Result<(), StrategyError>
+    where
+        N: ProcessingStrategy<T> + ?Sized,
+    {
+        let handed_over = retry_until(clock, deadline, || {
+            if self.is_holding() {
+                self.poll_next(next)?;
             }
-            clock.sleep(RETRY_INTERVAL);
-        }
-        if self.is_holding() {
+            Ok::<_, StrategyError>(!self.is_holding())
+        })?;
+        if !handed_over {
             tracing::warn!(
                 held = self.messages.len(),
                 "Join deadline passed with rejected messages held; they will be redelivered."
             );
             self.messages.clear();
         }
-        let committed = next.join(deadline)?;
-        self.add_commit(committed);
-        Ok(self.take_commit())
+        Ok(())
     }
 
     /// Drops held messages (on terminate); their offsets are never reported.
     pub fn clear(&mut self) {
         self.messages.clear();
+    }
+}
+
+/// Calls `attempt` until it reports being done or `deadline` passes on `clock`, waiting
+/// [`RETRY_INTERVAL`] between attempts (never spinning); returns whether it got done.
+pub(crate) fn retry_until<E>(
+    clock: &dyn Clock,
+    deadline: Option<Instant>,
+    mut attempt: impl FnMut() -> Result<bool, E>,
+) -> Result<bool, E> {
+    loop {
+        if attempt()? {
+            return Ok(true);
+        }
+        if expired(clock, deadline) {
+            return Ok(false);
+        }
+        clock.sleep(RETRY_INTERVAL);
     }
 }
 

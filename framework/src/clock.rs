@@ -110,6 +110,15 @@ pub(crate) fn expired(clock: &dyn Clock, deadline: Option<Instant>) -> bool {
     deadline.is_some_and(|d| clock.now() >= d)
 }
 
+/// The earlier of two optional deadlines.
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,6 +42,7 @@ mod carried_over;
 mod clock;
 mod commit;
 pub mod dlq;
+mod dropped;
 mod error;
 mod ledger;
 mod message;

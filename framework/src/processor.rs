@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::backends::{Consumer, ConsumerError, ConsumerEvent};
+use crate::carried_over::retry_until;
 use crate::clock::{SharedClock, SystemClock};
 use crate::commit::CommitRequest;
 use crate::dlq::{DeadLetterQueue, DlqError, DlqPolicy};
@@ -474,12 +475,11 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
             let joined = self.clock.now().saturating_duration_since(started);
             ::metrics::histogram!(metrics::JOIN_SECONDS).record(joined.as_secs_f64());
         }
-        while self.dlq.as_ref().is_some_and(|dlq| !dlq.is_idle()) && self.clock.now() < deadline {
+        let clock = Arc::clone(&self.clock);
+        retry_until(&*clock, Some(deadline), || {
             self.poll_dlq()?;
-            if self.dlq.as_ref().is_some_and(|dlq| !dlq.is_idle()) {
-                self.clock.sleep(self.config.retry_interval);
-            }
-        }
+            Ok::<_, RunError>(self.dlq.as_ref().is_none_or(DeadLetterQueue::is_idle))
+        })?;
         self.commit()?;
         self.backpressure_since = None;
         self.retry_at = None;

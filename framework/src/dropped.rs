@@ -1,0 +1,116 @@
+//! Steps that drop some messages on purpose: their offsets still become committable.
+//!
+//! A dropped message (filtered out, unfolded into nothing) is done the moment it is dropped.
+//! Reporting each one at once would make the processor commit on every iteration of a stream
+//! that is mostly dropped, so they are released with whatever the next step releases, or by a
+//! [`CommitPolicy`] of their own when the next step has nothing to say. [`DroppingForwarder`]
+//! is the part `Filter` and `Unfold` share: held messages, dropped offsets and the clock.
+
+use std::time::{Duration, Instant};
+
+use crate::carried_over::CarriedOver;
+use crate::clock::{SharedClock, SystemClock, earliest};
+use crate::commit::{self, CommitRequest};
+use crate::error::StrategyError;
+use crate::message::Message;
+use crate::steps::CommitPolicy;
+use crate::strategy::ProcessingStrategy;
+
+#[derive(Debug)]
+pub(crate) struct DroppingForwarder<U> {
+    pub(crate) carried_over: CarriedOver<U>,
+    offsets: CommitRequest,
+    count: u64,
+    policy: CommitPolicy,
+    last_release: Instant,
+    clock: SharedClock,
+}
+
+impl<U> DroppingForwarder<U> {
+    /// Releases dropped offsets at least every second, on the system clock.
+    pub(crate) fn new() -> Self {
+        let clock = SystemClock::shared();
+        Self {
+            carried_over: CarriedOver::new(),
+            offsets: CommitRequest::new(),
+            count: 0,
+            policy: CommitPolicy::every(Duration::from_secs(1)),
+            last_release: clock.now(),
+            clock,
+        }
+    }
+
+    pub(crate) fn set_clock(&mut self, clock: SharedClock) {
+        self.last_release = clock.now();
+        self.clock = clock;
+    }
+
+    pub(crate) const fn set_policy(&mut self, policy: CommitPolicy) {
+        self.policy = policy;
+    }
+
+    /// Records the offsets of a dropped message.
+    pub(crate) fn drop_message<T>(&mut self, message: &Message<T>) {
+        message.add_committable_to(&mut self.offsets);
+        self.count += 1;
+    }
+
+    /// Polls `next` and returns its done offsets, with the dropped ones when it has some or
+    /// when the policy says they waited long enough.
+    pub(crate) fn poll<N>(&mut self, next: &mut N) -> Result<Option<CommitRequest>, StrategyError>
+    where
+        N: ProcessingStrategy<U>,
+    {
+        self.carried_over.poll_next(next)?;
+        let downstream = self.carried_over.take_commit();
+        if self.count == 0 {
+            return Ok(downstream);
+        }
+        let now = self.clock.now();
+        if downstream.is_some() || self.policy.is_due(now, self.last_release, self.count) {
+            return Ok(commit::merge(downstream, self.take_dropped(now)));
+        }
+        Ok(downstream)
+    }
+
+    /// Joins `next` and returns everything done, dropped offsets included.
+    pub(crate) fn join<N>(
+        &mut self,
+        next: &mut N,
+        deadline: Option<Instant>,
+    ) -> Result<Option<CommitRequest>, StrategyError>
+    where
+        N: ProcessingStrategy<U>,
+    {
+        let joined = self.carried_over.join_next(next, deadline, &*self.clock)?;
+        let now = self.clock.now();
+        Ok(commit::merge(joined, self.take_dropped(now)))
+    }
+
+    pub(crate) fn terminate<N>(&mut self, next: &mut N)
+    where
+        N: ProcessingStrategy<U>,
+    {
+        self.carried_over.clear();
+        next.terminate();
+    }
+
+    pub(crate) fn next_deadline<N>(&self, next: &N) -> Option<Instant>
+    where
+        N: ProcessingStrategy<U>,
+    {
+        let release = (self.count > 0)
+            .then(|| self.policy.interval().map(|i| self.last_release + i))
+            .flatten();
+        earliest(release, next.next_deadline())
+    }
+
+    fn take_dropped(&mut self, now: Instant) -> Option<CommitRequest> {
+        self.last_release = now;
+        if self.count == 0 {
+            return None;
+        }
+        self.count = 0;
+        Some(std::mem::take(&mut self.offsets))
+    }
+}
