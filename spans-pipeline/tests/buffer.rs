@@ -529,24 +529,30 @@ async fn segment_in_two_queues(redis: &TestRedis, lock_ttl: u64) -> (SpansBuffer
     (a, b)
 }
 
+/// Both buffers flush at 11 (first, then second), then both run done; returns how many
+/// non-empty segments were flushed in total. Stale entries left in the second buffer's queue
+/// by a held lock are flushed (empty) and cleaned afterwards.
+async fn flush_both(first: &SpansBuffer, second: &SpansBuffer) -> usize {
+    let one = first.flush_segments(11).await.unwrap();
+    let two = second.flush_segments(11).await.unwrap();
+    let flushed = [&one, &two]
+        .iter()
+        .flat_map(|f| &f.segments)
+        .filter(|s| !s.spans.is_empty())
+        .count();
+    first.done_flush_segments(&one.segments).await.unwrap();
+    second.done_flush_segments(&two.segments).await.unwrap();
+    flush_and_done(second, 12).await;
+    flushed
+}
+
 #[tokio::test]
 async fn flush_lock_prevents_duplicate_flushes() {
     for mode in TestRedis::MODES {
         for (lock_ttl, total) in [(0, 2), (10, 1)] {
             let redis = start(mode);
             let (a, b) = segment_in_two_queues(&redis, lock_ttl).await;
-            let first = a.flush_segments(11).await.unwrap();
-            let second = b.flush_segments(11).await.unwrap();
-            let flushed = [&first, &second]
-                .iter()
-                .flat_map(|f| &f.segments)
-                .filter(|s| !s.spans.is_empty())
-                .count();
-            assert_eq!(flushed, total, "lock ttl {lock_ttl}");
-            a.done_flush_segments(&first.segments).await.unwrap();
-            b.done_flush_segments(&second.segments).await.unwrap();
-            // A stale entry may still sit in queue 1 when locked; flushing it clears it.
-            flush_and_done(&b, 12).await;
+            assert_eq!(flush_both(&a, &b).await, total, "lock ttl {lock_ttl}");
             assert_clean(&redis);
         }
     }
@@ -658,17 +664,7 @@ async fn flush_lock_mixed_contention() {
                 )
                 .await;
             }
-            let first = zero.flush_segments(11).await.unwrap();
-            let second = one.flush_segments(11).await.unwrap();
-            let flushed = [&first, &second]
-                .iter()
-                .flat_map(|f| &f.segments)
-                .filter(|s| !s.spans.is_empty())
-                .count();
-            assert_eq!(flushed, total, "lock ttl {lock_ttl}");
-            zero.done_flush_segments(&first.segments).await.unwrap();
-            one.done_flush_segments(&second.segments).await.unwrap();
-            flush_and_done(&one, 12).await;
+            assert_eq!(flush_both(&zero, &one).await, total, "lock ttl {lock_ttl}");
             assert_clean(&redis);
         }
     }

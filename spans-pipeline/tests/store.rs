@@ -146,6 +146,27 @@ async fn update_queue_writes_deadlines_and_removes_merged_segments() {
 }
 
 #[tokio::test]
+async fn update_queue_removes_a_segment_merged_later_in_the_same_batch() {
+    for_each_mode(|redis: TestRedis| async move {
+        let store = store(&redis, BufferOptions::default()).await;
+        // The first subsegment still lands in segment "two"; the second merges "two" away.
+        let batch = [
+            inserted("two", "s1", false, &[]),
+            inserted("root", "s2", true, &["two"]),
+        ];
+        store
+            .update_queue(&batch, 100, Some(999_001))
+            .await
+            .unwrap();
+        assert_eq!(
+            queue_contents(&redis, QUEUE),
+            [(SegmentKey::new(PT, "root").to_string(), 110)]
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn update_queue_uses_timeout_for_non_root_segments() {
     for_each_mode(|redis: TestRedis| async move {
         let store = store(&redis, BufferOptions::default()).await;

@@ -130,12 +130,19 @@ impl RedisServer {
                     reason: format!("exited with {status}"),
                 });
             }
+            // Ask for the server's pid: another test's server may have taken the port first,
+            // and answering it must not count as ours being ready.
             match redis::Client::open(self.url()).and_then(|client| {
                 let mut conn = client.get_connection_with_timeout(Duration::from_millis(200))?;
-                redis::cmd("PING").query::<String>(&mut conn)
+                redis::cmd("INFO").arg("server").query::<String>(&mut conn)
             }) {
-                Ok(pong) if pong == "PONG" => return Ok(()),
-                Ok(other) => last_error = other,
+                Ok(info) if server_pid(&info) == Some(self.process.id()) => return Ok(()),
+                Ok(_) => {
+                    return Err(RedisServerError::NotReady {
+                        port: self.port,
+                        reason: "port taken by another server".to_owned(),
+                    });
+                }
                 Err(error) => last_error = error.to_string(),
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -362,6 +369,19 @@ impl TestRedis {
         }
     }
 
+    /// `FLUSHALL` on every node, for tests that reuse one Redis across cases.
+    ///
+    /// # Panics
+    ///
+    /// Panics when a node does not answer.
+    pub fn flush_all(&self) {
+        for mut conn in self.node_connections() {
+            let _: () = redis::cmd("FLUSHALL")
+                .query(&mut conn)
+                .unwrap_or_else(|error| panic!("FLUSHALL failed: {error}"));
+        }
+    }
+
     /// Every key on every node with its TTL.
     pub fn keys_with_ttls(&self) -> Vec<KeyTtl> {
         match self {
@@ -422,17 +442,24 @@ fn spawn_redis(port: u16, dir: &Path, extra_args: &[&str]) -> Result<Child, Redi
         .map_err(RedisServerError::Spawn)
 }
 
+/// A port that is free now, and whose cluster bus port (port + 10000) is free too.
 fn free_port() -> Result<u16, RedisServerError> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(RedisServerError::Prepare)?;
-    let port = listener
-        .local_addr()
-        .map_err(RedisServerError::Prepare)?
-        .port();
-    // The cluster bus listens on port + 10000, which must be a valid port too.
-    if port > u16::MAX - 10_000 {
-        return free_port();
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(RedisServerError::Prepare)?;
+        let port = listener
+            .local_addr()
+            .map_err(RedisServerError::Prepare)?
+            .port();
+        if port <= u16::MAX - 10_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Ok(port);
+        }
     }
-    Ok(port)
+}
+
+fn server_pid(info: &str) -> Option<u32> {
+    info.lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
 }
 
 fn retry_on_port_race<T>(
@@ -442,7 +469,7 @@ fn retry_on_port_race<T>(
     loop {
         attempt += 1;
         match start() {
-            Err(RedisServerError::NotReady { .. }) if attempt < 5 => continue,
+            Err(RedisServerError::NotReady { .. }) if attempt < 10 => continue,
             other => return other,
         }
     }

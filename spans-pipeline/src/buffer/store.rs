@@ -223,6 +223,10 @@ impl SpansBufferStore {
     }
 
     /// Sets each segment's queue deadline and drops queue entries of segments merged away.
+    ///
+    /// Outside the merged layout, a segment merged away may still own a legacy merged payload
+    /// set from before the migration (already copied into the distributed layout); it is
+    /// unlinked here so it does not linger until its TTL.
     pub async fn update_queue(
         &self,
         inserted: &[InsertedSubsegment],
@@ -263,12 +267,22 @@ impl SpansBufferStore {
                         .map(|span_id| SegmentKey::new(pt, span_id)),
                 );
             }
+            // A segment never removes itself; a segment added by an earlier subsegment and
+            // merged away by a later one is removed (ZREM runs after ZADD).
+            removes.retain(|stale| *stale != result.segment_key);
         }
         let mut batch = CommandBatch::new();
+        if !self.options.write_merged_payloads {
+            for stale in queues.iter().flat_map(|q| &q.removes) {
+                let mut unlink = redis::cmd("UNLINK");
+                unlink.arg(stale.as_str());
+                batch.add(stale.as_str(), unlink);
+            }
+        }
         for QueueUpdate {
             queue,
             adds,
-            mut removes,
+            removes,
         } in queues
         {
             for (segment, _) in &adds {
@@ -285,7 +299,6 @@ impl SpansBufferStore {
             }
             batch.add(queue.clone(), zadd);
             batch.add(queue.clone(), expire(&queue, self.options.redis_ttl_secs));
-            removes.retain(|stale| !adds.iter().any(|(added, _)| added == stale));
             if !removes.is_empty() {
                 let mut zrem = redis::cmd("ZREM");
                 zrem.arg(&queue);
@@ -400,17 +413,16 @@ impl SpansBufferStore {
         &self,
         candidates: Vec<FlushCandidate>,
     ) -> Result<Vec<LoadedSegment>, BufferError> {
+        // The member-keys index is read in every layout: it names the payload keys to read
+        // (distributed layout) or at least to clean up (while migrating).
         let read_distributed = self.options.read_distributed_payloads;
-        let list_member_keys = read_distributed || self.options.write_distributed_payloads;
         let mut batch = CommandBatch::new();
         for candidate in &candidates {
             let segment = &candidate.segment_key;
-            if list_member_keys {
-                let member_keys = keys::member_keys(segment);
-                let mut smembers = redis::cmd("SMEMBERS");
-                smembers.arg(&member_keys);
-                batch.add(member_keys, smembers);
-            }
+            let member_keys = keys::member_keys(segment);
+            let mut smembers = redis::cmd("SMEMBERS");
+            smembers.arg(&member_keys);
+            batch.add(member_keys, smembers);
             for key in [keys::ingested_count(segment), keys::ingested_bytes(segment)] {
                 let mut get = redis::cmd("GET");
                 get.arg(&key);
@@ -424,16 +436,13 @@ impl SpansBufferStore {
             let index = segments.len();
             let segment = &candidate.segment_key;
             let mut payload_keys = Vec::new();
-            if list_member_keys {
-                let salts = into_array("SMEMBERS", replies.next().unwrap_or(Value::Nil))?;
-                for salt in &salts {
-                    let key =
-                        keys::payload(segment.project_and_trace(), &as_string("SMEMBERS", salt)?);
-                    if read_distributed {
-                        scans.push((index, key.clone()));
-                    }
-                    payload_keys.push(key);
+            let salts = into_array("SMEMBERS", replies.next().unwrap_or(Value::Nil))?;
+            for salt in &salts {
+                let key = keys::payload(segment.project_and_trace(), &as_string("SMEMBERS", salt)?);
+                if read_distributed {
+                    scans.push((index, key.clone()));
                 }
+                payload_keys.push(key);
             }
             if !read_distributed {
                 scans.push((index, segment.as_str().to_owned()));
