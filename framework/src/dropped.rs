@@ -3,15 +3,23 @@
 //! A dropped message (filtered out, unfolded into nothing) is done the moment it is dropped.
 //! Reporting each one at once would make the processor commit on every iteration of a stream
 //! that is mostly dropped, so they are released with whatever the next step releases, or by a
-//! [`CommitPolicy`] of their own when the next step has nothing to say. [`DroppingForwarder`]
-//! is the part `Filter` and `Unfold` share: held messages, dropped offsets and the clock.
+//! [`CommitPolicy`] of their own when the next step has nothing to say.
+//!
+//! A dropped *derived* message is different: it may be the last part of a split batch, whose
+//! offsets ride on that last part while the earlier parts are still being worked on further
+//! down (in a batch, a task). Its offsets are therefore not reported upwards but attached to
+//! the next message forwarded, which finishes after those earlier parts; at the latest they
+//! are reported by `join`, once everything forwarded is done.
+//!
+//! [`DroppingForwarder`] is the part `Filter` and `Unfold` share: held messages, dropped
+//! offsets and the clock.
 
 use std::time::{Duration, Instant};
 
 use crate::carried_over::CarriedOver;
 use crate::clock::{SharedClock, SystemClock, earliest};
 use crate::commit::{self, CommitRequest};
-use crate::error::StrategyError;
+use crate::error::{InvalidMessage, StrategyError};
 use crate::message::Message;
 use crate::steps::CommitPolicy;
 use crate::strategy::ProcessingStrategy;
@@ -20,6 +28,8 @@ use crate::strategy::ProcessingStrategy;
 pub(crate) struct DroppingForwarder<U> {
     pub(crate) carried_over: CarriedOver<U>,
     offsets: CommitRequest,
+    /// Offsets of dropped derived messages, waiting for the next forwarded message.
+    deferred: CommitRequest,
     count: u64,
     policy: CommitPolicy,
     last_release: Instant,
@@ -33,6 +43,7 @@ impl<U> DroppingForwarder<U> {
         Self {
             carried_over: CarriedOver::new(),
             offsets: CommitRequest::new(),
+            deferred: CommitRequest::new(),
             count: 0,
             policy: CommitPolicy::every(Duration::from_secs(1)),
             last_release: clock.now(),
@@ -51,8 +62,31 @@ impl<U> DroppingForwarder<U> {
 
     /// Records the offsets of a dropped message.
     pub(crate) fn drop_message<T>(&mut self, message: &Message<T>) {
-        message.add_committable_to(&mut self.offsets);
-        self.count += 1;
+        if message.partition().is_some() {
+            message.add_committable_to(&mut self.offsets);
+            self.count += 1;
+        } else {
+            message.add_committable_to(&mut self.deferred);
+        }
+    }
+
+    /// Forwards `message` to `next` (held if rejected), carrying any deferred offsets.
+    pub(crate) fn forward<N>(
+        &mut self,
+        next: &mut N,
+        message: Message<U>,
+    ) -> Result<(), InvalidMessage>
+    where
+        N: ProcessingStrategy<U>,
+    {
+        let message = if self.deferred.is_empty() {
+            message
+        } else {
+            let mut committable = std::mem::take(&mut self.deferred);
+            message.add_committable_to(&mut committable);
+            Message::derived(message.into_payload(), committable)
+        };
+        self.carried_over.forward(next, message)
     }
 
     /// Polls `next` and returns its done offsets, with the dropped ones when it has some or
@@ -84,7 +118,11 @@ impl<U> DroppingForwarder<U> {
     {
         let joined = self.carried_over.join_next(next, deadline, &*self.clock)?;
         let now = self.clock.now();
-        Ok(commit::merge(joined, self.take_dropped(now)))
+        let deferred = Some(std::mem::take(&mut self.deferred)).filter(|d| !d.is_empty());
+        Ok(commit::merge(
+            commit::merge(joined, self.take_dropped(now)),
+            deferred,
+        ))
     }
 
     pub(crate) fn terminate<N>(&mut self, next: &mut N)

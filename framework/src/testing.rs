@@ -223,3 +223,60 @@ pub fn numbered_broker(
     }
     (broker, topic)
 }
+
+/// Passes everything through to `next_step`, except that a submission is rejected (the
+/// message handed back) whenever `reject` returns true: rejection storms, flaky steps.
+///
+/// # Examples
+///
+/// ```
+/// use rill::ProcessingStrategy;
+/// use rill::testing::{RecordingStep, RejectWhen, message};
+///
+/// let mut calls = 0;
+/// let mut step = RejectWhen::new(move || { calls += 1; calls % 2 == 1 }, RecordingStep::new());
+///
+/// assert!(step.submit(message(0, "a")).is_err());
+/// assert!(step.submit(message(0, "a")).is_ok());
+/// ```
+#[derive(Debug)]
+pub struct RejectWhen<F, N> {
+    reject: F,
+    next_step: N,
+}
+
+impl<F, N> RejectWhen<F, N> {
+    /// Rejects when `reject` returns true, otherwise submits to `next_step`.
+    pub const fn new(reject: F, next_step: N) -> Self {
+        Self { reject, next_step }
+    }
+}
+
+impl<T, F, N> ProcessingStrategy<T> for RejectWhen<F, N>
+where
+    F: FnMut() -> bool + Send,
+    N: ProcessingStrategy<T>,
+{
+    fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
+        self.next_step.poll()
+    }
+
+    fn submit(&mut self, message: Message<T>) -> Result<(), SubmitError<T>> {
+        if (self.reject)() {
+            return Err(SubmitError::MessageRejected(message));
+        }
+        self.next_step.submit(message)
+    }
+
+    fn join(&mut self, deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
+        self.next_step.join(deadline)
+    }
+
+    fn terminate(&mut self) {
+        self.next_step.terminate();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.next_step.next_deadline()
+    }
+}

@@ -82,9 +82,7 @@ where
             return Err(SubmitError::MessageRejected(message));
         }
         if (self.predicate)(&message) {
-            self.forwarder
-                .carried_over
-                .forward(&mut self.next_step, message)?;
+            self.forwarder.forward(&mut self.next_step, message)?;
         } else {
             ::metrics::counter!(metrics::MESSAGES_FILTERED).increment(1);
             self.forwarder.drop_message(&message);

@@ -92,9 +92,7 @@ where
                 metadata.clone().replace(output).0
             };
             // Queued behind earlier outputs when the next step is full: order is kept.
-            self.forwarder
-                .carried_over
-                .forward(&mut self.next_step, message)?;
+            self.forwarder.forward(&mut self.next_step, message)?;
         }
         Ok(())
     }
@@ -161,6 +159,23 @@ mod tests {
 
         let done = step.join(None).unwrap().unwrap();
         assert_eq!(done.offsets(&partition(0)), vec![4..5]);
+    }
+
+    #[test]
+    fn a_dropped_split_part_hands_its_offsets_to_the_next_message() {
+        // The last part of a split batch carries the batch's offsets; earlier parts may still
+        // be in flight further down, so they must not be reported upwards yet.
+        let next = RecordingStep::new();
+        let mut step = Unfold::new(repeat, next.clone());
+        let mut batch = CommitRequest::new();
+        batch.add_range(&partition(0), 0..2);
+
+        step.submit(Message::derived(0, batch)).unwrap();
+        assert_eq!(step.poll().unwrap(), None);
+        step.submit(message(2, 1)).unwrap();
+
+        let carried = next.messages()[0].committable();
+        assert_eq!(carried.offsets(&partition(0)), vec![0..3]);
     }
 
     #[test]
