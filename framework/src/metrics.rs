@@ -9,6 +9,8 @@ pub const MESSAGES_POLLED: &str = "rill.consumer.messages_polled";
 pub const MESSAGES_REJECTED: &str = "rill.consumer.messages_rejected";
 /// Counter: offset commits sent to the consumer.
 pub const COMMITS: &str = "rill.consumer.commits";
+/// Counter: commits that failed transiently and will be retried.
+pub const COMMIT_FAILURES: &str = "rill.consumer.commit_failures";
 /// Counter: times the processor paused its partitions after sustained backpressure.
 pub const PAUSES: &str = "rill.consumer.pauses";
 /// Histogram: seconds the processor spent in backpressure before a message was accepted.

@@ -29,6 +29,9 @@ use crate::message::{Message, Partition};
 use crate::metrics;
 use crate::strategy::{ProcessingStrategy, ProcessingStrategyFactory};
 
+/// Shortest pause between two attempts to commit positions whose commit failed transiently.
+const COMMIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Settings of a [`StreamProcessor`].
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
@@ -232,6 +235,10 @@ pub struct StreamProcessor<T, C> {
     retry_at: Option<Instant>,
     paused: Vec<Partition>,
     committed: HashMap<Partition, u64>,
+    /// Positions whose commit failed transiently, retried with the next commit.
+    uncommitted: HashMap<Partition, u64>,
+    /// No retry-only commit before this instant, so a refusing broker is not hammered.
+    commit_retry_at: Option<Instant>,
     stats: ProcessorStats,
     closed: bool,
 }
@@ -255,6 +262,8 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
             retry_at: None,
             paused: Vec::new(),
             committed: HashMap::new(),
+            uncommitted: HashMap::new(),
+            commit_retry_at: None,
             stats: ProcessorStats::default(),
             closed: false,
         }
@@ -451,6 +460,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
                 dlq.forget(partition);
             }
             self.committed.remove(partition);
+            self.uncommitted.remove(partition);
         }
         self.rewind_abandoned()?;
         self.consumer.complete_revocation(partitions)?;
@@ -663,19 +673,50 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         }
     }
 
+    /// Commits what the ledger allows, plus earlier positions whose commit failed transiently.
+    ///
+    /// A transient failure ([`ConsumerError::Transient`]: the group is rebalancing, the
+    /// coordinator moved) is not fatal: the positions are kept and sent again with the next
+    /// commit, at most once per [`COMMIT_RETRY_INTERVAL`] when nothing new is committable. If
+    /// the partition is revoked first, they are dropped: the next owner reads those messages
+    /// again (at-least-once).
     fn commit(&mut self) -> Result<(), RunError> {
-        let positions = self.ledger.take_committable();
+        let mut positions = self.ledger.take_committable();
+        if positions.is_empty()
+            && (self.uncommitted.is_empty()
+                || self.commit_retry_at.is_some_and(|at| self.clock.now() < at))
+        {
+            return Ok(());
+        }
+        for (partition, position) in self.uncommitted.drain() {
+            if self.ledger.owns(&partition) {
+                // Newer positions from the ledger are never lower.
+                positions.entry(partition).or_insert(position);
+            }
+        }
         if positions.is_empty() {
             return Ok(());
         }
         if let Some(dlq) = &mut self.dlq {
             dlq.trim(&positions);
         }
-        self.consumer.commit(&positions)?;
-        self.stats.commits += 1;
-        ::metrics::counter!(metrics::COMMITS).increment(1);
-        self.committed.extend(positions);
-        Ok(())
+        match self.consumer.commit(&positions) {
+            Ok(()) => {
+                self.stats.commits += 1;
+                ::metrics::counter!(metrics::COMMITS).increment(1);
+                self.committed.extend(positions);
+                self.commit_retry_at = None;
+                Ok(())
+            }
+            Err(ConsumerError::Transient(error)) => {
+                tracing::warn!(%error, partitions = positions.len(), "Commit failed; retrying later.");
+                ::metrics::counter!(metrics::COMMIT_FAILURES).increment(1);
+                self.uncommitted = positions;
+                self.commit_retry_at = Some(self.clock.now() + COMMIT_RETRY_INTERVAL);
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 }
 

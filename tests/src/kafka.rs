@@ -276,6 +276,32 @@ impl MockKafka {
         Ok(messages)
     }
 
+    /// Reads every message of `topic` up to the partitions' current high watermarks (so
+    /// duplicates included, nothing missed), without a consumer group.
+    ///
+    /// # Errors
+    ///
+    /// Fails on a consumer error, or with [`MockKafkaError::Timeout`] if the end is not reached
+    /// within `timeout`.
+    pub fn read_all(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Vec<RecordedMessage>, MockKafkaError> {
+        let consumer: BaseConsumer = self.consumer_config("read-all").create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut ends = std::collections::HashMap::new();
+        for topic_metadata in metadata.topics() {
+            for partition in topic_metadata.partitions() {
+                let (_, high) =
+                    consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(10))?;
+                ends.insert(partition.id(), high);
+            }
+        }
+        let total: i64 = ends.values().sum();
+        self.read_topic(topic, usize::try_from(total).unwrap_or_default(), timeout)
+    }
+
     /// Reads the committed offsets of `group` for `topic` partitions `0..partitions`, as a fresh
     /// client sees them: `None` where nothing was committed.
     ///

@@ -83,7 +83,10 @@ pub trait Consumer<T> {
     ///
     /// # Errors
     ///
-    /// [`ConsumerError::CommitFailed`] if the broker refused or did not confirm in time.
+    /// [`ConsumerError::Transient`] if the commit cannot be made right now but may succeed
+    /// later (the group is rebalancing, the coordinator moved): the processor keeps the
+    /// positions and tries again. [`ConsumerError::CommitFailed`] if the broker refused for
+    /// good or did not confirm in time: the processor stops.
     fn commit(&mut self, positions: &HashMap<Partition, u64>) -> Result<(), ConsumerError>;
 
     /// Tells the consumer the processor has finished with revoked `partitions` (pipeline

@@ -25,8 +25,11 @@ use crate::message::{Message, Partition, Topic};
 /// How long a blocking broker request (committed offsets, watermarks) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often a commit is tried on a retriable error, and the first pause between tries.
-const COMMIT_ATTEMPTS: u32 = 6;
+/// How long a commit keeps being retried on retriable errors (a coordinator moving, a broker
+/// restarting) before it is reported as failed, and the first pause between tries (doubling up
+/// to a second). Heartbeats run on librdkafka's own thread meanwhile, so the member stays in
+/// its group.
+const COMMIT_RETRY_BUDGET: Duration = Duration::from_secs(30);
 const COMMIT_FIRST_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Errors creating a [`KafkaConsumer`].
@@ -373,16 +376,22 @@ impl Consumer<KafkaPayload> for KafkaConsumer {
             )
             .map_err(|error| ConsumerError::CommitFailed(error.into()))?;
         }
+        let give_up_at = std::time::Instant::now() + COMMIT_RETRY_BUDGET;
         let mut backoff = COMMIT_FIRST_BACKOFF;
-        let mut attempt = 1;
+        let mut attempt = 1_u32;
         loop {
             match self.client.commit(&list, CommitMode::Sync) {
                 Ok(()) => return Ok(()),
-                Err(error) if attempt < COMMIT_ATTEMPTS && is_retriable(&error) => {
+                Err(error)
+                    if is_retriable(&error) && std::time::Instant::now() + backoff < give_up_at =>
+                {
                     tracing::warn!(%error, attempt, "Offset commit failed; retrying.");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     attempt += 1;
+                }
+                Err(error) if is_retriable(&error) || is_stale_membership(&error) => {
+                    return Err(ConsumerError::Transient(error.into()));
                 }
                 Err(error) => return Err(ConsumerError::CommitFailed(error.into())),
             }
@@ -496,6 +505,21 @@ fn classify(error: KafkaError) -> ConsumerError {
     }
 }
 
+/// The group moved on while this member was busy (a rebalance started or completed without
+/// it): a commit with the old generation is refused now, and after the rebalance either
+/// succeeds (the partitions stayed here) or is moot (their new owner reads them again).
+fn is_stale_membership(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::FencedInstanceId
+        )
+    )
+}
+
 fn is_retriable(error: &KafkaError) -> bool {
     if matches!(error, KafkaError::MessageConsumptionFatal(_)) {
         return false;
@@ -514,7 +538,6 @@ fn is_retriable(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::NotCoordinator
                 | RDKafkaErrorCode::LeaderNotAvailable
                 | RDKafkaErrorCode::NotLeaderForPartition
-                | RDKafkaErrorCode::RebalanceInProgress
                 | RDKafkaErrorCode::UnknownTopicOrPartition
         )
     )

@@ -6,11 +6,14 @@
 //!   for them.
 //! - [`KafkaProducer`] implements [`Producer`](crate::Producer): a delivery future per message
 //!   that resolves on the broker's delivery report; a full queue is backpressure.
+//! - [`KafkaDlqProducer`] writes invalid messages to a dead-letter topic, unchanged, with their
+//!   origin in headers.
 //! - [`KafkaPayload`] is the message type both use: key, value and headers behind one `Arc`.
 
 mod config;
 mod consumer;
 mod context;
+mod dlq;
 mod payload;
 mod producer;
 
@@ -18,5 +21,9 @@ pub use config::{
     InitialOffset, KafkaConfigError, KafkaConsumerConfig, KafkaProducerConfig, RebalanceProtocol,
 };
 pub use consumer::{KafkaConsumer, KafkaConsumerError};
+pub use dlq::{
+    INVALID_REASON_HEADER, KafkaDlqProducer, ORIGINAL_OFFSET_HEADER, ORIGINAL_PARTITION_HEADER,
+    ORIGINAL_TOPIC_HEADER,
+};
 pub use payload::KafkaPayload;
 pub use producer::{KafkaProducer, KafkaProducerError};
