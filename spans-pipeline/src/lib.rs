@@ -4,7 +4,9 @@
 //!
 //! - [`span`]: decoding and validating `ingest-spans` messages;
 //! - [`buffer`]: [`buffer::SpansBuffer`] (the logic) and [`buffer::SpansBufferStore`] (Redis);
+//! - [`consumer`]: the process-spans pipeline on `rill` (decode, batch, write, flush, commit).
 
 pub mod buffer;
+pub mod consumer;
 pub mod metrics;
 pub mod span;

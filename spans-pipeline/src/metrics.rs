@@ -32,3 +32,23 @@ pub const LOAD_IDS_LATENCY_MS: &str = "spans.buffer.flush_segments.load_ids_late
 pub const LOAD_DATA_LATENCY_MS: &str = "spans.buffer.flush_segments.load_data_latency_ms";
 /// Time to build output spans, in milliseconds.
 pub const BUILD_LATENCY_MS: &str = "spans.buffer.flush_segments.build_latency_ms";
+
+/// Batches whose write to Redis failed (they are retried).
+pub const PROCESS_FAILURES: &str = "spans.buffer.process_spans.redis_failures";
+/// Flush workers found dead or hung and replaced (tags `cause`, `shard`).
+pub const FLUSHER_UNHEALTHY: &str = "spans.buffer.flusher_unhealthy";
+/// Submissions rejected because a flush worker lags behind.
+pub const FLUSHER_BACKPRESSURE: &str = "spans.buffer.flusher.backpressure";
+/// Submissions rejected because Redis memory is above the limit.
+pub const FLUSHER_HARD_BACKPRESSURE: &str = "spans.buffer.flusher.hard_backpressure";
+/// Flushed messages produced (tag `status`: `ok`, `failed`).
+pub const FLUSHER_PRODUCE: &str = "spans.buffer.flusher.produce";
+/// Seconds a flush waited for its deliveries.
+pub const FLUSHER_WAIT_PRODUCE_SECONDS: &str = "spans.buffer.flusher.wait_produce";
+/// Spans of segments given up because they could not be produced.
+pub const FLUSHER_PRODUCE_FAILED_SPANS: &str = "spans.buffer.flusher.produce_failed_spans";
+/// Flush worker errors (tag `phase`: `flush`, `done`).
+pub const FLUSHER_ERRORS: &str = "spans.buffer.flusher.errors";
+/// Redis used/available memory ratio, summed over every master.
+pub const REDIS_MEMORY_RATIO: &str = "spans.buffer.redis_memory_ratio";
+

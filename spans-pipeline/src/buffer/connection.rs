@@ -69,6 +69,28 @@ impl RedisConnection {
         }
     }
 
+    /// Runs `cmd` on every master and returns each one's reply (a single reply when
+    /// standalone), for per-server figures such as `INFO`.
+    pub async fn on_each_master(&self, cmd: Cmd) -> RedisResult<Vec<Value>> {
+        match self {
+            Self::Standalone(conn) => Ok(vec![cmd.query_async(&mut conn.clone()).await?]),
+            Self::Cluster(conn) => {
+                // Without a response policy the cluster client maps each node to its reply.
+                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                match conn.clone().route_command(cmd, routing).await? {
+                    Value::Map(replies) => replies
+                        .into_iter()
+                        .map(|(_, reply)| match reply {
+                            Value::ServerError(error) => Err(error.into()),
+                            reply => Ok(reply),
+                        })
+                        .collect(),
+                    reply => Ok(vec![reply]),
+                }
+            }
+        }
+    }
+
     /// Runs a batch; see the module docs. The result has one value per command, in order.
     pub async fn execute(&self, batch: CommandBatch) -> RedisResult<Vec<Value>> {
         if batch.commands.is_empty() {

@@ -581,6 +581,31 @@ impl SpansBufferStore {
         }
     }
 
+    /// Memory of the buffer's Redis, summed over every master (`INFO memory`): what is used,
+    /// and what is available — each server's `maxmemory`, or its machine's memory where no
+    /// limit is set.
+    pub async fn memory_usage(&self) -> Result<MemoryUsage, BufferError> {
+        let mut info = redis::cmd("INFO");
+        info.arg("memory");
+        let mut usage = MemoryUsage::default();
+        for reply in self.conn.on_each_master(info).await? {
+            let text: String =
+                redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                    .and_then(|value| value.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            usage.used_bytes += field("used_memory");
+            usage.available_bytes += match field("maxmemory") {
+                0 => field("total_system_memory"),
+                limit => limit,
+            };
+        }
+        Ok(usage)
+    }
+
     /// Number of segments in each queue (`ZCARD`), for the stored-segments gauge.
     pub async fn queue_sizes(&self, queues: &[String]) -> Result<Vec<u64>, BufferError> {
         let mut batch = CommandBatch::new();
@@ -736,4 +761,24 @@ fn parse_inserted(
             metrics,
         }),
     })
+}
+
+/// Memory of the buffer's Redis servers, summed, from [`SpansBufferStore::memory_usage`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUsage {
+    /// Bytes in use (`used_memory`).
+    pub used_bytes: u64,
+    /// Bytes the servers may use.
+    pub available_bytes: u64,
+}
+
+impl MemoryUsage {
+    /// Used over available; 0 when nothing is known to be available.
+    pub fn ratio(&self) -> f64 {
+        if self.available_bytes == 0 {
+            0.0
+        } else {
+            self.used_bytes as f64 / self.available_bytes as f64
+        }
+    }
 }

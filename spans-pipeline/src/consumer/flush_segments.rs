@@ -1,0 +1,440 @@
+//! `FlushSegments`: the step between the buffer writes and the commits, which runs the flush
+//! workers and turns their trouble into backpressure.
+//!
+//! It receives, for every batch written to Redis, the batch's clock (its smallest broker
+//! timestamp) and forwards the message unchanged to `CommitOffsets`: the spans are in Redis,
+//! so their offsets may be committed. Meanwhile it:
+//!
+//! - keeps the flusher clock: `drift = batch clock − wall clock`, so workers flush by the
+//!   stream's time and a lagging consumer does not flush segments early (spec 5.2);
+//! - spreads the assigned partitions (shards) round-robin over `min(workers, shards)` workers,
+//!   and waits at start until every worker has completed an iteration: a flusher that cannot
+//!   run must not let the consumer fill Redis;
+//! - watches every worker: one whose task ended, or that has not completed an iteration for
+//!   `max_unhealthy`, is stopped for good (its generation is retired and its task aborted) and
+//!   replaced; after `max_restarts` replacements of one worker the pipeline fails loudly;
+//! - rejects input (`MessageRejected`) while a worker has been at its flush limit for longer
+//!   than `backpressure_after`, or while Redis memory is above `max_memory_ratio`;
+//! - on join (revocation, shutdown) stops the workers at their next iteration boundary, so no
+//!   flush is left half produced, within the join deadline.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use rill::{
+    CarriedOver, CommitRequest, Message, ProcessingStrategy, StrategyError, SubmitError,
+    SystemClock,
+};
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+use super::decode::seconds;
+use super::flusher::{WorkerContext, WorkerHealth, run_worker, shard_label};
+use crate::buffer::{BufferError, SpansBufferStore};
+use crate::metrics as names;
+
+/// Settings of [`FlushSegments`] (Sentry's `spans.buffer.flusher.*` options).
+#[derive(Clone, Debug)]
+pub struct FlushSettings {
+    /// Most workers (`flusher-workers`, default 1); never more than the shards.
+    pub workers: usize,
+    /// A worker silent for longer is replaced; startup may take twice as long (default 60 s).
+    pub max_unhealthy: Duration,
+    /// A worker at its flush limit for longer makes the step reject input (default 10 s).
+    pub backpressure_after: Duration,
+    /// Redis used/available ratio above which input is rejected; 1.0 turns it off (default).
+    pub max_memory_ratio: f64,
+    /// Replacements of one worker before the pipeline fails (default 10).
+    pub max_restarts: u32,
+}
+
+impl Default for FlushSettings {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            max_unhealthy: Duration::from_secs(60),
+            backpressure_after: Duration::from_secs(10),
+            max_memory_ratio: 1.0,
+            max_restarts: 10,
+        }
+    }
+}
+
+/// Why the flusher stopped the pipeline.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlushError {
+    /// A worker did not complete its first iteration in time.
+    #[error("flush worker {worker} (shards [{shards}]) didn't start up in {timeout:?}")]
+    StartupTimeout {
+        /// The worker's index.
+        worker: usize,
+        /// Its shards.
+        shards: String,
+        /// How long it was given.
+        timeout: Duration,
+    },
+    /// A worker ended before completing its first iteration.
+    #[error("flush worker {worker} (shards [{shards}]) exited during startup")]
+    ExitedDuringStartup {
+        /// The worker's index.
+        worker: usize,
+        /// Its shards.
+        shards: String,
+    },
+    /// A worker had to be replaced too often.
+    #[error("flush worker {worker} (shards [{shards}]) was restarted {restarts} times")]
+    TooManyRestarts {
+        /// The worker's index.
+        worker: usize,
+        /// Its shards.
+        shards: String,
+        /// Restarts so far.
+        restarts: u32,
+    },
+}
+
+/// One worker slot: the running task and what it reports.
+struct Worker {
+    shards: Vec<u16>,
+    health: Arc<WorkerHealth>,
+    task: JoinHandle<Result<(), BufferError>>,
+    restarts: u32,
+    started: Instant,
+}
+
+/// The flush step; see the module docs.
+pub struct FlushSegments<N> {
+    context: WorkerContext,
+    settings: FlushSettings,
+    runtime: Handle,
+    workers: Vec<Worker>,
+    memory: Option<MemoryWatch>,
+    last_health_check: Instant,
+    failure: Option<FlushError>,
+    next_step: N,
+    carried_over: CarriedOver<i64>,
+}
+
+impl<N> std::fmt::Debug for FlushSegments<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlushSegments")
+            .field("workers", &self.workers.len())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<N> FlushSegments<N> {
+    /// Starts the workers for `shards` on `runtime` and waits until each completed one
+    /// iteration (at most `2 × max_unhealthy`).
+    ///
+    /// Must not be called from one of `runtime`'s threads.
+    ///
+    /// # Errors
+    ///
+    /// A worker that ended or did not report in time: the consumer must not write to Redis
+    /// without a working flusher.
+    pub fn start(
+        context: WorkerContext,
+        settings: FlushSettings,
+        shards: &[u16],
+        runtime: Handle,
+        next_step: N,
+    ) -> Result<Self, FlushError> {
+        let count = settings
+            .workers
+            .clamp(1, shards.len().max(1))
+            .min(shards.len());
+        let mut assignment: Vec<Vec<u16>> = vec![Vec::new(); count];
+        for (index, shard) in shards.iter().enumerate() {
+            assignment[index % count].push(*shard);
+        }
+        let workers = assignment
+            .into_iter()
+            .map(|shards| {
+                let health = Arc::new(WorkerHealth::default());
+                let task = spawn(&runtime, &context, &shards, &health, 0);
+                Worker {
+                    shards,
+                    health,
+                    task,
+                    restarts: 0,
+                    started: Instant::now(),
+                }
+            })
+            .collect();
+        let memory = (settings.max_memory_ratio < 1.0)
+            .then(|| MemoryWatch::start(&runtime, &context, settings.max_memory_ratio));
+        let mut step = Self {
+            context,
+            settings,
+            runtime,
+            workers,
+            memory,
+            last_health_check: Instant::now(),
+            failure: None,
+            next_step,
+            carried_over: CarriedOver::new(),
+        };
+        step.wait_until_started()?;
+        Ok(step)
+    }
+
+    fn wait_until_started(&mut self) -> Result<(), FlushError> {
+        let timeout = self.settings.max_unhealthy * 2;
+        let failure = self.workers.iter().enumerate().find_map(|(index, worker)| {
+            while worker.health.healthy_since.load(Ordering::SeqCst) == 0 {
+                if worker.task.is_finished() {
+                    return Some(FlushError::ExitedDuringStartup {
+                        worker: index,
+                        shards: shard_label(&worker.shards),
+                    });
+                }
+                if worker.started.elapsed() > timeout {
+                    return Some(FlushError::StartupTimeout {
+                        worker: index,
+                        shards: shard_label(&worker.shards),
+                        timeout,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            None
+        });
+        match failure {
+            Some(error) => {
+                self.stop_all();
+                Err(error)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Replaces dead and hung workers; checked at most once a second.
+    fn check_workers(&mut self) -> Result<(), FlushError> {
+        if self.last_health_check.elapsed() < Duration::from_secs(1) {
+            return Ok(());
+        }
+        self.last_health_check = Instant::now();
+        let now = seconds(SystemTime::now());
+        let max_unhealthy =
+            i64::try_from(self.settings.max_unhealthy.as_secs()).unwrap_or(i64::MAX);
+        for index in 0..self.workers.len() {
+            let worker = &self.workers[index];
+            let healthy_since = worker.health.healthy_since.load(Ordering::SeqCst);
+            let silent = if healthy_since > 0 {
+                now - healthy_since > max_unhealthy
+            } else {
+                worker.started.elapsed() > self.settings.max_unhealthy * 2
+            };
+            let cause = if worker.task.is_finished() {
+                Some("no_process")
+            } else if silent {
+                Some("hang")
+            } else {
+                None
+            };
+            if let Some(cause) = cause {
+                self.replace(index, cause)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn replace(&mut self, index: usize, cause: &'static str) -> Result<(), FlushError> {
+        let worker = &mut self.workers[index];
+        let shards = shard_label(&worker.shards);
+        metrics::counter!(names::FLUSHER_UNHEALTHY, "cause" => cause, "shard" => shards.clone())
+            .increment(1);
+        worker.restarts += 1;
+        if worker.restarts > self.settings.max_restarts {
+            return Err(FlushError::TooManyRestarts {
+                worker: index,
+                shards,
+                restarts: worker.restarts - 1,
+            });
+        }
+        tracing::warn!(worker = index, %shards, cause, restarts = worker.restarts, "Replacing a flush worker.");
+        // Retire the old generation first: even if the task is stuck where abort cannot reach
+        // it, it checks its generation before producing or cleaning up anything more.
+        let generation = worker.health.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        worker.task.abort();
+        worker.health.healthy_since.store(0, Ordering::SeqCst);
+        worker.health.backpressure_since.store(0, Ordering::SeqCst);
+        worker.task = spawn(
+            &self.runtime,
+            &self.context,
+            &worker.shards,
+            &worker.health,
+            generation,
+        );
+        worker.started = Instant::now();
+        Ok(())
+    }
+
+    /// Whether some worker has been at its flush limit for longer than allowed.
+    fn flusher_lagging(&self, now: i64) -> bool {
+        let limit = i64::try_from(self.settings.backpressure_after.as_secs()).unwrap_or(i64::MAX);
+        self.workers.iter().any(|worker| {
+            let since = worker.health.backpressure_since.load(Ordering::SeqCst);
+            since > 0 && now - since > limit
+        })
+    }
+
+    fn stop_all(&mut self) {
+        self.context.shared.stop.store(true, Ordering::SeqCst);
+        for worker in &self.workers {
+            worker.health.generation.fetch_add(1, Ordering::SeqCst);
+            worker.task.abort();
+        }
+        if let Some(memory) = &self.memory {
+            memory.task.abort();
+        }
+    }
+
+    /// Waits for the workers to finish their current iteration, until `deadline`; whatever is
+    /// still running then is stopped for good.
+    fn stop_workers_by(&mut self, deadline: Option<Instant>) {
+        self.context.shared.stop.store(true, Ordering::SeqCst);
+        while !self.workers.iter().all(|worker| worker.task.is_finished()) {
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                tracing::warn!("Flush workers did not stop in time; aborting them.");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stop_all();
+    }
+}
+
+impl<N: ProcessingStrategy<i64>> ProcessingStrategy<i64> for FlushSegments<N> {
+    fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
+        if self.failure.is_none()
+            && let Err(error) = self.check_workers()
+        {
+            self.failure = Some(error);
+        }
+        if let Some(error) = self.failure.take() {
+            self.stop_all();
+            return Err(StrategyError::Other(Box::new(error)));
+        }
+        self.carried_over.poll_next(&mut self.next_step)?;
+        Ok(self.carried_over.take_commit())
+    }
+
+    fn submit(&mut self, message: Message<i64>) -> Result<(), SubmitError<i64>> {
+        if self.carried_over.is_holding() {
+            return Err(SubmitError::MessageRejected(message));
+        }
+        let now = seconds(SystemTime::now());
+        if self.flusher_lagging(now) {
+            metrics::counter!(names::FLUSHER_BACKPRESSURE).increment(1);
+            return Err(SubmitError::MessageRejected(message));
+        }
+        // Updated before the memory check, as Sentry does: while Redis is full the drift keeps
+        // falling behind, so flushing (of possibly partial segments) pauses too.
+        self.context
+            .shared
+            .drift
+            .store(message.payload() - now, Ordering::SeqCst);
+        if self.memory.as_ref().is_some_and(MemoryWatch::exceeded) {
+            metrics::counter!(names::FLUSHER_HARD_BACKPRESSURE).increment(1);
+            return Err(SubmitError::MessageRejected(message));
+        }
+        self.carried_over.forward(&mut self.next_step, message)?;
+        Ok(())
+    }
+
+    fn join(&mut self, deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
+        // Stop first so the workers wind down while the next step joins.
+        self.context.shared.stop.store(true, Ordering::SeqCst);
+        let committed = self
+            .carried_over
+            .join_next(&mut self.next_step, deadline, &SystemClock);
+        self.stop_workers_by(deadline);
+        committed
+    }
+
+    fn terminate(&mut self) {
+        self.stop_all();
+        self.carried_over.clear();
+        self.next_step.terminate();
+    }
+}
+
+impl<N> Drop for FlushSegments<N> {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn spawn(
+    runtime: &Handle,
+    context: &WorkerContext,
+    shards: &[u16],
+    health: &Arc<WorkerHealth>,
+    generation: u64,
+) -> JoinHandle<Result<(), BufferError>> {
+    let task = run_worker(
+        context.clone(),
+        shards.to_vec(),
+        Arc::clone(health),
+        generation,
+    );
+    runtime.spawn(async move {
+        let result = task.await;
+        if let Err(error) = &result {
+            tracing::error!(%error, "Flush worker stopped.");
+        }
+        result
+    })
+}
+
+/// Samples Redis memory once a second in the background, so `submit` never waits for Redis.
+struct MemoryWatch {
+    exceeded: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl MemoryWatch {
+    fn start(runtime: &Handle, context: &WorkerContext, max_ratio: f64) -> Self {
+        let exceeded = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&exceeded);
+        let context = context.clone();
+        let ratio_bits = Arc::new(AtomicU64::new(0));
+        let task = runtime.spawn(async move {
+            let store = match SpansBufferStore::new(context.connection.clone(), context.options.clone()).await {
+                Ok(store) => store,
+                Err(error) => {
+                    tracing::error!(%error, "Cannot watch Redis memory.");
+                    return;
+                }
+            };
+            let mut warned = false;
+            loop {
+                match store.memory_usage().await {
+                    Ok(usage) => {
+                        let ratio = usage.ratio();
+                        ratio_bits.store(ratio.to_bits(), Ordering::Relaxed);
+                        metrics::gauge!(names::REDIS_MEMORY_RATIO).set(ratio);
+                        let over = ratio > max_ratio;
+                        if over && !warned {
+                            tracing::error!(ratio, max_ratio, "Redis memory is above the limit; pausing consumption until it falls.");
+                        }
+                        warned = over;
+                        flag.store(over, Ordering::SeqCst);
+                    }
+                    Err(error) => tracing::warn!(%error, "Reading Redis memory failed."),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        Self { exceeded, task }
+    }
+
+    fn exceeded(&self) -> bool {
+        self.exceeded.load(Ordering::SeqCst)
+    }
+}

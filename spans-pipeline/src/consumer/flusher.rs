@@ -1,0 +1,294 @@
+//! The flush workers: background tasks that flush finished segments to the output topic.
+//!
+//! Each worker owns a [`SpansBuffer`] for its shards (Kafka partitions) and loops: compute
+//! `now` from the wall clock plus the shared drift, flush the segments due at `now`, produce
+//! every resulting message and wait for the deliveries, then clean the flushed segments out of
+//! Redis. It reports after every iteration through [`WorkerHealth`]: when it was last alive
+//! and since when it has been at its flush limit. The [`FlushSegments`](super::FlushSegments)
+//! step reads those to detect dead or hung workers and to apply backpressure.
+//!
+//! A worker is stopped at an iteration boundary (never between produce and cleanup) when the
+//! shared stop flag is set. A worker that was replaced (its health slot's generation moved on)
+//! stops before producing or cleaning up anything more, so a hung worker that wakes up never
+//! flushes beside its replacement.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures::future::join_all;
+use rill::backends::kafka::KafkaPayload;
+use rill::{DeliveryError, Destination, ProduceError, Producer, Topic};
+
+use super::decode::seconds;
+use crate::buffer::{BufferError, BufferOptions, FlushedSegment, RedisConnection, SpansBuffer};
+use crate::metrics as names;
+
+/// How a worker produces: attempts per message and the pause between them.
+#[derive(Clone, Debug)]
+pub struct ProducePolicy {
+    /// Sends per message before its segment is given up (with an outcome).
+    pub attempts: u32,
+    /// Pause before the second send; doubles after each failure.
+    pub backoff: Duration,
+}
+
+impl Default for ProducePolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Everything a worker needs besides its shards; cheap to clone (shared handles).
+#[derive(Clone)]
+pub struct WorkerContext {
+    /// Redis, shared by every worker (a multiplexed connection).
+    pub connection: RedisConnection,
+    /// Buffer options (timeouts, limits, compression).
+    pub options: BufferOptions,
+    /// Kafka slice id of the consumer, if any (part of the queue keys).
+    pub slice_id: Option<u32>,
+    /// Where flushed segments go.
+    pub producer: Arc<dyn Producer<KafkaPayload>>,
+    /// The output topic (`buffered-segments`).
+    pub topic: Topic,
+    /// How failed deliveries are retried.
+    pub produce: ProducePolicy,
+    /// Pause after an iteration that flushed nothing.
+    pub idle_sleep: Duration,
+    /// State shared by all workers of one step.
+    pub shared: Arc<SharedState>,
+}
+
+impl std::fmt::Debug for WorkerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerContext")
+            .field("topic", &self.topic)
+            .field("slice_id", &self.slice_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared between the step and all its workers.
+#[derive(Debug, Default)]
+pub struct SharedState {
+    /// Seconds to add to the wall clock: the latest batch's timestamp minus the wall clock when
+    /// it was processed (Sentry's `current_drift`).
+    pub drift: AtomicI64,
+    /// Set to stop every worker at its next iteration boundary.
+    pub stop: AtomicBool,
+}
+
+/// What one worker reports, read by the step on the consumer thread.
+#[derive(Debug, Default)]
+pub struct WorkerHealth {
+    /// Unix seconds of the last completed iteration (0: not started yet).
+    pub healthy_since: AtomicI64,
+    /// Unix seconds since which every iteration hit the flush limit (0: not at the limit).
+    pub backpressure_since: AtomicI64,
+    /// The generation allowed to work; a worker whose generation is older stops.
+    pub generation: AtomicU64,
+}
+
+impl WorkerHealth {
+    fn is_current(&self, generation: u64) -> bool {
+        self.generation.load(Ordering::SeqCst) == generation
+    }
+}
+
+/// Runs one worker until the stop flag is set or it is replaced.
+///
+/// # Errors
+///
+/// Creating its buffer failed (Redis unreachable at start): the step sees the worker exit and
+/// restarts it.
+pub(super) async fn run_worker(
+    context: WorkerContext,
+    shards: Vec<u16>,
+    health: Arc<WorkerHealth>,
+    generation: u64,
+) -> Result<(), BufferError> {
+    let buffer = SpansBuffer::new(
+        context.connection.clone(),
+        context.options.clone(),
+        shards.clone(),
+        context.slice_id,
+    )
+    .await?;
+    let shard_label = shard_label(&shards);
+    while !context.shared.stop.load(Ordering::SeqCst) && health.is_current(generation) {
+        let system_now = seconds(SystemTime::now());
+        let now = system_now + context.shared.drift.load(Ordering::SeqCst);
+        let flushed_anything = match buffer.flush_segments(now).await {
+            Ok(flush) => {
+                if flush.any_shard_at_limit {
+                    let _ = health.backpressure_since.compare_exchange(
+                        0,
+                        system_now,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    );
+                } else {
+                    health.backpressure_since.store(0, Ordering::SeqCst);
+                }
+                for lost in &flush.lost {
+                    tracing::warn!(
+                        project_id = lost.project_id,
+                        organization_id = ?lost.organization_id,
+                        quantity = lost.quantity,
+                        reason = lost.reason,
+                        "Spans ingested but not flushed."
+                    );
+                }
+                let anything = !flush.segments.is_empty();
+                if anything && health.is_current(generation) {
+                    produce_and_clean_up(&context, &buffer, &flush.segments, &shard_label).await;
+                }
+                anything
+            }
+            Err(error) => {
+                tracing::warn!(%error, shards = %shard_label, "Flushing segments failed; retrying.");
+                metrics::counter!(names::FLUSHER_ERRORS, "phase" => "flush").increment(1);
+                false
+            }
+        };
+        // Alive, whether or not Redis cooperated: hang detection is about a worker that stops
+        // iterating, not about a worker that keeps retrying.
+        health
+            .healthy_since
+            .store(system_now.max(1), Ordering::SeqCst);
+        if !flushed_anything {
+            tokio::time::sleep(context.idle_sleep).await;
+        }
+    }
+    Ok(())
+}
+
+/// Produces every message of `segments`, waits for the deliveries, then cleans all of them up.
+///
+/// A segment whose messages cannot be delivered after the retries is given up: logged, counted
+/// (`spans.buffer.flusher.produce_failed_spans`) and cleaned up like the others, as Sentry does,
+/// so one poisoned segment cannot block its queue forever.
+async fn produce_and_clean_up(
+    context: &WorkerContext,
+    buffer: &SpansBuffer,
+    segments: &[FlushedSegment],
+    shard_label: &str,
+) {
+    let started = std::time::Instant::now();
+    let deliveries = segments
+        .iter()
+        .filter(|segment| !segment.spans.is_empty())
+        .map(|segment| deliver_segment(context, segment));
+    let results = join_all(deliveries).await;
+    metrics::histogram!(names::FLUSHER_WAIT_PRODUCE_SECONDS)
+        .record(started.elapsed().as_secs_f64());
+    for (segment, result) in segments
+        .iter()
+        .filter(|segment| !segment.spans.is_empty())
+        .zip(results)
+    {
+        match result {
+            Ok(messages) => {
+                metrics::counter!(names::FLUSHER_PRODUCE, "status" => "ok").increment(messages);
+            }
+            Err(error) => {
+                metrics::counter!(names::FLUSHER_PRODUCE, "status" => "failed").increment(1);
+                metrics::counter!(names::FLUSHER_PRODUCE_FAILED_SPANS)
+                    .increment(segment.spans.len() as u64);
+                tracing::error!(
+                    %error,
+                    segment_key = %segment.segment_key,
+                    project_id = segment.project_id,
+                    spans = segment.spans.len(),
+                    shards = shard_label,
+                    "Giving up a segment that could not be produced."
+                );
+            }
+        }
+    }
+    if let Err(error) = buffer.done_flush_segments(segments).await {
+        // Left in Redis, the segments are flushed again later: duplicates, not losses.
+        tracing::warn!(%error, shards = shard_label, "Cleaning up flushed segments failed.");
+        metrics::counter!(names::FLUSHER_ERRORS, "phase" => "done").increment(1);
+    }
+}
+
+/// Why a segment could not be produced.
+#[derive(Debug, thiserror::Error)]
+enum DeliverError {
+    #[error("delivery failed after {attempts} attempts")]
+    Delivery {
+        attempts: u32,
+        #[source]
+        source: DeliveryError,
+    },
+    #[error("producer refused the message after {attempts} attempts")]
+    Refused {
+        attempts: u32,
+        #[source]
+        source: rill::BoxError,
+    },
+}
+
+/// Produces the messages of one segment; returns how many were delivered.
+async fn deliver_segment(
+    context: &WorkerContext,
+    segment: &FlushedSegment,
+) -> Result<u64, DeliverError> {
+    let messages = segment.to_messages(context.options.max_segment_bytes);
+    let count = messages.len() as u64;
+    let sends = messages
+        .into_iter()
+        .map(|message| deliver(context, KafkaPayload::new(None, Some(message))));
+    for result in join_all(sends).await {
+        result?;
+    }
+    Ok(count)
+}
+
+/// Sends one message until it is delivered or the attempts run out. A full producer queue is
+/// waited out without counting as an attempt.
+async fn deliver(context: &WorkerContext, payload: KafkaPayload) -> Result<(), DeliverError> {
+    let destination = Destination::Topic(context.topic.clone());
+    let mut backoff = context.produce.backoff;
+    let mut attempt = 1;
+    loop {
+        let failure = match context.producer.produce(&destination, payload.clone()) {
+            Ok(delivery) => match delivery.await {
+                Ok(_) => return Ok(()),
+                Err(source) => DeliverError::Delivery {
+                    attempts: attempt,
+                    source,
+                },
+            },
+            Err(ProduceError::QueueFull(_)) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            Err(ProduceError::Failed { source, .. }) => DeliverError::Refused {
+                attempts: attempt,
+                source,
+            },
+        };
+        if attempt >= context.produce.attempts {
+            return Err(failure);
+        }
+        tracing::warn!(error = %failure, attempt, "Producing a segment failed; retrying.");
+        tokio::time::sleep(backoff).await;
+        backoff = backoff.saturating_mul(2);
+        attempt += 1;
+    }
+}
+
+/// `0,3,6` for logs and metric tags.
+pub(crate) fn shard_label(shards: &[u16]) -> String {
+    shards
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,225 @@
+//! The process-spans consumer, assembled from `rill` steps.
+//!
+//! For each assignment the stream processor asks [`SpansStrategyFactory`] for a pipeline:
+//!
+//! 1. **decode** (`RunTask`, [`decode_span`]): validate each message as a span; an invalid one
+//!    goes to the dead-letter queue with the field that is wrong. Runs first because only here
+//!    is a message still on its own, named by its partition and offset.
+//! 2. **kill-switch** (`Filter`): drop spans the operator disabled; their offsets still count
+//!    as done.
+//! 3. **batch** (`Reduce`): up to `max_batch_size` spans or `max_batch_time` from the first.
+//! 4. **process** (`RunTask`, [`ProcessSpans`]): write the batch to Redis and pass on its clock.
+//!    Redis trouble is backpressure, not failure.
+//! 5. **flush** ([`FlushSegments`]): background workers flush due segments to the output topic;
+//!    their lag or a full Redis becomes backpressure.
+//! 6. **commit** (`CommitOffsets`): offsets are committed once the spans are in Redis, exactly
+//!    as Sentry does, never before.
+
+mod decode;
+mod flush_segments;
+mod flusher;
+mod process_spans;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rill::backends::kafka::KafkaPayload;
+use rill::steps::{CommitOffsets, Filter, Reduce, RunTask};
+use rill::{
+    CommitRequest, Message, Partition, ProcessingStrategy, ProcessingStrategyFactory, Producer,
+    StrategyError, SubmitError, Topic,
+};
+use tokio::runtime::Handle;
+
+pub use decode::{KillSwitch, KillSwitchHandle, SpanMessage, decode_span};
+pub use flush_segments::{FlushError, FlushSegments, FlushSettings};
+pub use flusher::{ProducePolicy, SharedState, WorkerContext, WorkerHealth};
+pub use process_spans::ProcessSpans;
+
+use crate::buffer::{BufferError, BufferOptions, RedisConnection, SpansBuffer};
+
+/// Settings of the consumer's steps.
+#[derive(Clone, Debug)]
+pub struct ConsumerSettings {
+    /// Spans per batch (Sentry's `--max-batch-size`).
+    pub max_batch_size: u64,
+    /// Longest a batch waits from its first span (`--max-batch-time-ms`).
+    pub max_batch_time: Duration,
+    /// How often offsets are committed.
+    pub commit_interval: Duration,
+    /// The flush workers.
+    pub flush: FlushSettings,
+    /// Pause of a flush worker after an iteration that flushed nothing (Sentry: 1 s).
+    pub idle_sleep: Duration,
+    /// How flushed segments are produced.
+    pub produce: ProducePolicy,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 2000,
+            max_batch_time: Duration::from_secs(1),
+            commit_interval: Duration::from_secs(1),
+            flush: FlushSettings::default(),
+            idle_sleep: Duration::from_secs(1),
+            produce: ProducePolicy::default(),
+        }
+    }
+}
+
+/// Builds the spans pipeline for each assignment; see the module docs.
+pub struct SpansStrategyFactory {
+    connection: RedisConnection,
+    options: BufferOptions,
+    slice_id: Option<u32>,
+    producer: Arc<dyn Producer<KafkaPayload>>,
+    output: Topic,
+    settings: ConsumerSettings,
+    kill_switch: KillSwitchHandle,
+    runtime: Handle,
+}
+
+impl std::fmt::Debug for SpansStrategyFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpansStrategyFactory")
+            .field("output", &self.output)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpansStrategyFactory {
+    /// A factory writing to Redis through `connection` and flushing to `output` with
+    /// `producer`; Redis calls and flush workers run on `runtime`, which must not be the
+    /// thread the stream processor runs on.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        connection: RedisConnection,
+        options: BufferOptions,
+        slice_id: Option<u32>,
+        producer: Arc<dyn Producer<KafkaPayload>>,
+        output: Topic,
+        settings: ConsumerSettings,
+        kill_switch: KillSwitchHandle,
+        runtime: Handle,
+    ) -> Self {
+        Self {
+            connection,
+            options,
+            slice_id,
+            producer,
+            output,
+            settings,
+            kill_switch,
+            runtime,
+        }
+    }
+
+    fn build(
+        &self,
+        shards: &[u16],
+    ) -> Result<Box<dyn ProcessingStrategy<KafkaPayload>>, StartError> {
+        let context = WorkerContext {
+            connection: self.connection.clone(),
+            options: self.options.clone(),
+            slice_id: self.slice_id,
+            producer: Arc::clone(&self.producer),
+            topic: self.output.clone(),
+            produce: self.settings.produce.clone(),
+            idle_sleep: self.settings.idle_sleep,
+            shared: Arc::new(SharedState::default()),
+        };
+        // Built from the last step back.
+        let commit = CommitOffsets::new(self.settings.commit_interval);
+        let flush = FlushSegments::start(
+            context,
+            self.settings.flush.clone(),
+            shards,
+            self.runtime.clone(),
+            commit,
+        )?;
+        let buffer = self.runtime.block_on(SpansBuffer::new(
+            self.connection.clone(),
+            self.options.clone(),
+            shards.to_vec(),
+            self.slice_id,
+        ))?;
+        let mut process = ProcessSpans::new(buffer, self.runtime.clone());
+        let process = RunTask::new(
+            move |batch: Message<Vec<SpanMessage>>| process.process(batch),
+            flush,
+        );
+        let batch = Reduce::vec(
+            self.settings.max_batch_size,
+            self.settings.max_batch_time,
+            process,
+        );
+        let keep = Filter::new(
+            |message: &Message<SpanMessage>| !message.payload().killed,
+            batch,
+        );
+        let kill_switch = self.kill_switch.clone();
+        Ok(Box::new(RunTask::new(
+            move |message: Message<KafkaPayload>| decode_span(&kill_switch, message),
+            keep,
+        )))
+    }
+}
+
+impl ProcessingStrategyFactory<KafkaPayload> for SpansStrategyFactory {
+    fn create(&mut self, partitions: &[Partition]) -> Box<dyn ProcessingStrategy<KafkaPayload>> {
+        let mut shards: Vec<u16> = partitions
+            .iter()
+            .filter_map(|partition| u16::try_from(partition.index()).ok())
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        match self.build(&shards) {
+            Ok(pipeline) => pipeline,
+            Err(error) => {
+                tracing::error!(%error, "Cannot start the spans pipeline.");
+                Box::new(Failed(Some(error)))
+            }
+        }
+    }
+}
+
+/// Why a pipeline could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The flusher did not start.
+    #[error("flusher did not start")]
+    Flusher(#[from] FlushError),
+    /// The buffer could not reach Redis.
+    #[error("buffer did not start")]
+    Buffer(#[from] BufferError),
+}
+
+/// A pipeline that could not be built: it fails the stream processor on its first poll with
+/// the reason, instead of panicking inside the factory.
+#[derive(Debug)]
+struct Failed(Option<StartError>);
+
+impl ProcessingStrategy<KafkaPayload> for Failed {
+    fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
+        match self.0.take() {
+            Some(error) => Err(StrategyError::Other(Box::new(error))),
+            None => Ok(None),
+        }
+    }
+
+    fn submit(&mut self, message: Message<KafkaPayload>) -> Result<(), SubmitError<KafkaPayload>> {
+        Err(SubmitError::MessageRejected(message))
+    }
+
+    fn join(
+        &mut self,
+        _: Option<std::time::Instant>,
+    ) -> Result<Option<CommitRequest>, StrategyError> {
+        Ok(None)
+    }
+
+    fn terminate(&mut self) {}
+}
