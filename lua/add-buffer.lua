@@ -1,28 +1,36 @@
 --[[
-add-buffer.lua: merge one subsegment (spans of one project and trace that share a parent)
-into the segment it belongs to, and return where it went.
+add-buffer.lua: merge subsegments (spans of one project and trace that share a parent) into
+the segments they belong to, and return where each went.
 
-The payload bytes are not touched here: the client has already written them (SADD) to the
+The payload bytes are not touched here: the client has already written them (SADD) to each
 subsegment's payload key `span-buf:s:{<pt>:<salt>}:<salt>`. This script only maintains the
-segment bookkeeping, so it stays cheap and atomic within the `{<pt>}` cluster slot.
+segment bookkeeping, so it stays atomic within the `{<pt>}` cluster slot.
+
+One call carries one or more subsegment records of the same trace. A call with one record is
+exactly Sentry's 9-argument call. Records are applied in order with Sentry's per-subsegment
+algorithm; reads are gathered up front (HMGET, MGET) and writes are applied once at the end,
+because each redis.call costs microseconds of the shard's single thread.
 
 KEYS[1]   pt = "<project_id>:<trace_id>"; every key below carries the hash tag "{<pt>}",
           either directly or inside an embedded segment key, so one slot is touched.
-ARGV[1]   num_spans            integer, spans in this subsegment
-ARGV[2]   parent_span_id       common parent of the subsegment (the root's own id if present)
-ARGV[3]   has_root_span        "true" | "false"
-ARGV[4]   set_timeout          integer seconds; TTL (re)set on every key written
-ARGV[5]   byte_count           integer, sum of the uncompressed payload lengths
-ARGV[6]   max_segment_bytes    integer, 0 = unlimited; over it the subsegment detaches
-ARGV[7]   salt                 32 hex chars, names the payload key; detached segments use it
-ARGV[8]   check_flush_lock     "true" | "false"; detach when the target is being flushed
-ARGV[9]   metrics_sample_rate  integer N: metrics are gathered for about 1 call in N
-ARGV[10..] span ids of the subsegment
+ARGV      one or more records of 9 fields followed by the record's span ids:
+  1 num_spans            integer, spans in this subsegment
+  2 parent_span_id       common parent of the subsegment (the root's own id if present)
+  3 has_root_span        "true" | "false"
+  4 set_timeout          integer seconds; TTL (re)set on every key written
+  5 byte_count           integer, sum of the uncompressed payload lengths
+  6 max_segment_bytes    integer, 0 = unlimited; over it the subsegment detaches
+  7 salt                 32 hex chars, names the payload key; detached segments use it
+  8 check_flush_lock     "true" | "false"; detach when the target is being flushed
+  9 metrics_sample_rate  integer N: metrics are gathered for about 1 call in N
+  10.. span ids (num_spans of them)
 
-RETURNS   { segment_key,             "span-buf:s:{<pt>}:<root span id or salt>"
+RETURNS   six values per record, concatenated:
+          { segment_key,             "span-buf:s:{<pt>}:<root span id or salt>"
             has_root_span,           1 or nil
-            latency_us,              total microseconds, -1 when not sampled
-            latency_table,           flat { name, value, ... } ({} when not sampled)
+            latency_us,              total microseconds of the call on the first record when
+                                     sampled, else -1
+            latency_table,           flat { name, value, ... } (first record, when sampled)
             metrics_table,           flat { name, value, ... } ({} when not sampled)
             merged_segment_span_ids  span ids whose own segment was merged into this one }
 
@@ -30,16 +38,6 @@ Key shapes must match spans-pipeline/src/buffer/keys.rs.
 ]]
 
 local project_and_trace = KEYS[1]
-local num_spans = tonumber(ARGV[1])
-local parent_span_id = ARGV[2]
-local has_root_span = ARGV[3] == "true"
-local set_timeout = tonumber(ARGV[4])
-local byte_count = tonumber(ARGV[5])
-local max_segment_bytes = tonumber(ARGV[6])
-local salt = ARGV[7]
-local check_flush_lock = ARGV[8] == "true"
-local metrics_sample_rate = tonumber(ARGV[9]) or 1
-local FIRST_SPAN_ARG = 10
 
 -- Lua's unpack() fails beyond a few thousand values, so variadic commands are chunked.
 local CHUNK = 1000
@@ -47,6 +45,7 @@ local CHUNK = 1000
 local MAX_REDIRECT_DEPTH = 100
 -- SSCAN page size when moving one member-keys index into another.
 local MERGE_PAGE = 1000
+local RECORD_FIELDS = 9
 
 local tag = "{" .. project_and_trace .. "}"
 local redirect_key = "span-buf:ssr:" .. tag
@@ -59,173 +58,334 @@ local function member_keys_of(span_id)
     return "span-buf:mk:" .. tag .. ":" .. span_id
 end
 
--- Sampling without a TIME call: the salt is a hash, so its first digits are uniform. Any
--- salt that is not hex (direct script tests) is sampled only when the rate is 1.
-local sampled = metrics_sample_rate <= 1
-if not sampled then
-    local prefix = tonumber(string.sub(salt, 1, 8), 16)
-    sampled = prefix ~= nil and prefix % metrics_sample_rate == 0
+-- Runs `command key values...` in chunks of CHUNK values.
+local function chunked(command, key, values)
+    for first = 1, #values, CHUNK do
+        redis.call(command, key, unpack(values, first, math.min(first + CHUNK - 1, #values)))
+    end
 end
 
+-- Parse the records. Each consumes 9 fields plus its span ids, so the loop is bounded by #ARGV.
+local records = {}
+local position = 1
+while position <= #ARGV do
+    local num_spans = tonumber(ARGV[position])
+    if num_spans == nil or num_spans < 0 or position + RECORD_FIELDS - 1 + num_spans > #ARGV then
+        return redis.error_reply("malformed subsegment record at argument " .. position)
+    end
+    records[#records + 1] = {
+        num_spans = num_spans,
+        parent_span_id = ARGV[position + 1],
+        has_root_span = ARGV[position + 2] == "true",
+        set_timeout = tonumber(ARGV[position + 3]),
+        byte_count = tonumber(ARGV[position + 4]),
+        max_segment_bytes = tonumber(ARGV[position + 5]),
+        salt = ARGV[position + 6],
+        check_flush_lock = ARGV[position + 7] == "true",
+        first_span = position + RECORD_FIELDS,
+        last_span = position + RECORD_FIELDS - 1 + num_spans,
+    }
+    position = position + RECORD_FIELDS + num_spans
+end
+if #records == 0 then
+    return {}
+end
+
+-- Sampling without a TIME call: the salt is a hash, so its first digits are uniform. A salt
+-- that is not hex (direct script tests) is sampled only when the rate is 1.
+local metrics_sample_rate = tonumber(ARGV[RECORD_FIELDS]) or 1
+local sampled = metrics_sample_rate <= 1
+if not sampled then
+    local prefix = tonumber(string.sub(records[1].salt, 1, 8), 16)
+    sampled = prefix ~= nil and prefix % metrics_sample_rate == 0
+end
 local function now_us()
     local t = redis.call("TIME")
     return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-
 local start_us = 0
 if sampled then
     start_us = now_us()
 end
 
--- Follow the redirect map to the best known segment root of the parent.
-local set_span_id = parent_span_id
-local redirect_depth = 0
-for depth = 1, MAX_REDIRECT_DEPTH do
-    local next_id = redis.call("HGET", redirect_key, set_span_id)
-    if not next_id or next_id == set_span_id then
-        break
+-- Resolve each record's parent through the redirect map, in order: a record sees the
+-- redirects written by the records before it. `redirects` caches reads and holds this call's
+-- writes (false = known absent).
+local redirects = {}
+local parents = {}
+for _, record in ipairs(records) do
+    if redirects[record.parent_span_id] == nil then
+        redirects[record.parent_span_id] = false
+        parents[#parents + 1] = record.parent_span_id
     end
-    set_span_id = next_id
-    redirect_depth = depth
 end
-local set_key = segment_key_of(set_span_id)
+for first = 1, #parents, CHUNK do
+    local last = math.min(first + CHUNK - 1, #parents)
+    local values = redis.call("HMGET", redirect_key, unpack(parents, first, last))
+    for i = first, last do
+        redirects[parents[i]] = values[i - first + 1]
+    end
+end
+local function redirect_of(span_id)
+    local target = redirects[span_id]
+    if target == nil then
+        target = redis.call("HGET", redirect_key, span_id)
+        redirects[span_id] = target
+    end
+    return target
+end
 
+local redirect_fields = {}
+local written_redirects = {}
+for _, record in ipairs(records) do
+    local set_span_id = record.parent_span_id
+    local depth = 0
+    for step = 1, MAX_REDIRECT_DEPTH do
+        local next_id = redirect_of(set_span_id)
+        if not next_id or next_id == set_span_id then
+            break
+        end
+        set_span_id = next_id
+        depth = step
+    end
+    record.root_span_id = set_span_id
+    record.redirect_depth = depth
+    -- Point every span of the subsegment at the (pre-detach) segment root.
+    for i = record.first_span, record.last_span do
+        local span_id = ARGV[i]
+        redirects[span_id] = set_span_id
+        if not written_redirects[span_id] then
+            written_redirects[span_id] = true
+            redirect_fields[#redirect_fields + 1] = span_id
+        end
+    end
+    -- Spans that may have been segment roots before: their counters come along.
+    record.children = {}
+    for i = record.first_span, record.last_span do
+        local span_id = ARGV[i]
+        if span_id ~= record.parent_span_id and span_id ~= set_span_id then
+            record.children[#record.children + 1] = span_id
+        end
+    end
+end
 local redirect_done_us = 0
 if sampled then
     redirect_done_us = now_us()
 end
 
--- Remember that the segment has seen its root (before any detach decision, like Sentry).
-local root_flag_key = "span-buf:hrs:" .. set_key
-if not has_root_span then
-    has_root_span = redis.call("GET", root_flag_key) == "1"
-end
-if has_root_span then
-    redis.call("SETEX", root_flag_key, set_timeout, "1")
-end
-
--- Point every span of the subsegment at the (pre-detach) segment root.
-local span_count = #ARGV - FIRST_SPAN_ARG + 1
-for first = FIRST_SPAN_ARG, #ARGV, CHUNK do
-    local fields = {}
-    for i = first, math.min(first + CHUNK - 1, #ARGV) do
-        fields[#fields + 1] = ARGV[i]
-        fields[#fields + 1] = set_span_id
-    end
-    redis.call("HSET", redirect_key, unpack(fields))
-end
-redis.call("EXPIRE", redirect_key, set_timeout)
-
--- Spans of this subsegment may have been segment roots before: their counters come along.
-local children = {}
-for i = FIRST_SPAN_ARG, #ARGV do
-    local span_id = ARGV[i]
-    if span_id ~= parent_span_id and span_id ~= set_span_id then
-        children[#children + 1] = span_id
+-- Read every counter, root flag and lock the records can touch with one MGET (per chunk).
+local values = {}
+local lookup = {}
+local function want(key)
+    if values[key] == nil then
+        values[key] = false
+        lookup[#lookup + 1] = key
     end
 end
-local child_counts = {}
-local child_bytes = {}
-for first = 1, #children, CHUNK do
-    local last = math.min(first + CHUNK - 1, #children)
-    local count_keys = {}
-    local byte_keys = {}
+for _, record in ipairs(records) do
+    local set_key = segment_key_of(record.root_span_id)
+    local salt_key = segment_key_of(record.salt)
+    want("span-buf:hrs:" .. set_key)
+    want("span-buf:ic:" .. set_key)
+    want("span-buf:ibc:" .. set_key)
+    want("span-buf:ic:" .. salt_key)
+    want("span-buf:ibc:" .. salt_key)
+    if record.check_flush_lock then
+        want("span-buf:fl:" .. set_key)
+    end
+    for _, child in ipairs(record.children) do
+        want("span-buf:ic:" .. segment_key_of(child))
+        want("span-buf:ibc:" .. segment_key_of(child))
+    end
+end
+for first = 1, #lookup, CHUNK do
+    local last = math.min(first + CHUNK - 1, #lookup)
+    local page = redis.call("MGET", unpack(lookup, first, last))
     for i = first, last do
-        local child_segment = segment_key_of(children[i])
-        count_keys[#count_keys + 1] = "span-buf:ic:" .. child_segment
-        byte_keys[#byte_keys + 1] = "span-buf:ibc:" .. child_segment
-    end
-    local counts = redis.call("MGET", unpack(count_keys))
-    local bytes = redis.call("MGET", unpack(byte_keys))
-    for i = first, last do
-        child_counts[i] = counts[i - first + 1]
-        child_bytes[i] = bytes[i - first + 1]
-    end
-end
-for i = 1, #children do
-    if child_bytes[i] then
-        byte_count = byte_count + tonumber(child_bytes[i])
+        values[lookup[i]] = page[i - first + 1]
     end
 end
 
--- Detach into a segment of its own when the target is too big or is being flushed. No
--- payload moves: the payload key is already named by the salt.
-local ingested_byte_count = tonumber(redis.call("GET", "span-buf:ibc:" .. set_key) or "0")
-local too_large = max_segment_bytes > 0 and ingested_byte_count + byte_count > max_segment_bytes
-local locked = check_flush_lock and redis.call("EXISTS", "span-buf:fl:" .. set_key) == 1
-if too_large or locked then
-    set_span_id = salt
-    set_key = segment_key_of(salt)
+-- Keys whose value changed, with the TTL to write them with. A false value means "delete".
+local dirty = {}
+local dirty_order = {}
+local function set_value(key, value, ttl)
+    values[key] = value
+    if dirty[key] == nil then
+        dirty_order[#dirty_order + 1] = key
+    end
+    dirty[key] = ttl
+end
+local function number_of(key)
+    return tonumber(values[key] or "0")
 end
 
-local counter_key = "span-buf:ic:" .. set_key
-local byte_counter_key = "span-buf:ibc:" .. set_key
-local member_keys_key = member_keys_of(set_span_id)
+-- Salts to add per member-keys index, in first-seen order.
+local pending_salts = {}
+local pending_order = {}
+local pending_ttl = {}
+local function add_salts(span_id, salts, ttl)
+    local list = pending_salts[span_id]
+    if list == nil then
+        list = {}
+        pending_salts[span_id] = list
+        pending_order[#pending_order + 1] = span_id
+    end
+    for _, salt in ipairs(salts) do
+        list[#list + 1] = salt
+    end
+    pending_ttl[span_id] = ttl
+end
 
--- Merge the segments of former roots into this one: counters, then their member-keys index
--- (paged with SSCAN rather than SUNIONSTORE, because the target can be huge).
-local merged_segment_span_ids = {}
 local merge_start_us = 0
 if sampled then
     merge_start_us = now_us()
 end
-for i = 1, #children do
-    local child_segment = segment_key_of(children[i])
-    if child_counts[i] then
-        redis.call("INCRBY", counter_key, child_counts[i])
-        redis.call("DEL", "span-buf:ic:" .. child_segment)
+local results = {}
+for index, record in ipairs(records) do
+    local ttl = record.set_timeout
+    local set_span_id = record.root_span_id
+    local set_key = segment_key_of(set_span_id)
+
+    -- Remember that the segment has seen its root (before any detach decision, like Sentry).
+    local root_flag_key = "span-buf:hrs:" .. set_key
+    local has_root_span = record.has_root_span or values[root_flag_key] == "1"
+    if has_root_span then
+        set_value(root_flag_key, "1", ttl)
     end
-    if child_bytes[i] then
-        redis.call("DEL", "span-buf:ibc:" .. child_segment)
+
+    local byte_count = record.byte_count
+    for _, child in ipairs(record.children) do
+        byte_count = byte_count + number_of("span-buf:ibc:" .. segment_key_of(child))
     end
-    if child_counts[i] then
-        local child_member_keys = member_keys_of(children[i])
-        local cursor = "0"
-        repeat
-            local page = redis.call("SSCAN", child_member_keys, cursor, "COUNT", MERGE_PAGE)
-            cursor = page[1]
-            local members = page[2]
-            for first = 1, #members, CHUNK do
-                redis.call("SADD", member_keys_key,
-                    unpack(members, first, math.min(first + CHUNK - 1, #members)))
+
+    -- Detach into a segment of its own when the target is too big or is being flushed. No
+    -- payload moves: the payload key is already named by the salt.
+    local ingested_byte_count = number_of("span-buf:ibc:" .. set_key)
+    local too_large = record.max_segment_bytes > 0
+        and ingested_byte_count + byte_count > record.max_segment_bytes
+    local locked = record.check_flush_lock and values["span-buf:fl:" .. set_key] ~= false
+    if too_large or locked then
+        set_span_id = record.salt
+        set_key = segment_key_of(set_span_id)
+    end
+    local counter_key = "span-buf:ic:" .. set_key
+    local byte_counter_key = "span-buf:ibc:" .. set_key
+    local member_keys_key = member_keys_of(set_span_id)
+
+    -- Merge the segments of former roots into this one: counters, then their member-keys
+    -- index (paged with SSCAN rather than SUNIONSTORE, because the target can be huge).
+    local merged_segment_span_ids = {}
+    for _, child in ipairs(record.children) do
+        local child_segment = segment_key_of(child)
+        local child_count = values["span-buf:ic:" .. child_segment]
+        if child_count then
+            set_value(counter_key, tostring(number_of(counter_key) + tonumber(child_count)), ttl)
+            set_value("span-buf:ic:" .. child_segment, false, ttl)
+        end
+        if values["span-buf:ibc:" .. child_segment] then
+            set_value("span-buf:ibc:" .. child_segment, false, ttl)
+        end
+        if child_count then
+            local child_member_keys = member_keys_of(child)
+            local cursor = "0"
+            repeat
+                local page = redis.call("SSCAN", child_member_keys, cursor, "COUNT", MERGE_PAGE)
+                cursor = page[1]
+                chunked("SADD", member_keys_key, page[2])
+            until cursor == "0"
+            redis.call("DEL", child_member_keys)
+            if pending_salts[child] then
+                add_salts(set_span_id, pending_salts[child], ttl)
+                pending_salts[child] = {}
             end
-        until cursor == "0"
-        redis.call("DEL", child_member_keys)
-        merged_segment_span_ids[#merged_segment_span_ids + 1] = children[i]
+            merged_segment_span_ids[#merged_segment_span_ids + 1] = child
+        end
+    end
+
+    add_salts(set_span_id, { record.salt }, ttl)
+    set_value(counter_key, tostring(number_of(counter_key) + record.num_spans), ttl)
+    set_value(byte_counter_key, tostring(number_of(byte_counter_key) + byte_count), ttl)
+
+    results[index] = {
+        set_key = set_key,
+        has_root_span = has_root_span,
+        merged = merged_segment_span_ids,
+        too_large = too_large,
+        locked = locked,
+    }
+end
+
+-- Apply the writes: redirects, counters and flags, member-keys indexes.
+if #redirect_fields > 0 then
+    local fields = {}
+    for _, span_id in ipairs(redirect_fields) do
+        fields[#fields + 1] = span_id
+        fields[#fields + 1] = redirects[span_id]
+    end
+    for first = 1, #fields, 2 * CHUNK do
+        redis.call("HSET", redirect_key, unpack(fields, first, math.min(first + 2 * CHUNK - 1, #fields)))
+    end
+    redis.call("EXPIRE", redirect_key, records[#records].set_timeout)
+end
+local deleted = {}
+for _, key in ipairs(dirty_order) do
+    local value = values[key]
+    if value then
+        redis.call("SET", key, value, "EX", dirty[key])
+    else
+        deleted[#deleted + 1] = key
     end
 end
-local merge_done_us = 0
-if sampled then
-    merge_done_us = now_us()
+for first = 1, #deleted, CHUNK do
+    redis.call("DEL", unpack(deleted, first, math.min(first + CHUNK - 1, #deleted)))
+end
+for _, span_id in ipairs(pending_order) do
+    local salts = pending_salts[span_id]
+    if #salts > 0 then
+        local key = member_keys_of(span_id)
+        chunked("SADD", key, salts)
+        redis.call("EXPIRE", key, pending_ttl[span_id])
+    end
 end
 
-redis.call("SADD", member_keys_key, salt)
-redis.call("EXPIRE", member_keys_key, set_timeout)
-
-redis.call("INCRBY", counter_key, num_spans)
-redis.call("EXPIRE", counter_key, set_timeout)
-redis.call("INCRBY", byte_counter_key, byte_count)
-redis.call("EXPIRE", byte_counter_key, set_timeout)
-
-local latency_us = -1
-local latency_table = {}
-local metrics_table = {}
+local reply = {}
+local end_us = 0
 if sampled then
-    local end_us = now_us()
-    latency_us = end_us - start_us
-    latency_table = {
-        "redirect_step_latency_us", redirect_done_us - start_us,
-        "merge_payload_keys_step_latency_us", merge_done_us - merge_start_us,
-        "counter_merge_step_latency_us", end_us - merge_done_us,
-        "total_step_latency_us", latency_us,
-    }
-    metrics_table = {
-        "redirect_table_size", redis.call("HLEN", redirect_key),
-        "redirect_depth", redirect_depth,
-        "detached_segment_too_large", too_large and 1 or 0,
-        "detached_segment_locked", locked and 1 or 0,
-        "span_count", span_count,
-    }
+    end_us = now_us()
 end
-
-return { set_key, has_root_span, latency_us, latency_table, metrics_table, merged_segment_span_ids }
+local table_size = 0
+if sampled then
+    table_size = redis.call("HLEN", redirect_key)
+end
+for index, record in ipairs(records) do
+    local result = results[index]
+    local latency_us = -1
+    local latency_table = {}
+    local metrics_table = {}
+    if sampled then
+        if index == 1 then
+            latency_us = end_us - start_us
+            latency_table = {
+                "redirect_step_latency_us", redirect_done_us - start_us,
+                "merge_payload_keys_step_latency_us", end_us - merge_start_us,
+                "counter_merge_step_latency_us", merge_start_us - redirect_done_us,
+                "total_step_latency_us", latency_us,
+            }
+        end
+        metrics_table = {
+            "redirect_table_size", table_size,
+            "redirect_depth", record.redirect_depth,
+            "detached_segment_too_large", result.too_large and 1 or 0,
+            "detached_segment_locked", result.locked and 1 or 0,
+            "span_count", record.num_spans,
+        }
+    end
+    reply[#reply + 1] = result.set_key
+    reply[#reply + 1] = result.has_root_span
+    reply[#reply + 1] = latency_us
+    reply[#reply + 1] = latency_table
+    reply[#reply + 1] = metrics_table
+    reply[#reply + 1] = result.merged
+end
+return reply

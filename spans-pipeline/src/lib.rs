@@ -4,9 +4,11 @@
 //!
 //! - [`span`]: decoding and validating `ingest-spans` messages;
 //! - [`buffer`]: [`buffer::SpansBuffer`] (the logic) and [`buffer::SpansBufferStore`] (Redis);
-//! - [`consumer`]: the process-spans pipeline on `rill` (decode, batch, write, flush, commit).
+//! - [`consumer`]: the process-spans pipeline on `rill` (decode, batch, write, flush, commit);
+//! - [`replay`]: feeds a recorded workload through the buffer and reports throughput.
 
 pub mod buffer;
 pub mod consumer;
 pub mod metrics;
+pub mod replay;
 pub mod span;

@@ -343,3 +343,79 @@ async fn unsampled_calls_report_no_metrics() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn applies_several_records_of_one_trace_in_order() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        // The two calls of `merges_existing_child_segment`, as two records of one call.
+        let mut invocation = add_buffer().key(PT);
+        for (parent, span, bytes, salt) in
+            [("b", "c", 11, "salt-leaf"), ("a", "b", 13, "salt-child")]
+        {
+            invocation
+                .arg(1)
+                .arg(parent)
+                .arg("false")
+                .arg(3600)
+                .arg(bytes)
+                .arg(0)
+                .arg(salt)
+                .arg("false")
+                .arg(1)
+                .arg(span);
+        }
+        let reply: Value = invocation.invoke_async(&mut conn.clone()).await.unwrap();
+        let Value::Array(items) = reply else {
+            panic!("unexpected reply {reply:?}")
+        };
+        assert_eq!(items.len(), 12);
+        let first: String = redis::from_redis_value(items[0].clone()).unwrap();
+        let second: String = redis::from_redis_value(items[6].clone()).unwrap();
+        assert_eq!(first, segment("b"));
+        assert_eq!(second, segment("a"));
+        let merged: Vec<String> = redis::from_redis_value(items[11].clone()).unwrap();
+        assert_eq!(merged, ["b"]);
+        assert_eq!(
+            members(&conn, &member_keys("a")).await,
+            ["salt-child", "salt-leaf"]
+        );
+        assert!(members(&conn, &member_keys("b")).await.is_empty());
+        let (a, b) = (segment("a"), segment("b"));
+        assert_eq!(
+            get(&conn, &format!("span-buf:ic:{a}")).await.as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            get(&conn, &format!("span-buf:ibc:{a}")).await.as_deref(),
+            Some("24")
+        );
+        assert_eq!(get(&conn, &format!("span-buf:ic:{b}")).await, None);
+        support::assert_ttls(&redis);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rejects_a_malformed_record() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        let mut invocation = add_buffer().key(PT);
+        // Says 3 span ids, carries 1.
+        invocation
+            .arg(3)
+            .arg("a")
+            .arg("false")
+            .arg(3600)
+            .arg(1)
+            .arg(0)
+            .arg("s")
+            .arg("false")
+            .arg(1)
+            .arg("b");
+        let result: redis::RedisResult<Value> = invocation.invoke_async(&mut conn.clone()).await;
+        assert!(result.is_err());
+        assert!(redis.keys_with_ttls().is_empty());
+    })
+    .await;
+}

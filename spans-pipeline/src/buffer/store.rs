@@ -30,6 +30,12 @@ struct QueueUpdate {
     removes: Vec<SegmentKey>,
 }
 
+/// Values per record in the script's reply.
+const REPLY_FIELDS: usize = 6;
+
+/// Most span ids in one script call when records of a trace are grouped.
+const MAX_SPANS_PER_CALL: usize = 1000;
+
 /// Span ids per `HDEL` and members per `ZREM` in cleanup.
 const CLEANUP_CHUNK: usize = 100;
 
@@ -101,11 +107,12 @@ impl SpansBufferStore {
                 payloads.add(key.clone(), expire(&key, ttl));
             }
         }
+        let calls = self.script_calls(subsegments);
         let mut scripts = CommandBatch::new();
-        for subsegment in subsegments {
+        for call in &calls {
             scripts.add(
-                subsegment.project_and_trace.as_bytes().to_vec(),
-                self.add_buffer_call(subsegment),
+                subsegments[call[0]].project_and_trace.as_bytes().to_vec(),
+                self.add_buffer_call(subsegments, call),
             );
         }
         let mut results = self
@@ -118,35 +125,76 @@ impl SpansBufferStore {
             return Err(BufferError::unexpected("SADD", error));
         }
         let mut replies = results.next().unwrap_or_default();
-        self.retry_noscript(subsegments, &mut replies).await?;
+        self.retry_noscript(subsegments, &calls, &mut replies)
+            .await?;
 
-        let inserted = subsegments
-            .iter()
-            .zip(&replies)
-            .map(|(subsegment, reply)| parse_inserted(subsegment, reply))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut inserted: Vec<Option<InsertedSubsegment>> = vec![None; subsegments.len()];
+        for (call, reply) in calls.iter().zip(&replies) {
+            let Value::Array(items) = reply else {
+                return Err(BufferError::unexpected("EVALSHA", reply));
+            };
+            if items.len() != call.len() * REPLY_FIELDS {
+                return Err(BufferError::unexpected("EVALSHA", reply));
+            }
+            for (&index, fields) in call.iter().zip(items.chunks(REPLY_FIELDS)) {
+                inserted[index] = Some(parse_inserted(&subsegments[index], fields)?);
+            }
+        }
+        let inserted: Vec<InsertedSubsegment> = inserted.into_iter().flatten().collect();
         if self.options.write_merged_payloads {
             self.merge_legacy_sets(subsegments, &inserted).await?;
         }
         Ok(inserted)
     }
 
-    fn add_buffer_call(&self, subsegment: &Subsegment<'_>) -> Cmd {
+    /// Groups subsegments into script calls: one call per trace (its records applied in
+    /// order), at most [`MAX_SPANS_PER_CALL`] span ids per call. With
+    /// `max-spans-per-evalsha` set, every subsegment gets its own call, as in Sentry, so no
+    /// call holds a shard longer than that option allows.
+    fn script_calls(&self, subsegments: &[Subsegment<'_>]) -> Vec<Vec<usize>> {
+        if self.options.max_spans_per_evalsha > 0 {
+            return (0..subsegments.len()).map(|index| vec![index]).collect();
+        }
+        let mut calls: Vec<(Vec<usize>, usize)> = Vec::new();
+        let mut open_call: HashMap<&str, usize> = HashMap::new();
+        for (index, subsegment) in subsegments.iter().enumerate() {
+            let spans = subsegment.spans.len();
+            let trace = subsegment.project_and_trace.as_str();
+            match open_call.get(trace) {
+                Some(&call) if calls[call].1 + spans <= MAX_SPANS_PER_CALL => {
+                    calls[call].0.push(index);
+                    calls[call].1 += spans;
+                }
+                _ => {
+                    open_call.insert(trace, calls.len());
+                    calls.push((vec![index], spans));
+                }
+            }
+        }
+        calls.into_iter().map(|(call, _)| call).collect()
+    }
+
+    /// `EVALSHA add-buffer.lua 1 <pt>` followed by one 9-field record (plus span ids) per
+    /// subsegment of the call.
+    fn add_buffer_call(&self, subsegments: &[Subsegment<'_>], call: &[usize]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(script::add_buffer().get_hash())
             .arg(1)
-            .arg(&subsegment.project_and_trace)
-            .arg(subsegment.spans.len())
-            .arg(&subsegment.parent_span_id)
-            .arg(bool_arg(subsegment.has_segment_span()))
-            .arg(self.options.redis_ttl_secs)
-            .arg(subsegment.byte_count())
-            .arg(self.options.max_segment_bytes)
-            .arg(&subsegment.salt)
-            .arg(bool_arg(self.options.flush_lock_ttl_secs > 0))
-            .arg(self.options.metrics_sample_rate);
-        for span_id in subsegment.span_ids() {
-            cmd.arg(span_id);
+            .arg(&subsegments[call[0]].project_and_trace);
+        for &index in call {
+            let subsegment = &subsegments[index];
+            cmd.arg(subsegment.spans.len())
+                .arg(&subsegment.parent_span_id)
+                .arg(bool_arg(subsegment.has_segment_span()))
+                .arg(self.options.redis_ttl_secs)
+                .arg(subsegment.byte_count())
+                .arg(self.options.max_segment_bytes)
+                .arg(&subsegment.salt)
+                .arg(bool_arg(self.options.flush_lock_ttl_secs > 0))
+                .arg(self.options.metrics_sample_rate);
+            for span_id in subsegment.span_ids() {
+                cmd.arg(span_id);
+            }
         }
         cmd
     }
@@ -156,6 +204,7 @@ impl SpansBufferStore {
     async fn retry_noscript(
         &self,
         subsegments: &[Subsegment<'_>],
+        calls: &[Vec<usize>],
         replies: &mut [Value],
     ) -> Result<(), BufferError> {
         let failed: Vec<usize> = replies
@@ -174,10 +223,10 @@ impl SpansBufferStore {
         self.load_script().await?;
         let mut retry = CommandBatch::new();
         for &index in &failed {
-            let subsegment = &subsegments[index];
+            let call = &calls[index];
             retry.add(
-                subsegment.project_and_trace.as_bytes().to_vec(),
-                self.add_buffer_call(subsegment),
+                subsegments[call[0]].project_and_trace.as_bytes().to_vec(),
+                self.add_buffer_call(subsegments, call),
             );
         }
         for (index, reply) in failed.into_iter().zip(self.conn.execute(retry).await?) {
@@ -589,8 +638,7 @@ impl SpansBufferStore {
         info.arg("memory");
         let mut usage = MemoryUsage::default();
         for reply in self.conn.on_each_master(info).await? {
-            let text: String =
-                redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+            let text: String = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
             let field = |name: &str| {
                 text.lines()
                     .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
@@ -722,16 +770,13 @@ fn flat_pairs(value: Value) -> Result<Vec<(String, i64)>, BufferError> {
         .collect()
 }
 
-/// Maps the script's reply `{segment_key, has_root_span, latency_us, latencies, metrics,
-/// merged_segment_span_ids}` for one subsegment.
+/// Maps one record of the script's reply `{segment_key, has_root_span, latency_us,
+/// latencies, metrics, merged_segment_span_ids}`.
 fn parse_inserted(
     subsegment: &Subsegment<'_>,
-    reply: &Value,
+    fields: &[Value],
 ) -> Result<InsertedSubsegment, BufferError> {
-    let Value::Array(items) = reply else {
-        return Err(BufferError::unexpected("EVALSHA", reply));
-    };
-    let mut items = items.iter().cloned();
+    let mut items = fields.iter().cloned();
     let mut next = || items.next().unwrap_or(Value::Nil);
     let key = as_string("EVALSHA", &next())?;
     let segment_key = SegmentKey::parse(key.clone()).ok_or(BufferError::UnexpectedReply {
@@ -749,17 +794,18 @@ fn parse_inserted(
         .iter()
         .map(|id| as_string("EVALSHA", id))
         .collect::<Result<_, _>>()?;
+    let sampled = (latency_us >= 0 || !metrics.is_empty()).then(|| ScriptSample {
+        latency_us: u64::try_from(latency_us).unwrap_or(0),
+        latencies,
+        metrics,
+    });
     Ok(InsertedSubsegment {
         segment_key,
         has_root_span,
         salt: subsegment.salt.clone(),
         partition: subsegment.partition(),
         merged_segment_span_ids,
-        sampled: (latency_us >= 0).then(|| ScriptSample {
-            latency_us: u64::try_from(latency_us).unwrap_or(0),
-            latencies,
-            metrics,
-        }),
+        sampled,
     })
 }
 

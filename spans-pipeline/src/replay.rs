@@ -1,0 +1,327 @@
+//! The replay tool: feed a recorded span workload through the buffer on a real Redis, flush
+//! everything, and report what came out and how fast.
+//!
+//! Operators use it to size a deployment and to check a migration (replay into a buffer left
+//! by another consumer with `--no-flush`, or flush one with an empty file); we use it as the
+//! reference throughput benchmark. Ingest is serial, batch after batch, like one consumer.
+//! Each batch's clock is the floor of its smallest `received`, as a consumer would use the
+//! batch's smallest Kafka timestamp. The flush then runs with a clock far in the future until
+//! the queue is empty.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::buffer::{BufferError, BufferOptions, RedisConnection, SpansBuffer};
+use crate::span::Span;
+
+/// Clock used to flush everything: far beyond any deadline in the workload.
+const FAR_FUTURE: i64 = i64::MAX / 4;
+
+/// Why a replay failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplayError {
+    /// The input could not be read or the output written.
+    #[error("failed to access {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting to or querying Redis failed.
+    #[error("redis failed")]
+    Redis(#[from] redis::RedisError),
+    /// The buffer failed.
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+}
+
+/// What to replay and where.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// JSONL file of span messages, one message value per line, plain or zstd-compressed.
+    pub file: PathBuf,
+    /// Redis URL (a seed node when `--cluster`).
+    #[arg(long)]
+    pub redis_url: String,
+    /// Treat `--redis-url` as a seed of a Redis Cluster.
+    #[arg(long)]
+    pub cluster: bool,
+    /// Lines per `process_spans` batch.
+    #[arg(long, default_value_t = 2000)]
+    pub batch_size: usize,
+    /// Write the flushed messages here, one JSON message per line.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Ingest only; leave the buffer in Redis.
+    #[arg(long)]
+    pub no_flush: bool,
+    /// zstd level of stored payloads (-1 = off).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub compression_level: i32,
+}
+
+/// Throughput of one phase.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PhaseReport {
+    /// Wall time in seconds.
+    pub wall_secs: f64,
+    /// Spans per second of wall time.
+    pub spans_per_sec: f64,
+    /// Redis CPU seconds (user + sys, summed over nodes) spent in the phase.
+    pub redis_cpu_secs: f64,
+    /// Redis CPU seconds per 100k spans.
+    pub redis_cpu_secs_per_100k_spans: f64,
+}
+
+impl PhaseReport {
+    fn new(spans: usize, wall: Duration, redis_cpu_secs: f64) -> Self {
+        let wall_secs = wall.as_secs_f64();
+        Self {
+            wall_secs,
+            spans_per_sec: if wall_secs > 0.0 {
+                spans as f64 / wall_secs
+            } else {
+                0.0
+            },
+            redis_cpu_secs,
+            redis_cpu_secs_per_100k_spans: if spans > 0 {
+                redis_cpu_secs * 100_000.0 / spans as f64
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+/// The JSON report printed by `spans-pipeline replay`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ReplayReport {
+    /// Valid spans read.
+    pub spans_in: usize,
+    /// Lines that did not decode as spans.
+    pub invalid_lines: usize,
+    /// Subsegments written (script calls).
+    pub subsegments: usize,
+    /// Segments flushed with at least one span.
+    pub segments_flushed: usize,
+    /// Output messages (more than segments when oversized segments are chunked).
+    pub messages: usize,
+    /// Spans in the flushed segments.
+    pub spans_out: usize,
+    /// Spans that came out more than once (extra copies).
+    pub duplicate_spans: usize,
+    /// Spans read but not flushed (only meaningful with a flush).
+    pub missing_spans: usize,
+    /// Spans reported lost by the buffer's loss accounting.
+    pub lost_spans: u64,
+    /// Keys left in Redis at the end.
+    pub keys_left: u64,
+    /// Ingest phase.
+    pub ingest: PhaseReport,
+    /// Flush phase (flush, build messages, done).
+    pub flush: PhaseReport,
+}
+
+/// Runs a replay.
+pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
+    let input = read_input(&args.file)?;
+    let lines: Vec<&[u8]> = input
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .collect();
+
+    let urls = vec![args.redis_url.clone()];
+    let conn = RedisConnection::connect(&urls, args.cluster).await?;
+    let nodes = node_urls(&args.redis_url, args.cluster)?;
+    let options = BufferOptions {
+        compression_level: args.compression_level,
+        ..BufferOptions::default()
+    };
+    let mut buffer = SpansBuffer::new(conn, options, vec![0], None).await?;
+    let mut report = ReplayReport::default();
+    let mut seen: HashMap<(u64, String, String), u32> = HashMap::new();
+
+    let cpu_before = redis_cpu_secs(&nodes)?;
+    // Only decoding and `process_spans` are timed, not the tool's own bookkeeping.
+    let mut ingest_wall = Duration::ZERO;
+    for batch in lines.chunks(args.batch_size.max(1)) {
+        let started = Instant::now();
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut min_received = f64::INFINITY;
+        for line in batch {
+            match Span::decode(line, 0) {
+                Ok(span) => {
+                    if let Some(received) = received(line) {
+                        min_received = min_received.min(received);
+                    }
+                    spans.push(span);
+                }
+                Err(error) => {
+                    report.invalid_lines += 1;
+                    tracing::debug!(%error, "Skipping an invalid span.");
+                }
+            }
+        }
+        if spans.is_empty() {
+            continue;
+        }
+        let now = if min_received.is_finite() {
+            min_received.floor() as i64
+        } else {
+            0
+        };
+        let stats = buffer.process_spans(&spans, now).await?;
+        ingest_wall += started.elapsed();
+        report.spans_in += stats.spans;
+        report.subsegments += stats.subsegments;
+        for span in &spans {
+            seen.insert(
+                (
+                    span.project_id,
+                    span.trace_id.to_string(),
+                    span.span_id.to_string(),
+                ),
+                0,
+            );
+        }
+    }
+    let cpu_after_ingest = redis_cpu_secs(&nodes)?;
+    report.ingest = PhaseReport::new(report.spans_in, ingest_wall, cpu_after_ingest - cpu_before);
+
+    if !args.no_flush {
+        let mut output = match &args.output {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::File::create(path).map_err(|source| ReplayError::Io {
+                    path: path.clone(),
+                    source,
+                })?,
+            )),
+            None => None,
+        };
+        let max_segment_bytes = buffer.options().max_segment_bytes;
+        let started = Instant::now();
+        loop {
+            let flush = buffer.flush_segments(FAR_FUTURE).await?;
+            if flush.segments.is_empty() {
+                break;
+            }
+            report.lost_spans += flush.lost.iter().map(|l| l.quantity).sum::<u64>();
+            for segment in flush.segments.iter().filter(|s| !s.spans.is_empty()) {
+                report.segments_flushed += 1;
+                report.spans_out += segment.spans.len();
+                let pt = segment.segment_key.project_and_trace();
+                let trace = pt.split_once(':').map_or("", |(_, trace)| trace);
+                for span in &segment.spans {
+                    let key = (segment.project_id, trace.to_owned(), span.span_id.clone());
+                    match seen.get_mut(&key) {
+                        Some(count) => {
+                            *count += 1;
+                            if *count > 1 {
+                                report.duplicate_spans += 1;
+                            }
+                        }
+                        None => {
+                            seen.insert(key, 1);
+                        }
+                    }
+                }
+                for message in segment.to_messages(max_segment_bytes) {
+                    report.messages += 1;
+                    if let (Some(out), Some(path)) = (output.as_mut(), args.output.as_ref()) {
+                        out.write_all(&message)
+                            .and_then(|()| out.write_all(b"\n"))
+                            .map_err(|source| ReplayError::Io {
+                                path: path.clone(),
+                                source,
+                            })?;
+                    }
+                }
+            }
+            buffer.done_flush_segments(&flush.segments).await?;
+        }
+        if let (Some(out), Some(path)) = (output.as_mut(), args.output.as_ref()) {
+            out.flush().map_err(|source| ReplayError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let flush_wall = started.elapsed();
+        let cpu_after_flush = redis_cpu_secs(&nodes)?;
+        report.flush = PhaseReport::new(
+            report.spans_out,
+            flush_wall,
+            cpu_after_flush - cpu_after_ingest,
+        );
+        report.missing_spans = seen.values().filter(|&&count| count == 0).count();
+    }
+    report.keys_left = keys_left(&nodes)?;
+    Ok(report)
+}
+
+/// The file's bytes, decompressed when it is a zstd stream.
+fn read_input(path: &PathBuf) -> Result<Vec<u8>, ReplayError> {
+    let io = |source| ReplayError::Io {
+        path: path.clone(),
+        source,
+    };
+    let bytes = std::fs::read(path).map_err(io)?;
+    if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        zstd::stream::decode_all(bytes.as_slice()).map_err(io)
+    } else {
+        Ok(bytes)
+    }
+}
+
+fn received(line: &[u8]) -> Option<f64> {
+    use sonic_rs::JsonValueTrait;
+    sonic_rs::get(line, ["received"]).ok()?.as_f64()
+}
+
+/// Every node to measure: the server itself, or every master of the cluster.
+fn node_urls(url: &str, cluster: bool) -> Result<Vec<String>, ReplayError> {
+    if !cluster {
+        return Ok(vec![url.to_owned()]);
+    }
+    let mut conn = redis::Client::open(url)?.get_connection()?;
+    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut conn)?;
+    Ok(nodes
+        .lines()
+        .filter(|line| line.contains("master"))
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .filter_map(|address| address.split('@').next())
+        .map(|address| format!("redis://{address}/"))
+        .collect())
+}
+
+fn redis_cpu_secs(nodes: &[String]) -> Result<f64, ReplayError> {
+    let mut total = 0.0;
+    for url in nodes {
+        let mut conn = redis::Client::open(url.as_str())?.get_connection()?;
+        let info: String = redis::cmd("INFO").arg("cpu").query(&mut conn)?;
+        for line in info.lines() {
+            if let Some((name, value)) = line.split_once(':')
+                && (name == "used_cpu_sys" || name == "used_cpu_user")
+            {
+                total += value.trim().parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
+    Ok(total)
+}
+
+fn keys_left(nodes: &[String]) -> Result<u64, ReplayError> {
+    let mut total = 0;
+    for url in nodes {
+        let mut conn = redis::Client::open(url.as_str())?.get_connection()?;
+        let size: u64 = redis::cmd("DBSIZE").query(&mut conn)?;
+        total += size;
+    }
+    Ok(total)
+}
