@@ -80,6 +80,7 @@ impl<T> CarriedOver<T> {
 
     /// Whether a rejected message waits to be resubmitted. A step should reject new input
     /// while this is true.
+    #[inline]
     pub fn is_holding(&self) -> bool {
         !self.messages.is_empty()
     }
@@ -92,6 +93,7 @@ impl<T> CarriedOver<T> {
     /// # Errors
     ///
     /// The next step's [`InvalidMessage`].
+    #[inline]
     pub fn forward<N>(&mut self, next: &mut N, message: Message<T>) -> Result<(), InvalidMessage>
     where
         N: ProcessingStrategy<T> + ?Sized,
@@ -119,6 +121,9 @@ impl<T> CarriedOver<T> {
     where
         N: ProcessingStrategy<T> + ?Sized,
     {
+        if self.messages.is_empty() {
+            return Ok(());
+        }
         while let Some(message) = self.messages.pop_front() {
             match next.submit(message) {
                 Ok(()) => {}
@@ -138,6 +143,7 @@ impl<T> CarriedOver<T> {
     ///
     /// The next step's poll error, or an invalid held message. Commit requests already
     /// collected stay here for [`take_commit`](Self::take_commit).
+    #[inline]
     pub fn poll_next<N>(&mut self, next: &mut N) -> Result<(), StrategyError>
     where
         N: ProcessingStrategy<T> + ?Sized,
@@ -150,11 +156,15 @@ impl<T> CarriedOver<T> {
 
     /// Adds done offsets to return with the next [`take_commit`](Self::take_commit) (a step's
     /// own, such as those of messages it filtered out).
+    #[inline]
     pub fn add_commit(&mut self, request: Option<CommitRequest>) {
-        self.pending_commit = commit::merge(self.pending_commit.take(), request);
+        if request.is_some() {
+            self.pending_commit = commit::merge(self.pending_commit.take(), request);
+        }
     }
 
     /// The done offsets collected so far, leaving none.
+    #[inline]
     pub fn take_commit(&mut self) -> Option<CommitRequest> {
         self.pending_commit.take()
     }

@@ -105,6 +105,69 @@ impl Clock for ManualClock {
     }
 }
 
+/// Reads a clock sparingly from a step's `poll`, which the processor calls on every message.
+///
+/// Reading the system clock costs tens of nanoseconds (a busy pipeline spends less than that on
+/// a whole message), so while messages keep flowing the sampler reads it only every `every`
+/// polls, adapting `every` so reads stay about [`SAMPLE_SPACING`] apart. A poll with no new
+/// message since the previous one (an idle loop, where a timer may be what matters) always
+/// reads the clock. The instant returned is never older than about `SAMPLE_SPACING` in a
+/// steady stream.
+#[derive(Debug, Clone)]
+pub(crate) struct ClockSampler {
+    every: u32,
+    countdown: u32,
+    last: Option<Instant>,
+}
+
+/// The target time between two real clock reads of a [`ClockSampler`].
+pub(crate) const SAMPLE_SPACING: Duration = Duration::from_micros(200);
+
+impl ClockSampler {
+    pub(crate) const fn new() -> Self {
+        Self {
+            every: 1,
+            countdown: 0,
+            last: None,
+        }
+    }
+
+    /// The current instant, or `None` when `busy` (messages arrived since the last call) and
+    /// the clock was read recently enough: nothing timed can have become due since that read.
+    #[inline]
+    pub(crate) fn sample(&mut self, clock: &dyn Clock, busy: bool) -> Option<Instant> {
+        if self.last.is_some() && busy && self.countdown > 0 {
+            self.countdown -= 1;
+            return None;
+        }
+        Some(self.read(clock, busy))
+    }
+
+    fn read(&mut self, clock: &dyn Clock, busy: bool) -> Instant {
+        let now = clock.now();
+        self.every = match self.last {
+            Some(last) if busy && now.saturating_duration_since(last) < SAMPLE_SPACING / 2 => {
+                (self.every * 2).min(1024)
+            }
+            Some(last) if busy && now.saturating_duration_since(last) <= SAMPLE_SPACING * 2 => {
+                self.every
+            }
+            _ if busy => (self.every / 2).max(1),
+            _ => 1,
+        };
+        self.countdown = self.every - 1;
+        self.last = Some(now);
+        now
+    }
+
+    /// Forgets the cached instant (the clock was replaced).
+    pub(crate) const fn reset(&mut self) {
+        self.last = None;
+        self.countdown = 0;
+        self.every = 1;
+    }
+}
+
 /// Whether `deadline` has passed on `clock`; `None` never passes.
 pub(crate) fn expired(clock: &dyn Clock, deadline: Option<Instant>) -> bool {
     deadline.is_some_and(|d| clock.now() >= d)
@@ -132,6 +195,36 @@ mod tests {
         clock.advance(Duration::from_millis(10));
 
         assert_eq!(shared.now() - before, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn an_idle_sampler_reads_the_clock_every_time() {
+        let clock = ManualClock::new();
+        let mut sampler = ClockSampler::new();
+        sampler.sample(&clock, false);
+
+        clock.advance(Duration::from_secs(1));
+
+        assert_eq!(sampler.sample(&clock, false), Some(clock.now()));
+    }
+
+    #[test]
+    fn a_busy_sampler_skips_reads_while_time_barely_moves_and_catches_up() {
+        let clock = ManualClock::new();
+        let mut sampler = ClockSampler::new();
+        for _ in 0..20 {
+            sampler.sample(&clock, true); // time does not move: reads get rarer
+        }
+        assert!(sampler.every > 1);
+
+        clock.advance(Duration::from_millis(5));
+        let polls = sampler.every + 1;
+        let reads: Vec<_> = (0..polls)
+            .filter_map(|_| sampler.sample(&clock, true))
+            .collect();
+
+        // Within `every` busy polls the sampler reads the clock again.
+        assert_eq!(reads, [clock.now()]);
     }
 
     #[test]

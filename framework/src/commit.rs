@@ -48,6 +48,7 @@ impl OffsetSet {
     }
 
     /// Adds one offset.
+    #[inline]
     pub fn insert(&mut self, offset: u64) {
         // The common case: offsets arrive in order.
         match self.ranges.last_mut() {
@@ -131,6 +132,7 @@ impl CommitRequest {
     }
 
     /// Marks `offset` of `partition` as done.
+    #[inline]
     pub fn add(&mut self, partition: &Partition, offset: u64) {
         self.set_mut(partition).insert(offset);
     }
@@ -166,6 +168,7 @@ impl CommitRequest {
         self.partitions.retain(|(p, _)| keep(p));
     }
 
+    #[inline]
     fn set_mut(&mut self, partition: &Partition) -> &mut OffsetSet {
         let index = match self.partitions.iter().position(|(p, _)| p == partition) {
             Some(index) => index,
@@ -182,6 +185,7 @@ impl CommitRequest {
 ///
 /// Every step that forwards its next step's requests uses this, through
 /// [`CarriedOver`](crate::CarriedOver).
+#[inline]
 pub fn merge(a: Option<CommitRequest>, b: Option<CommitRequest>) -> Option<CommitRequest> {
     match (a, b) {
         (Some(mut a), Some(b)) => {

@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use crate::carried_over::CarriedOver;
-use crate::clock::{SharedClock, SystemClock, earliest};
+use crate::clock::{ClockSampler, SharedClock, SystemClock, earliest};
 use crate::commit::{self, CommitRequest};
 use crate::error::{InvalidMessage, StrategyError};
 use crate::message::Message;
@@ -31,9 +31,12 @@ pub(crate) struct DroppingForwarder<U> {
     /// Offsets of dropped derived messages, waiting for the next forwarded message.
     deferred: CommitRequest,
     count: u64,
+    /// `count` at the previous poll: whether messages were dropped since.
+    count_at_poll: u64,
     policy: CommitPolicy,
     last_release: Instant,
     clock: SharedClock,
+    sampler: ClockSampler,
 }
 
 impl<U> DroppingForwarder<U> {
@@ -45,14 +48,17 @@ impl<U> DroppingForwarder<U> {
             offsets: CommitRequest::new(),
             deferred: CommitRequest::new(),
             count: 0,
+            count_at_poll: 0,
             policy: CommitPolicy::every(Duration::from_secs(1)),
             last_release: clock.now(),
             clock,
+            sampler: ClockSampler::new(),
         }
     }
 
     pub(crate) fn set_clock(&mut self, clock: SharedClock) {
         self.last_release = clock.now();
+        self.sampler.reset();
         self.clock = clock;
     }
 
@@ -100,11 +106,18 @@ impl<U> DroppingForwarder<U> {
         if self.count == 0 {
             return Ok(downstream);
         }
-        let now = self.clock.now();
-        if downstream.is_some() || self.policy.is_due(now, self.last_release, self.count) {
+        let busy = self.count != self.count_at_poll;
+        self.count_at_poll = self.count;
+        if downstream.is_some() {
+            let now = self.last_release;
             return Ok(commit::merge(downstream, self.take_dropped(now)));
         }
-        Ok(downstream)
+        match self.sampler.sample(&*self.clock, busy) {
+            Some(now) if self.policy.is_due(now, self.last_release, self.count) => {
+                Ok(self.take_dropped(now))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Joins `next` and returns everything done, dropped offsets included.
@@ -149,6 +162,7 @@ impl<U> DroppingForwarder<U> {
             return None;
         }
         self.count = 0;
+        self.count_at_poll = 0;
         Some(std::mem::take(&mut self.offsets))
     }
 }

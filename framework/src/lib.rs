@@ -9,30 +9,62 @@
 //!
 //! # Quick start
 //!
+//! A pipeline that parses numbers, skips bad input and commits, run by a stream processor on
+//! the in-memory broker:
+//!
 //! ```
 //! use std::time::Duration;
+//! use rill::backends::local::LocalBroker;
+//! use rill::processor::{ProcessorConfig, StreamProcessor};
 //! use rill::steps::{CommitOffsets, RunTask};
 //! use rill::{InvalidMessage, Message, Partition, ProcessingStrategy, SubmitError, Topic};
 //!
-//! // parse → commit, built from the last step back.
-//! let commit = CommitOffsets::new(Duration::ZERO);
-//! let mut pipeline = RunTask::new(
-//!     |m: Message<&str>| match m.payload().parse::<u64>() {
+//! fn parse(m: Message<&'static str>) -> Result<Message<u64>, SubmitError<&'static str>> {
+//!     match m.payload().parse::<u64>() {
 //!         Ok(n) => Ok(m.map(|_| n)),
-//!         Err(e) => Err(SubmitError::InvalidMessage(
-//!             InvalidMessage::of(&m, e.to_string()).expect("a broker message"),
-//!         )),
-//!     },
-//!     commit,
-//! );
+//!         Err(e) => match InvalidMessage::of(&m, e.to_string()) {
+//!             Some(invalid) => Err(SubmitError::InvalidMessage(invalid)),
+//!             None => Err(SubmitError::MessageRejected(m)),
+//!         },
+//!     }
+//! }
 //!
-//! let partition = Partition::new(Topic::new("numbers"), 0);
-//! pipeline.submit(Message::broker("41", partition.clone(), 0, None)).unwrap();
-//! let invalid = pipeline.submit(Message::broker("x", partition.clone(), 1, None));
+//! let broker = LocalBroker::new();
+//! let topic = Topic::new("numbers");
+//! broker.create_topic(&topic, 1);
+//! let partition = Partition::new(topic.clone(), 0);
+//! for payload in ["1", "2", "not a number", "4"] {
+//!     broker.produce_to(&partition, payload).unwrap();
+//! }
 //!
-//! assert!(matches!(invalid, Err(SubmitError::InvalidMessage(_))));
-//! assert_eq!(pipeline.poll().unwrap().unwrap().offsets(&partition), vec![0..1]);
+//! // parse → commit, built from the last step back, once per assignment.
+//! let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<&'static str>> {
+//!     Box::new(RunTask::new(parse, CommitOffsets::new(Duration::ZERO)))
+//! };
+//! let consumer = broker.subscribe("quick-start", &[topic]);
+//! let mut processor = StreamProcessor::new(consumer, factory)
+//!     .with_config(ProcessorConfig::default().with_poll_timeout(Duration::ZERO));
+//!
+//! while broker.committed("quick-start", &partition) != Some(4) {
+//!     processor.run_once().unwrap();
+//! }
+//! processor.shutdown().unwrap();
+//! assert_eq!(processor.stats().invalid_messages, 1); // logged and skipped: no DLQ here
 //! ```
+//!
+//! # Where things are
+//!
+//! - [`Message`], [`Partition`], [`Topic`]: what flows; [`CommitRequest`] and [`OffsetLedger`]:
+//!   which offsets are done and what may be committed.
+//! - [`ProcessingStrategy`]: the step contract (backpressure, commits, join); [`CarriedOver`]:
+//!   the helper every forwarding step uses.
+//! - [`steps`]: `RunTask`, `RunTaskInThreads`, `Reduce`, `Filter`, `Unfold`, `Produce`,
+//!   `CommitOffsets`, `Noop`, `HealthCheck`.
+//! - [`processor`]: the [`StreamProcessor`](processor::StreamProcessor) loop;
+//!   [`dlq`]: dead-letter policy; [`backends`]: the [`Consumer`] and [`Producer`] traits, the
+//!   in-memory broker and the Kafka backend.
+//! - [`Clock`], [`ManualClock`]: injected time; [`metrics`]: metric names.
+//! - `testing` (feature `test-utils`): `RecordingStep`, `RejectWhen`, message builders.
 #![warn(missing_docs)]
 // Tests compare offset ranges as `[start..end]`, which is what they mean.
 #![cfg_attr(test, allow(clippy::single_range_in_vec_init))]

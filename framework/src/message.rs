@@ -40,6 +40,7 @@ impl Topic {
 }
 
 impl PartialEq for Topic {
+    #[inline]
     fn eq(&self, other: &Self) -> bool {
         // Most comparisons are between clones of one name: skip the string compare then.
         Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
@@ -230,6 +231,7 @@ impl<T> Message<T> {
 
     /// Adds the offsets this message makes committable to `request`, without allocating for
     /// a broker message.
+    #[inline]
     pub fn add_committable_to(&self, request: &mut CommitRequest) {
         match &self.metadata {
             Metadata::Broker {

@@ -32,6 +32,13 @@ use crate::strategy::{ProcessingStrategy, ProcessingStrategyFactory};
 /// Shortest pause between two attempts to commit positions whose commit failed transiently.
 const COMMIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Most consumer events taken in one iteration of the loop, before the pipeline is polled.
+///
+/// Taking messages that are already there in a row, then submitting them, then polling the
+/// pipeline once, spreads the cost of `poll` over many messages; the bound keeps timers and
+/// dead-letter deliveries checked often.
+pub const EVENTS_PER_ITERATION: usize = 64;
+
 /// Settings of a [`StreamProcessor`].
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
@@ -335,15 +342,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
     ///
     /// As [`run`](Self::run), but nothing is terminated or closed.
     pub fn run_once(&mut self) -> Result<(), RunError> {
-        let timeout = self.poll_timeout(self.clock.now());
-        match self.consumer.poll(timeout) {
-            Ok(Some(event)) => self.handle_event(event)?,
-            Ok(None) => {}
-            Err(ConsumerError::Transient(error)) => {
-                tracing::warn!(%error, "Transient consumer error; polling again.");
-            }
-            Err(error) => return Err(error.into()),
-        }
+        self.poll_consumer()?;
         self.poll_dlq()?;
         self.poll_strategy()?;
         self.submit_pending()?;
@@ -387,6 +386,33 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
                 tracing::warn!(%close_error, "Closing the consumer after a failure failed too.");
             }
         }
+    }
+
+    /// Takes the events the consumer has ready: waits for the first (see
+    /// [`poll_timeout`](Self::poll_timeout)), then takes messages already there without
+    /// waiting, up to [`EVENTS_PER_ITERATION`] or a full pending queue. An assignment change
+    /// ends the round, so the new pipeline is polled at once.
+    fn poll_consumer(&mut self) -> Result<(), RunError> {
+        let mut timeout = self.poll_timeout(self.clock.now());
+        for _ in 0..EVENTS_PER_ITERATION {
+            match self.consumer.poll(timeout) {
+                Ok(Some(event)) => {
+                    let is_message = matches!(event, ConsumerEvent::Message(_));
+                    self.handle_event(event)?;
+                    if !is_message || self.pending.len() >= self.config.max_pending_messages {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(ConsumerError::Transient(error)) => {
+                    tracing::warn!(%error, "Transient consumer error; polling again.");
+                    break;
+                }
+                Err(error) => return Err(error.into()),
+            }
+            timeout = Duration::ZERO;
+        }
+        Ok(())
     }
 
     fn poll_timeout(&self, now: Instant) -> Duration {

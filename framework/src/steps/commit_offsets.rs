@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::clock::{SharedClock, SystemClock};
+use crate::clock::{ClockSampler, SharedClock, SystemClock};
 use crate::commit::CommitRequest;
 use crate::error::{StrategyError, SubmitError};
 use crate::message::Message;
@@ -99,8 +99,11 @@ impl CommitPolicy {
 pub struct CommitOffsets {
     policy: CommitPolicy,
     clock: SharedClock,
+    sampler: ClockSampler,
     pending: CommitRequest,
     waiting: u64,
+    /// `waiting` at the previous poll: whether messages arrived since.
+    waiting_at_poll: u64,
     last_release: Instant,
     last_timestamp: Option<SystemTime>,
     last_latency_sample: Instant,
@@ -119,8 +122,10 @@ impl CommitOffsets {
         Self {
             policy,
             clock,
+            sampler: ClockSampler::new(),
             pending: CommitRequest::new(),
             waiting: 0,
+            waiting_at_poll: 0,
             last_release: now,
             last_timestamp: None,
             last_latency_sample: now,
@@ -132,6 +137,7 @@ impl CommitOffsets {
     pub fn with_clock(mut self, clock: SharedClock) -> Self {
         self.last_release = clock.now();
         self.last_latency_sample = self.last_release;
+        self.sampler.reset();
         self.clock = clock;
         self
     }
@@ -139,6 +145,7 @@ impl CommitOffsets {
     fn release(&mut self, now: Instant) -> Option<CommitRequest> {
         self.last_release = now;
         self.waiting = 0;
+        self.waiting_at_poll = 0;
         if self.pending.is_empty() {
             return None;
         }
@@ -160,7 +167,21 @@ impl CommitOffsets {
 
 impl<T> ProcessingStrategy<T> for CommitOffsets {
     fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
-        let now = self.clock.now();
+        if self.waiting == 0 {
+            return Ok(None);
+        }
+        let busy = self.waiting != self.waiting_at_poll;
+        self.waiting_at_poll = self.waiting;
+        if let Some(messages) = self.policy.messages()
+            && self.waiting >= messages
+        {
+            let now = self.clock.now();
+            return Ok(self.release(now));
+        }
+        // Not read again since the last check: nothing can have become due.
+        let Some(now) = self.sampler.sample(&*self.clock, busy) else {
+            return Ok(None);
+        };
         self.sample_latency(now);
         if self.policy.is_due(now, self.last_release, self.waiting) {
             return Ok(self.release(now));

@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use crate::carried_over::CarriedOver;
-use crate::clock::{SharedClock, SystemClock, earliest, expired};
+use crate::clock::{ClockSampler, SharedClock, SystemClock, earliest, expired};
 use crate::commit::CommitRequest;
 use crate::error::{InvalidMessage, StrategyError, SubmitError};
 use crate::message::Message;
@@ -62,9 +62,12 @@ pub struct Reduce<T, B, I, F, N> {
     max_batch_weight: u64,
     max_batch_time: Duration,
     batch: Option<Batch<B>>,
+    /// Messages added since the previous poll: whether the stream is busy.
+    added_since_poll: bool,
     next_step: N,
     carried_over: CarriedOver<B>,
     clock: SharedClock,
+    sampler: ClockSampler,
     input: PhantomData<fn(T)>,
 }
 
@@ -85,9 +88,11 @@ impl<T, B, I, F, N> Reduce<T, B, I, F, N> {
             max_batch_weight,
             max_batch_time,
             batch: None,
+            added_since_poll: false,
             next_step,
             carried_over: CarriedOver::new(),
             clock: SystemClock::shared(),
+            sampler: ClockSampler::new(),
             input: PhantomData,
         }
     }
@@ -102,6 +107,7 @@ impl<T, B, I, F, N> Reduce<T, B, I, F, N> {
     /// Reads time from `clock`.
     #[must_use]
     pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.sampler.reset();
         self.clock = clock;
         self
     }
@@ -158,7 +164,12 @@ where
 {
     fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
         self.carried_over.poll_next(&mut self.next_step)?;
-        if !self.carried_over.is_holding() && self.window_closed(self.clock.now()) {
+        let busy = std::mem::take(&mut self.added_since_poll);
+        if self.batch.is_some()
+            && !self.carried_over.is_holding()
+            && let Some(now) = self.sampler.sample(&*self.clock, busy)
+            && self.window_closed(now)
+        {
             self.flush("time")?;
         }
         Ok(self.carried_over.take_commit())
@@ -184,6 +195,7 @@ where
         }
         metadata.add_committable_to(&mut batch.offsets);
         batch.weight += weight;
+        self.added_since_poll = true;
         if batch.weight >= self.max_batch_weight {
             self.flush("size")?;
         }
