@@ -9,6 +9,7 @@
 
 pub mod buffer;
 pub mod consumer;
+pub mod demo;
 pub mod metrics;
 pub mod replay;
 pub mod span;
