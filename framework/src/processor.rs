@@ -104,10 +104,12 @@ impl ProcessorConfig {
     }
 }
 
-/// Asks a running processor to stop; clones control the same processor, from any thread.
+/// Asks a running processor to stop or to rebuild its pipeline; clones control the same
+/// processor, from any thread.
 #[derive(Debug, Clone, Default)]
 pub struct ProcessorHandle {
     shutdown: Arc<AtomicBool>,
+    rebuild: Arc<AtomicBool>,
 }
 
 impl ProcessorHandle {
@@ -120,6 +122,18 @@ impl ProcessorHandle {
     /// Whether a stop was asked for.
     pub fn is_shutdown_requested(&self) -> bool {
         self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Asks for the pipeline to be rebuilt for the same partitions: the processor joins it
+    /// (up to the join timeout), commits, and asks the factory for a new one. This is how new
+    /// settings (a reloaded configuration the factory reads) take effect without a restart or
+    /// a rebalance. Several requests before the next iteration make one rebuild.
+    pub fn request_rebuild(&self) {
+        self.rebuild.store(true, Ordering::Release);
+    }
+
+    fn take_rebuild_request(&self) -> bool {
+        self.rebuild.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -342,6 +356,9 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
     ///
     /// As [`run`](Self::run), but nothing is terminated or closed.
     pub fn run_once(&mut self) -> Result<(), RunError> {
+        if self.handle.take_rebuild_request() {
+            self.rebuild_in_place()?;
+        }
         self.poll_consumer()?;
         self.poll_dlq()?;
         self.poll_strategy()?;
@@ -549,6 +566,15 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
             }
         }
         Ok(())
+    }
+
+    /// Joins and commits the current pipeline, then builds a new one for the same partitions.
+    fn rebuild_in_place(&mut self) -> Result<(), RunError> {
+        tracing::info!("Rebuilding the pipeline.");
+        let deadline = self.clock.now() + self.config.join_timeout;
+        self.drain(deadline)?;
+        self.rewind_abandoned()?;
+        self.rebuild()
     }
 
     fn rebuild(&mut self) -> Result<(), RunError> {
@@ -847,6 +873,33 @@ mod tests {
         processor.shutdown().unwrap();
 
         assert_eq!(processor.stats().messages_polled, 30);
+    }
+
+    #[test]
+    fn a_requested_rebuild_joins_commits_and_creates_a_new_pipeline_for_the_same_partitions() {
+        let fixture = Fixture::new(2, 10);
+        let created = Arc::new(std::sync::Mutex::new(Vec::<Vec<Partition>>::new()));
+        let factory = {
+            let created = Arc::clone(&created);
+            move |partitions: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+                created.lock().unwrap().push(partitions.to_vec());
+                Box::new(CommitOffsets::new(Duration::from_secs(3600)))
+            }
+        };
+        let mut processor = StreamProcessor::new(fixture.consumer(), factory).with_config(fast());
+        run_until(&mut processor, |p| p.stats().messages_submitted == 20);
+        // The long commit interval holds every offset back until the pipeline is joined.
+        assert_eq!(fixture.committed(0), None);
+
+        processor.handle().request_rebuild();
+        processor.run_once().unwrap();
+
+        assert_eq!(fixture.committed(0), Some(10));
+        assert_eq!(fixture.committed(1), Some(10));
+        let created = created.lock().unwrap();
+        assert_eq!(created.len(), 2);
+        assert_eq!(created[0], created[1]);
+        assert_eq!(created[1], [fixture.partition(0), fixture.partition(1)]);
     }
 
     #[test]
