@@ -10,7 +10,7 @@ deps:
 
 ## Runs the main job on an embedded default and prints a summary.
 demo: deps
-	$(CARGO) run --release -p rill --example demo
+	$(CARGO) run --release -p spans-pipeline -- demo
 
 ## Formatting, lints, every test, and the docs: what CI runs.
 test: deps check-fmt lint unit doc

@@ -5,11 +5,16 @@
 //! - [`span`]: decoding and validating `ingest-spans` messages;
 //! - [`buffer`]: [`buffer::SpansBuffer`] (the logic) and [`buffer::SpansBufferStore`] (Redis);
 //! - [`consumer`]: the process-spans pipeline on `rill` (decode, batch, write, flush, commit);
+//! - [`config`]: the configuration of `spans-pipeline run` (TOML, environment, flags);
+//! - [`run`]: the consumer as a service (metrics, health, signals, reload);
+//! - [`demo`]: the whole pipeline on an embedded mock Kafka and a local Redis;
 //! - [`replay`]: feeds a recorded workload through the buffer and reports throughput.
 
 pub mod buffer;
+pub mod config;
 pub mod consumer;
 pub mod demo;
 pub mod metrics;
 pub mod replay;
+pub mod run;
 pub mod span;

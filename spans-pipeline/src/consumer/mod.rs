@@ -20,7 +20,7 @@ mod flush_segments;
 mod flusher;
 mod process_spans;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rill::backends::kafka::KafkaPayload;
@@ -68,14 +68,42 @@ impl Default for ConsumerSettings {
     }
 }
 
+/// Buffer options and step settings that can be replaced while the consumer runs: the factory
+/// reads them each time it builds a pipeline, so replacing them and asking the stream
+/// processor to rebuild (`ProcessorHandle::request_rebuild`) applies them without a restart.
+#[derive(Clone, Debug)]
+pub struct SettingsHandle(Arc<RwLock<(BufferOptions, ConsumerSettings)>>);
+
+impl SettingsHandle {
+    /// A handle holding `options` and `settings`.
+    pub fn new(options: BufferOptions, settings: ConsumerSettings) -> Self {
+        Self(Arc::new(RwLock::new((options, settings))))
+    }
+
+    /// Replaces both; pipelines built from now on use them.
+    pub fn replace(&self, options: BufferOptions, settings: ConsumerSettings) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = (options, settings);
+    }
+
+    /// The current values.
+    pub fn current(&self) -> (BufferOptions, ConsumerSettings) {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
 /// Builds the spans pipeline for each assignment; see the module docs.
 pub struct SpansStrategyFactory {
     connection: RedisConnection,
-    options: BufferOptions,
+    settings: SettingsHandle,
     slice_id: Option<u32>,
     producer: Arc<dyn Producer<KafkaPayload>>,
     output: Topic,
-    settings: ConsumerSettings,
     kill_switch: KillSwitchHandle,
     runtime: Handle,
 }
@@ -84,7 +112,7 @@ impl std::fmt::Debug for SpansStrategyFactory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SpansStrategyFactory")
             .field("output", &self.output)
-            .field("settings", &self.settings)
+            .field("settings", &self.settings.current())
             .finish_non_exhaustive()
     }
 }
@@ -106,42 +134,47 @@ impl SpansStrategyFactory {
     ) -> Self {
         Self {
             connection,
-            options,
+            settings: SettingsHandle::new(options, settings),
             slice_id,
             producer,
             output,
-            settings,
             kill_switch,
             runtime,
         }
+    }
+
+    /// The handle to replace the options and settings at run time.
+    pub fn settings(&self) -> SettingsHandle {
+        self.settings.clone()
     }
 
     fn build(
         &self,
         shards: &[u16],
     ) -> Result<Box<dyn ProcessingStrategy<KafkaPayload>>, StartError> {
+        let (options, settings) = self.settings.current();
         let context = WorkerContext {
             connection: self.connection.clone(),
-            options: self.options.clone(),
+            options: options.clone(),
             slice_id: self.slice_id,
             producer: Arc::clone(&self.producer),
             topic: self.output.clone(),
-            produce: self.settings.produce.clone(),
-            idle_sleep: self.settings.idle_sleep,
+            produce: settings.produce.clone(),
+            idle_sleep: settings.idle_sleep,
             shared: Arc::new(SharedState::default()),
         };
         // Built from the last step back.
-        let commit = CommitOffsets::new(self.settings.commit_interval);
+        let commit = CommitOffsets::new(settings.commit_interval);
         let flush = FlushSegments::start(
             context,
-            self.settings.flush.clone(),
+            settings.flush.clone(),
             shards,
             self.runtime.clone(),
             commit,
         )?;
         let buffer = self.runtime.block_on(SpansBuffer::new(
             self.connection.clone(),
-            self.options.clone(),
+            options,
             shards.to_vec(),
             self.slice_id,
         ))?;
@@ -150,11 +183,7 @@ impl SpansStrategyFactory {
             move |batch: Message<Vec<SpanMessage>>| process.process(batch),
             flush,
         );
-        let batch = Reduce::vec(
-            self.settings.max_batch_size,
-            self.settings.max_batch_time,
-            process,
-        );
+        let batch = Reduce::vec(settings.max_batch_size, settings.max_batch_time, process);
         let keep = Filter::new(
             |message: &Message<SpanMessage>| !message.payload().killed,
             batch,

@@ -1,0 +1,701 @@
+//! Configuration of `spans-pipeline run`: a TOML file, then environment variables, then
+//! command-line overrides, checked as a whole before anything connects.
+//!
+//! Every key has a default, so an empty file is a valid configuration (a local Kafka and
+//! Redis). Durations are written the human way (`"10s"`, `"1h"`, `"250ms"`). Overrides name
+//! a key by its path: `buffer.root_timeout` is `SPANS_PIPELINE__BUFFER__ROOT_TIMEOUT` in the
+//! environment and `--set buffer.root_timeout=5s` on the command line; the value is read as a
+//! TOML value when it parses as one (`5`, `true`, `["a"]`) and as a string otherwise.
+//!
+//! The `[buffer]` section holds Sentry's `spans.buffer.*` options with Sentry's defaults, with
+//! one deliberate exception: `flush_lock_ttl` defaults to 30 s instead of 0 (see
+//! `docs/decisions.md`, "Flush locks are on by default").
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::buffer::BufferOptions;
+use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch, ProducePolicy};
+
+/// The environment variable prefix of overrides.
+pub const ENV_PREFIX: &str = "SPANS_PIPELINE__";
+
+/// Why a configuration is not usable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML (file plus overrides) does not fit the configuration.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// An override is not `path=value`.
+    #[error("override {0:?} is not of the form section.key=value")]
+    Override(String),
+    /// A value is outside what works.
+    #[error("{key}: {reason}")]
+    Value {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka: brokers, group, topics, client overrides.
+    pub kafka: KafkaSection,
+    /// Redis: where the buffer lives.
+    pub redis: RedisSection,
+    /// The consumer's batching and commits.
+    pub consumer: ConsumerSection,
+    /// The flush workers.
+    pub flusher: FlusherSection,
+    /// Sentry's `spans.buffer.*` options.
+    pub buffer: BufferSection,
+    /// `spans.drop-in-buffer`: spans dropped at the consumer.
+    pub kill_switch: KillSwitch,
+    /// Metrics, health and logs.
+    pub observability: ObservabilitySection,
+}
+
+/// `[kafka]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSection {
+    /// `host:port,...` of the brokers.
+    pub bootstrap_servers: String,
+    /// Consumer group.
+    pub group_id: String,
+    /// Topics with incoming spans.
+    pub input_topics: Vec<String>,
+    /// Topic flushed segments go to.
+    pub output_topic: String,
+    /// Topic for invalid messages; empty to log and skip them instead.
+    pub dlq_topic: String,
+    /// Kafka slice id (part of the queue keys), when running sliced.
+    pub slice_id: Option<u32>,
+    /// `eager` or `cooperative`.
+    pub rebalance_protocol: String,
+    /// Where to start without a committed offset: `earliest`, `latest` or `error`.
+    pub initial_offset: String,
+    /// Longest time between two polls before the broker evicts the member.
+    #[serde(with = "humantime_serde")]
+    pub max_poll_interval: Duration,
+    /// Extra librdkafka settings of the consumer (security, fetch sizes).
+    pub consumer_overrides: BTreeMap<String, String>,
+    /// Extra librdkafka settings of the producers (acks, compression, security).
+    pub producer_overrides: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".to_owned(),
+            group_id: "process-spans".to_owned(),
+            input_topics: vec!["ingest-spans".to_owned()],
+            output_topic: "buffered-segments".to_owned(),
+            dlq_topic: "ingest-spans-dlq".to_owned(),
+            slice_id: None,
+            rebalance_protocol: "cooperative".to_owned(),
+            initial_offset: "earliest".to_owned(),
+            max_poll_interval: Duration::from_secs(300),
+            consumer_overrides: BTreeMap::new(),
+            producer_overrides: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[redis]`. Credentials may also be given in the URLs; they are never logged.
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    /// `redis://host:port` (or `rediss://` for TLS) of the server, or of cluster nodes.
+    pub urls: Vec<String>,
+    /// Whether the URLs are nodes of a Redis Cluster.
+    pub cluster: bool,
+    /// ACL user name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self {
+            urls: vec!["redis://127.0.0.1:6379".to_owned()],
+            cluster: false,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+// Written by hand so credentials never reach logs or error messages.
+impl fmt::Debug for RedisSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSection")
+            .field(
+                "urls",
+                &self
+                    .urls
+                    .iter()
+                    .map(|url| redact_url(url))
+                    .collect::<Vec<_>>(),
+            )
+            .field("cluster", &self.cluster)
+            .field("username", &self.username.as_ref().map(|_| "<set>"))
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl RedisSection {
+    /// The URLs with `username` and `password` put in (where the URL has none of its own).
+    ///
+    /// # Errors
+    ///
+    /// A URL that does not parse.
+    pub fn connection_urls(&self) -> Result<Vec<String>, ConfigError> {
+        self.urls
+            .iter()
+            .map(|url| with_credentials(url, self.username.as_deref(), self.password.as_deref()))
+            .collect()
+    }
+}
+
+/// `[consumer]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerSection {
+    /// Spans per batch (Sentry's `--max-batch-size`).
+    pub max_batch_size: u64,
+    /// Longest a batch waits from its first span (`--max-batch-time-ms`).
+    #[serde(with = "humantime_serde")]
+    pub max_batch_time: Duration,
+    /// How often offsets are committed.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// How long a rebalance or shutdown waits for the pipeline (and the flush workers).
+    #[serde(with = "humantime_serde")]
+    pub join_timeout: Duration,
+    /// How long the pipeline may reject input before the partitions are paused.
+    #[serde(with = "humantime_serde")]
+    pub backpressure_grace: Duration,
+}
+
+impl Default for ConsumerSection {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 2000,
+            max_batch_time: Duration::from_secs(1),
+            commit_interval: Duration::from_secs(1),
+            join_timeout: Duration::from_secs(25),
+            backpressure_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[flusher]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlusherSection {
+    /// Flush workers (`--flusher-processes`); never more than the assigned partitions.
+    pub workers: usize,
+    /// Pause of a worker after an iteration that flushed nothing.
+    #[serde(with = "humantime_serde")]
+    pub idle_sleep: Duration,
+    /// Sends per flushed message before its segment is given up (with an outcome).
+    pub produce_attempts: u32,
+    /// Pause before resending; doubles each time.
+    #[serde(with = "humantime_serde")]
+    pub produce_backoff: Duration,
+    /// Replacements of one worker before the consumer fails.
+    pub max_restarts: u32,
+}
+
+impl Default for FlusherSection {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            idle_sleep: Duration::from_secs(1),
+            produce_attempts: 3,
+            produce_backoff: Duration::from_millis(200),
+            max_restarts: 10,
+        }
+    }
+}
+
+/// `[buffer]`: Sentry's `spans.buffer.*` options (names without the prefix, `-` and `.` as
+/// `_`), durations in human form.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferSection {
+    /// `spans.buffer.timeout`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// `spans.buffer.root-timeout`.
+    #[serde(with = "humantime_serde")]
+    pub root_timeout: Duration,
+    /// `spans.buffer.redis-ttl`.
+    #[serde(with = "humantime_serde")]
+    pub redis_ttl: Duration,
+    /// `spans.buffer.max-segment-bytes`.
+    pub max_segment_bytes: u64,
+    /// `spans.buffer.max-flush-segments`.
+    pub max_flush_segments: usize,
+    /// `spans.buffer.segment-page-size`.
+    pub segment_page_size: usize,
+    /// `spans.buffer.max-memory-percentage` (1.0 = off).
+    pub max_memory_percentage: f64,
+    /// `spans.buffer.flusher.backpressure-seconds`.
+    #[serde(with = "humantime_serde")]
+    pub flusher_backpressure: Duration,
+    /// `spans.buffer.flusher.max-unhealthy-seconds`.
+    #[serde(with = "humantime_serde")]
+    pub flusher_max_unhealthy: Duration,
+    /// `spans.buffer.flusher.flush-lock-ttl` (0 = off). Default 30 s, not Sentry's 0.
+    #[serde(with = "humantime_serde")]
+    pub flush_lock_ttl: Duration,
+    /// `spans.buffer.flusher.log-flushed-segments`.
+    pub log_flushed_segments: bool,
+    /// `spans.buffer.compression.level` (-1 = off, 0 = zstd's default).
+    pub compression_level: i32,
+    /// `spans.buffer.pipeline-batch-size` (0 = no split).
+    pub pipeline_batch_size: usize,
+    /// `spans.buffer.max-spans-per-evalsha` (0 = no split).
+    pub max_spans_per_evalsha: usize,
+    /// `spans.buffer.evalsha-latency-threshold`.
+    #[serde(with = "humantime_serde")]
+    pub evalsha_latency_threshold: Duration,
+    /// `spans.buffer.debug-traces`.
+    pub debug_traces: Vec<String>,
+    /// The script's metrics sample rate (1 call in N).
+    pub metrics_sample_rate: u32,
+    /// `spans.buffer.write-distributed-payloads`.
+    pub write_distributed_payloads: bool,
+    /// `spans.buffer.read-distributed-payloads`.
+    pub read_distributed_payloads: bool,
+    /// `spans.buffer.write-merged-payloads`.
+    pub write_merged_payloads: bool,
+}
+
+impl Default for BufferSection {
+    fn default() -> Self {
+        let sentry = BufferOptions::default();
+        Self {
+            timeout: Duration::from_secs(sentry.timeout_secs),
+            root_timeout: Duration::from_secs(sentry.root_timeout_secs),
+            redis_ttl: Duration::from_secs(sentry.redis_ttl_secs),
+            max_segment_bytes: sentry.max_segment_bytes,
+            max_flush_segments: sentry.max_flush_segments,
+            segment_page_size: sentry.segment_page_size,
+            max_memory_percentage: sentry.max_memory_percentage,
+            flusher_backpressure: Duration::from_secs(sentry.flusher_backpressure_secs),
+            flusher_max_unhealthy: Duration::from_secs(sentry.flusher_max_unhealthy_secs),
+            flush_lock_ttl: Duration::from_secs(30),
+            log_flushed_segments: sentry.log_flushed_segments,
+            compression_level: sentry.compression_level,
+            pipeline_batch_size: sentry.pipeline_batch_size,
+            max_spans_per_evalsha: sentry.max_spans_per_evalsha,
+            evalsha_latency_threshold: Duration::from_millis(sentry.evalsha_latency_threshold_ms),
+            debug_traces: sentry.debug_traces,
+            metrics_sample_rate: sentry.metrics_sample_rate,
+            write_distributed_payloads: sentry.write_distributed_payloads,
+            read_distributed_payloads: sentry.read_distributed_payloads,
+            write_merged_payloads: sentry.write_merged_payloads,
+        }
+    }
+}
+
+impl BufferSection {
+    /// The buffer options these settings stand for.
+    pub fn options(&self) -> BufferOptions {
+        BufferOptions {
+            timeout_secs: self.timeout.as_secs(),
+            root_timeout_secs: self.root_timeout.as_secs(),
+            redis_ttl_secs: self.redis_ttl.as_secs(),
+            max_segment_bytes: self.max_segment_bytes,
+            max_flush_segments: self.max_flush_segments,
+            segment_page_size: self.segment_page_size,
+            max_memory_percentage: self.max_memory_percentage,
+            flusher_backpressure_secs: self.flusher_backpressure.as_secs(),
+            flusher_max_unhealthy_secs: self.flusher_max_unhealthy.as_secs(),
+            flush_lock_ttl_secs: self.flush_lock_ttl.as_secs(),
+            log_flushed_segments: self.log_flushed_segments,
+            compression_level: self.compression_level,
+            pipeline_batch_size: self.pipeline_batch_size,
+            max_spans_per_evalsha: self.max_spans_per_evalsha,
+            evalsha_latency_threshold_ms: u64::try_from(self.evalsha_latency_threshold.as_millis())
+                .unwrap_or(u64::MAX),
+            debug_traces: self.debug_traces.clone(),
+            metrics_sample_rate: self.metrics_sample_rate,
+            write_distributed_payloads: self.write_distributed_payloads,
+            read_distributed_payloads: self.read_distributed_payloads,
+            write_merged_payloads: self.write_merged_payloads,
+        }
+    }
+}
+
+/// `[observability]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservabilitySection {
+    /// Address of the Prometheus endpoint (`GET /metrics`); off when absent.
+    pub metrics_listen: Option<SocketAddr>,
+    /// A file touched every second while the consumer loop runs (a liveness probe).
+    pub health_file: Option<PathBuf>,
+    /// Logs as JSON lines instead of text.
+    pub json_logs: bool,
+}
+
+impl Config {
+    /// Reads `path` (if any), applies environment overrides from `environment` (pairs of name
+    /// and value, usually `std::env::vars()`), then `overrides` (`path=value`), and checks
+    /// the result.
+    ///
+    /// # Errors
+    ///
+    /// See [`ConfigError`].
+    pub fn load(
+        path: Option<&Path>,
+        environment: impl IntoIterator<Item = (String, String)>,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|error| ConfigError::Invalid(error.to_string()))?;
+        for (name, value) in environment {
+            if let Some(path) = name.strip_prefix(ENV_PREFIX) {
+                let path = path.to_ascii_lowercase().replace("__", ".");
+                apply(&mut table, &path, &value)?;
+            }
+        }
+        for entry in overrides {
+            let (path, value) = entry
+                .split_once('=')
+                .ok_or_else(|| ConfigError::Override(entry.clone()))?;
+            apply(&mut table, path.trim(), value.trim())?;
+        }
+        let config: Self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|error: toml::de::Error| ConfigError::Invalid(error.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    ///
+    /// # Errors
+    ///
+    /// The first problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key, reason: &str| {
+            Err(ConfigError::Value {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.kafka.input_topics.is_empty() {
+            return fail("kafka.input_topics", "at least one topic is needed");
+        }
+        if self.kafka.output_topic.is_empty() {
+            return fail("kafka.output_topic", "must not be empty");
+        }
+        if !matches!(
+            self.kafka.rebalance_protocol.as_str(),
+            "eager" | "cooperative"
+        ) {
+            return fail(
+                "kafka.rebalance_protocol",
+                "must be `eager` or `cooperative`",
+            );
+        }
+        if !matches!(
+            self.kafka.initial_offset.as_str(),
+            "earliest" | "latest" | "error"
+        ) {
+            return fail(
+                "kafka.initial_offset",
+                "must be `earliest`, `latest` or `error`",
+            );
+        }
+        if self.redis.urls.is_empty() {
+            return fail("redis.urls", "at least one URL is needed");
+        }
+        self.redis.connection_urls()?;
+        if self.consumer.max_batch_size == 0 {
+            return fail("consumer.max_batch_size", "must be at least 1");
+        }
+        if self.flusher.workers == 0 {
+            return fail("flusher.workers", "must be at least 1");
+        }
+        if self.flusher.produce_attempts == 0 {
+            return fail("flusher.produce_attempts", "must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.buffer.max_memory_percentage) {
+            return fail(
+                "buffer.max_memory_percentage",
+                "must be between 0.0 and 1.0",
+            );
+        }
+        if self.buffer.root_timeout.is_zero() || self.buffer.timeout.is_zero() {
+            return fail(
+                "buffer.timeout",
+                "flush timeouts must be at least one second",
+            );
+        }
+        if self.buffer.metrics_sample_rate == 0 {
+            return fail("buffer.metrics_sample_rate", "must be at least 1");
+        }
+        self.buffer
+            .options()
+            .validate()
+            .map_err(|error| ConfigError::Value {
+                key: "buffer",
+                reason: error.to_string(),
+            })
+    }
+
+    /// The consumer's step settings.
+    pub fn consumer_settings(&self) -> ConsumerSettings {
+        ConsumerSettings {
+            max_batch_size: self.consumer.max_batch_size,
+            max_batch_time: self.consumer.max_batch_time,
+            commit_interval: self.consumer.commit_interval,
+            idle_sleep: self.flusher.idle_sleep,
+            produce: ProducePolicy {
+                attempts: self.flusher.produce_attempts,
+                backoff: self.flusher.produce_backoff,
+            },
+            flush: FlushSettings {
+                workers: self.flusher.workers,
+                max_unhealthy: self.buffer.flusher_max_unhealthy,
+                backpressure_after: self.buffer.flusher_backpressure,
+                max_memory_ratio: self.buffer.max_memory_percentage,
+                max_restarts: self.flusher.max_restarts,
+            },
+        }
+    }
+
+    /// What changed from `self` to `next` that only takes effect after a restart; a reload
+    /// applies everything else (the kill-switch at once, the rest by rebuilding the pipeline).
+    pub fn restart_only_changes(&self, next: &Self) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.kafka != next.kafka {
+            changed.push("kafka");
+        }
+        if self.redis != next.redis {
+            changed.push("redis");
+        }
+        if self.observability != next.observability {
+            changed.push("observability");
+        }
+        changed
+    }
+}
+
+/// Sets the value at dotted `path` in `table`, creating sections on the way.
+fn apply(table: &mut toml::Table, path: &str, value: &str) -> Result<(), ConfigError> {
+    let mut keys: Vec<&str> = path.split('.').collect();
+    let Some(last) = keys.pop().filter(|key| !key.is_empty()) else {
+        return Err(ConfigError::Override(format!("{path}={value}")));
+    };
+    let mut current = table;
+    for key in keys {
+        let entry = current
+            .entry(key.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::Override(format!("{path}={value}")))?;
+    }
+    current.insert(last.to_owned(), parse_value(value));
+    Ok(())
+}
+
+/// A TOML value when `text` is one (`5`, `true`, `[1, 2]`), else the string itself.
+fn parse_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("value = {text}"))
+        .ok()
+        .and_then(|mut table| table.remove("value"))
+        .unwrap_or_else(|| toml::Value::String(text.to_owned()))
+}
+
+/// `url` with `username:password@` inserted, unless the URL carries credentials already.
+fn with_credentials(
+    url: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Result<String, ConfigError> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| ConfigError::Value {
+        key: "redis.urls",
+        reason: format!("{} is not a redis:// or rediss:// URL", redact_url(url)),
+    })?;
+    if !matches!(scheme, "redis" | "rediss") {
+        return Err(ConfigError::Value {
+            key: "redis.urls",
+            reason: format!("unsupported scheme {scheme:?}"),
+        });
+    }
+    if rest.contains('@') || (username.is_none() && password.is_none()) {
+        return Ok(url.to_owned());
+    }
+    let credentials = match (username, password) {
+        (Some(user), Some(password)) => format!("{user}:{password}@"),
+        (Some(user), None) => format!("{user}@"),
+        (None, Some(password)) => format!(":{password}@"),
+        (None, None) => String::new(),
+    };
+    Ok(format!("{scheme}://{credentials}{rest}"))
+}
+
+/// `url` with any credentials replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)], overrides: &[&str]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            &overrides
+                .iter()
+                .map(|o| (*o).to_owned())
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn an_empty_file_gives_sentrys_defaults_with_locks_on() {
+        let config = load("", &[], &[]).unwrap();
+
+        let options = config.buffer.options();
+        assert_eq!(options.timeout_secs, 60);
+        assert_eq!(options.root_timeout_secs, 10);
+        assert_eq!(options.redis_ttl_secs, 3600);
+        assert_eq!(options.max_segment_bytes, 10 * 1024 * 1024);
+        assert_eq!(options.max_flush_segments, 500);
+        assert_eq!(options.flush_lock_ttl_secs, 30);
+        assert_eq!(config.consumer.max_batch_size, 2000);
+        assert_eq!(config.kafka.output_topic, "buffered-segments");
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let config = load(
+            "[buffer]\nroot_timeout = \"2s\"\nredis_ttl = \"1h 30m\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+
+        assert_eq!(config.buffer.root_timeout, Duration::from_secs(2));
+        assert_eq!(config.buffer.redis_ttl, Duration::from_secs(5400));
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_flags_override_the_environment() {
+        let config = load(
+            "[consumer]\nmax_batch_size = 10\n[flusher]\nworkers = 2\n",
+            &[
+                ("SPANS_PIPELINE__CONSUMER__MAX_BATCH_SIZE", "20"),
+                ("SPANS_PIPELINE__FLUSHER__WORKERS", "3"),
+                ("UNRELATED", "x"),
+            ],
+            &["flusher.workers=4", "kafka.bootstrap_servers=broker:9092"],
+        )
+        .unwrap();
+
+        assert_eq!(config.consumer.max_batch_size, 20);
+        assert_eq!(config.flusher.workers, 4);
+        assert_eq!(config.kafka.bootstrap_servers, "broker:9092");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let error = load("[buffer]\nroot_timout = \"2s\"\n", &[], &[]).unwrap_err();
+
+        assert!(error.to_string().contains("root_timout"), "{error}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let error = load("[kafka]\nrebalance_protocol = \"sticky\"\n", &[], &[]).unwrap_err();
+        assert!(
+            error.to_string().contains("kafka.rebalance_protocol"),
+            "{error}"
+        );
+
+        let error = load("", &[], &["buffer.compression_level=40"]).unwrap_err();
+        assert!(error.to_string().contains("compression"), "{error}");
+
+        let error = load("", &[], &["nonsense"]).unwrap_err();
+        assert!(matches!(error, ConfigError::Override(_)));
+    }
+
+    #[test]
+    fn credentials_go_into_the_urls_but_never_into_debug_output() {
+        let config = load(
+            "[redis]\nurls = [\"rediss://cache:6380/0\"]\nusername = \"spans\"\npassword = \"hunter2\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+
+        assert_eq!(
+            config.redis.connection_urls().unwrap(),
+            ["rediss://spans:hunter2@cache:6380/0"]
+        );
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert_eq!(
+            redact_url("redis://u:secret@host:1/"),
+            "redis://***@host:1/"
+        );
+    }
+
+    #[test]
+    fn a_reload_names_what_needs_a_restart() {
+        let before = load("", &[], &[]).unwrap();
+        let after = load(
+            "[buffer]\nroot_timeout = \"5s\"\n[kafka]\ngroup_id = \"other\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+
+        assert_eq!(before.restart_only_changes(&after), ["kafka"]);
+    }
+}
