@@ -133,7 +133,8 @@ where
 {
     /// Sends what needs (re)sending, and forwards confirmed messages from the front.
     fn drive(&mut self) -> Result<(), StrategyError> {
-        for entry in &mut self.in_flight {
+        let mut exhausted = None;
+        for (index, entry) in self.in_flight.iter_mut().enumerate() {
             if entry.delivery.is_some() {
                 continue;
             }
@@ -151,10 +152,14 @@ where
                     entry.attempts += 1;
                     entry.last_error = Some(DeliveryError::Failed(source));
                     if entry.attempts >= self.max_attempts {
-                        return Err(self.failure(0));
+                        exhausted = Some(index);
+                        break;
                     }
                 }
             }
+        }
+        if let Some(index) = exhausted {
+            return Err(self.failure(index));
         }
         while !self.carried_over.is_holding() {
             let Some(front) = self.in_flight.front_mut() else {
@@ -396,6 +401,23 @@ mod tests {
         };
         let failed = error.downcast_ref::<ProduceFailed>().unwrap();
         assert_eq!(failed.attempts, 3);
+        assert!(fixture.next.payloads().is_empty());
+    }
+
+    #[test]
+    fn a_payload_the_producer_refuses_fails_the_pipeline_after_the_retry_policy() {
+        let fixture = Fixture::new();
+        let unknown = Topic::new("missing");
+        let mut step = Produce::new(fixture.producer.clone(), unknown, fixture.next.clone())
+            .with_max_attempts(2);
+        step.submit(message(0, 1)).unwrap(); // refused once: kept for another attempt
+
+        let error = step.poll().err();
+
+        let Some(StrategyError::Other(error)) = error else {
+            panic!("expected a failure, got {error:?}");
+        };
+        assert_eq!(error.downcast_ref::<ProduceFailed>().unwrap().attempts, 2);
         assert!(fixture.next.payloads().is_empty());
     }
 
