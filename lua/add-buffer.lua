@@ -237,6 +237,9 @@ local function add_salts(span_id, salts, ttl)
     pending_ttl[span_id] = ttl
 end
 
+-- Member-keys indexes of merged children, deleted with the other removed keys at the end.
+local removed_member_keys = {}
+
 local merge_start_us = 0
 if sampled then
     merge_start_us = now_us()
@@ -287,14 +290,15 @@ for index, record in ipairs(records) do
             set_value("span-buf:ibc:" .. child_segment, false, ttl)
         end
         if child_count then
+            -- Its salts join this segment's pending SADD; its index is deleted at the end.
             local child_member_keys = member_keys_of(child)
             local cursor = "0"
             repeat
                 local page = redis.call("SSCAN", child_member_keys, cursor, "COUNT", MERGE_PAGE)
                 cursor = page[1]
-                chunked("SADD", member_keys_key, page[2])
+                add_salts(set_span_id, page[2], ttl)
             until cursor == "0"
-            redis.call("DEL", child_member_keys)
+            removed_member_keys[#removed_member_keys + 1] = child_member_keys
             if pending_salts[child] then
                 add_salts(set_span_id, pending_salts[child], ttl)
                 pending_salts[child] = {}
@@ -329,6 +333,12 @@ if #redirect_fields > 0 then
     redis.call("EXPIRE", redirect_key, records[#records].set_timeout)
 end
 local deleted = {}
+for _, key in ipairs(removed_member_keys) do
+    if pending_salts[string.sub(key, #member_keys_of("") + 1)] == nil
+        or #pending_salts[string.sub(key, #member_keys_of("") + 1)] == 0 then
+        deleted[#deleted + 1] = key
+    end
+end
 for _, key in ipairs(dirty_order) do
     local value = values[key]
     if value then

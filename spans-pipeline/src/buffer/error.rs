@@ -26,6 +26,9 @@ pub enum BufferError {
     /// Payloads could not be compressed.
     #[error("failed to compress payloads")]
     Compress(#[source] std::io::Error),
+    /// A Redis request task was cancelled or panicked.
+    #[error("redis request task failed")]
+    Interrupted(#[source] tokio::task::JoinError),
     /// The options cannot work together.
     #[error("invalid buffer options")]
     Options(#[from] OptionsError),

@@ -33,6 +33,12 @@ struct QueueUpdate {
 /// Values per record in the script's reply.
 const REPLY_FIELDS: usize = 6;
 
+/// Chunks a batch's script calls are cut into, to overlap encoding with Redis work.
+const PIPELINE_CHUNKS: usize = 4;
+
+/// Fewest script calls per chunk: below this, a chunk is not worth its own round trip.
+const MIN_CALLS_PER_CHUNK: usize = 32;
+
 /// Most span ids in one script call when records of a trace are grouped.
 const MAX_SPANS_PER_CALL: usize = 1000;
 
@@ -82,49 +88,49 @@ impl SpansBufferStore {
 
     /// Writes the subsegments' payloads, then runs the script for each; returns where each
     /// subsegment went, in order.
+    ///
+    /// The script calls are cut into a few chunks, each sent (payloads first, then its script
+    /// calls) as soon as it is encoded, so Redis works on one chunk while the next one is
+    /// compressed.
     pub async fn write_subsegments(
         &mut self,
         subsegments: &[Subsegment<'_>],
     ) -> Result<Vec<InsertedSubsegment>, BufferError> {
-        let ttl = self.options.redis_ttl_secs;
-        let mut payloads = CommandBatch::new();
-        for subsegment in subsegments {
-            let members = self
-                .encoder
-                .encode(subsegment.spans.iter().map(|span| span.payload))
-                .map_err(BufferError::Compress)?;
-            let mut targets = Vec::with_capacity(2);
-            if self.options.write_distributed_payloads {
-                targets.push(subsegment.payload_key());
-            }
-            if self.options.write_merged_payloads {
-                targets.push(subsegment.parent_segment_key().as_str().to_owned());
-            }
-            for key in targets {
-                let mut sadd = redis::cmd("SADD");
-                sadd.arg(&key).arg(&members);
-                payloads.add(key.clone(), sadd);
-                payloads.add(key.clone(), expire(&key, ttl));
-            }
-        }
         let calls = self.script_calls(subsegments);
-        let mut scripts = CommandBatch::new();
-        for call in &calls {
-            scripts.add(
-                subsegments[call[0]].project_and_trace.as_bytes().to_vec(),
-                self.add_buffer_call(subsegments, call),
-            );
+        let chunk_len = calls
+            .len()
+            .div_ceil(PIPELINE_CHUNKS)
+            .max(MIN_CALLS_PER_CHUNK);
+        let mut in_flight = Vec::new();
+        for chunk in calls.chunks(chunk_len) {
+            let mut payloads = CommandBatch::new();
+            let mut scripts = CommandBatch::new();
+            for call in chunk {
+                for &index in call {
+                    self.add_payload_writes(&subsegments[index], &mut payloads)?;
+                }
+                scripts.add(
+                    subsegments[call[0]].project_and_trace.as_bytes().to_vec(),
+                    self.add_buffer_call(subsegments, call),
+                );
+            }
+            let conn = self.conn.clone();
+            in_flight.push(tokio::spawn(async move {
+                conn.execute_in_order(vec![payloads, scripts]).await
+            }));
         }
-        let mut results = self
-            .conn
-            .execute_in_order(vec![payloads, scripts])
-            .await?
-            .into_iter();
-        let payload_replies = results.next().unwrap_or_default();
-        if let Some(error) = payload_replies.iter().find(|v| is_error(v)) {
-            return Err(BufferError::unexpected("SADD", error));
+        let mut replies = Vec::with_capacity(calls.len());
+        for request in in_flight {
+            let mut results = request
+                .await
+                .map_err(BufferError::Interrupted)??
+                .into_iter();
+            let payload_replies = results.next().unwrap_or_default();
+            if let Some(error) = payload_replies.iter().find(|v| is_error(v)) {
+                return Err(BufferError::unexpected("SADD", error));
+            }
+            replies.extend(results.next().unwrap_or_default());
         }
-        let mut replies = results.next().unwrap_or_default();
         self.retry_noscript(subsegments, &calls, &mut replies)
             .await?;
 
@@ -145,6 +151,33 @@ impl SpansBufferStore {
             self.merge_legacy_sets(subsegments, &inserted).await?;
         }
         Ok(inserted)
+    }
+
+    /// `SADD` + `EXPIRE` of a subsegment's payloads, in every layout being written.
+    fn add_payload_writes(
+        &mut self,
+        subsegment: &Subsegment<'_>,
+        batch: &mut CommandBatch,
+    ) -> Result<(), BufferError> {
+        let members = self
+            .encoder
+            .encode(subsegment.spans.iter().map(|span| span.payload))
+            .map_err(BufferError::Compress)?;
+        let ttl = self.options.redis_ttl_secs;
+        let mut targets = Vec::with_capacity(2);
+        if self.options.write_distributed_payloads {
+            targets.push(subsegment.payload_key());
+        }
+        if self.options.write_merged_payloads {
+            targets.push(subsegment.parent_segment_key().as_str().to_owned());
+        }
+        for key in targets {
+            let mut sadd = redis::cmd("SADD");
+            sadd.arg(&key).arg(&members);
+            batch.add(key.clone(), sadd);
+            batch.add(key.clone(), expire(&key, ttl));
+        }
+        Ok(())
     }
 
     /// Groups subsegments into script calls: one call per trace (its records applied in
