@@ -8,6 +8,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::fast_hash::FastMap;
+
 use crate::commit::{CommitRequest, OffsetSet};
 use crate::message::Partition;
 
@@ -94,7 +96,7 @@ impl PartitionLedger {
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct OffsetLedger {
-    partitions: HashMap<Partition, PartitionLedger>,
+    partitions: FastMap<Partition, PartitionLedger>,
 }
 
 impl OffsetLedger {

@@ -76,6 +76,7 @@ mod commit;
 pub mod dlq;
 mod dropped;
 mod error;
+mod fast_hash;
 mod ledger;
 mod message;
 pub mod metrics;

@@ -411,8 +411,20 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
     /// ends the round, so the new pipeline is polled at once.
     fn poll_consumer(&mut self) -> Result<(), RunError> {
         let mut timeout = self.poll_timeout(self.clock.now());
+        let polled_before = self.stats.messages_polled;
+        let result = self.take_ready_events(&mut timeout);
+        // One metric update per round, not per message: a recorder's lookup costs more than
+        // the bookkeeping of a message.
+        let polled = self.stats.messages_polled - polled_before;
+        if polled > 0 {
+            ::metrics::counter!(metrics::MESSAGES_POLLED).increment(polled);
+        }
+        result
+    }
+
+    fn take_ready_events(&mut self, timeout: &mut Duration) -> Result<(), RunError> {
         for _ in 0..EVENTS_PER_ITERATION {
-            match self.consumer.poll(timeout) {
+            match self.consumer.poll(*timeout) {
                 Ok(Some(event)) => {
                     let is_message = matches!(event, ConsumerEvent::Message(_));
                     self.handle_event(event)?;
@@ -427,7 +439,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
                 }
                 Err(error) => return Err(error.into()),
             }
-            timeout = Duration::ZERO;
+            *timeout = Duration::ZERO;
         }
         Ok(())
     }
@@ -452,7 +464,6 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         match event {
             ConsumerEvent::Message(message) => {
                 self.stats.messages_polled += 1;
-                ::metrics::counter!(metrics::MESSAGES_POLLED).increment(1);
                 let recorded = match (message.partition(), message.offset()) {
                     (Some(partition), Some(offset)) => self.ledger.record_polled(partition, offset),
                     _ => false,

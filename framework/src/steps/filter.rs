@@ -39,6 +39,8 @@ pub struct Filter<F, N, T> {
     predicate: F,
     next_step: N,
     forwarder: DroppingForwarder<T>,
+    /// Dropped since the metric was last updated (once per poll, not per message).
+    dropped_unrecorded: u64,
 }
 
 impl<F, N, T> Filter<F, N, T> {
@@ -48,6 +50,7 @@ impl<F, N, T> Filter<F, N, T> {
             predicate,
             next_step,
             forwarder: DroppingForwarder::new(),
+            dropped_unrecorded: 0,
         }
     }
 
@@ -74,6 +77,10 @@ where
     T: Send,
 {
     fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
+        if self.dropped_unrecorded > 0 {
+            ::metrics::counter!(metrics::MESSAGES_FILTERED).increment(self.dropped_unrecorded);
+            self.dropped_unrecorded = 0;
+        }
         self.forwarder.poll(&mut self.next_step)
     }
 
@@ -84,7 +91,7 @@ where
         if (self.predicate)(&message) {
             self.forwarder.forward(&mut self.next_step, message)?;
         } else {
-            ::metrics::counter!(metrics::MESSAGES_FILTERED).increment(1);
+            self.dropped_unrecorded += 1;
             self.forwarder.drop_message(&message);
         }
         Ok(())

@@ -161,6 +161,16 @@ where
         if let Some(index) = exhausted {
             return Err(self.failure(index));
         }
+        let mut confirmed = 0;
+        let result = self.forward_confirmed(&mut confirmed);
+        if confirmed > 0 {
+            ::metrics::counter!(metrics::PRODUCE_DELIVERIES, "status" => "ok").increment(confirmed);
+        }
+        result
+    }
+
+    /// Forwards confirmed messages from the front, counting them in `confirmed`.
+    fn forward_confirmed(&mut self, confirmed: &mut u64) -> Result<(), StrategyError> {
         while !self.carried_over.is_holding() {
             let Some(front) = self.in_flight.front_mut() else {
                 break;
@@ -171,7 +181,7 @@ where
             match poll_delivery(delivery) {
                 Poll::Pending => break,
                 Poll::Ready(Ok(_)) => {
-                    ::metrics::counter!(metrics::PRODUCE_DELIVERIES, "status" => "ok").increment(1);
+                    *confirmed += 1;
                     if let Some(done) = self.in_flight.pop_front() {
                         self.carried_over
                             .forward(&mut self.next_step, done.message)?;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::backends::ConsumerError;
+use crate::fast_hash::FastMap;
 use crate::message::{Message, Partition, Topic};
 
 /// Where a consumer starts on a partition its group never committed.
@@ -65,8 +66,8 @@ struct StoredMessage<T> {
 }
 
 pub(super) struct State<T> {
-    topics: HashMap<Topic, Vec<Vec<StoredMessage<T>>>>,
-    groups: HashMap<String, Group>,
+    topics: FastMap<Topic, Vec<Vec<StoredMessage<T>>>>,
+    groups: FastMap<String, Group>,
     next_member: u64,
     failing_commits: usize,
 }
@@ -133,8 +134,8 @@ impl<T> LocalBroker<T> {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
-                    topics: HashMap::new(),
-                    groups: HashMap::new(),
+                    topics: FastMap::default(),
+                    groups: FastMap::default(),
                     next_member: 0,
                     failing_commits: 0,
                 }),

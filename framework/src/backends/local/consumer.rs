@@ -78,8 +78,7 @@ impl<T: Clone> Consumer<T> for LocalConsumer<T> {
         if self.closed {
             return Err(ConsumerError::Closed);
         }
-        let broker = self.broker.clone();
-        let mut state = broker.lock();
+        let mut state = self.broker.lock();
         let mut waited = false;
         loop {
             let member = state
@@ -121,7 +120,7 @@ impl<T: Clone> Consumer<T> for LocalConsumer<T> {
             if waited || timeout.is_zero() {
                 return Ok(None);
             }
-            broker.wait(&mut state, timeout);
+            self.broker.wait(&mut state, timeout);
             waited = true;
         }
     }
