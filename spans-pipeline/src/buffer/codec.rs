@@ -14,7 +14,7 @@ const SEPARATOR: u8 = 0;
 /// Why a stored member could not be decoded.
 #[derive(Debug, thiserror::Error)]
 #[error("corrupt compressed payload batch")]
-pub struct DecodeError(#[source] std::io::Error);
+pub struct DecodeError(#[source] pub(crate) std::io::Error);
 
 /// Encodes subsegments into set members, reusing one compressor (and its buffers).
 pub struct PayloadEncoder {
@@ -68,15 +68,50 @@ impl PayloadEncoder {
     }
 }
 
-/// Appends the payloads stored in one set member to `out`.
-pub fn decode_member(member: &[u8], out: &mut Vec<Vec<u8>>) -> Result<(), DecodeError> {
-    if !member.starts_with(&ZSTD_MAGIC) {
-        out.push(member.to_vec());
-        return Ok(());
+/// Decodes set members back into payloads, reusing one zstd decompression context.
+pub struct PayloadDecoder {
+    decompressor: zstd::bulk::Decompressor<'static>,
+}
+
+impl std::fmt::Debug for PayloadDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayloadDecoder").finish_non_exhaustive()
     }
-    let joined = zstd::stream::decode_all(member).map_err(DecodeError)?;
-    out.extend(joined.split(|&b| b == SEPARATOR).map(<[u8]>::to_vec));
-    Ok(())
+}
+
+impl PayloadDecoder {
+    /// A decoder with a fresh decompression context.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            decompressor: zstd::bulk::Decompressor::new()?,
+        })
+    }
+
+    /// Appends the payloads stored in one set member to `out`: the split frame when the member
+    /// is zstd-compressed, else the member itself.
+    pub fn decode(&mut self, member: Vec<u8>, out: &mut Vec<Vec<u8>>) -> Result<(), DecodeError> {
+        if !member.starts_with(&ZSTD_MAGIC) {
+            out.push(member);
+            return Ok(());
+        }
+        // Frames written by either consumer record their size; others are streamed.
+        let joined = match zstd::zstd_safe::get_frame_content_size(&member) {
+            Ok(Some(size)) => self
+                .decompressor
+                .decompress(&member, usize::try_from(size).unwrap_or(usize::MAX))
+                .map_err(DecodeError)?,
+            _ => zstd::stream::decode_all(member.as_slice()).map_err(DecodeError)?,
+        };
+        out.extend(joined.split(|&b| b == SEPARATOR).map(<[u8]>::to_vec));
+        Ok(())
+    }
+}
+
+/// Appends the payloads stored in one set member to `out` (see [`PayloadDecoder::decode`]).
+pub fn decode_member(member: &[u8], out: &mut Vec<Vec<u8>>) -> Result<(), DecodeError> {
+    PayloadDecoder::new()
+        .map_err(DecodeError)?
+        .decode(member.to_vec(), out)
 }
 
 #[cfg(test)]

@@ -300,11 +300,11 @@ fn dedupe_candidates(
 /// Writes `is_segment` and `sentry.segment.id` into each loaded span.
 fn build_flushed_segment(segment: LoadedSegment) -> FlushedSegment {
     let key = segment.candidate.segment_key;
-    let segment_span_id = key.segment_span_id().to_owned();
+    let patcher = output::SpanPatcher::new(key.segment_span_id());
     let spans: Vec<OutputSpan> = segment
         .payloads
         .iter()
-        .map(|payload| output::patch_span(payload, &segment_span_id))
+        .map(|payload| patcher.patch(payload))
         .collect();
     FlushedSegment {
         project_id: key.project_id(),

@@ -20,18 +20,40 @@ const SEGMENT_ID_ATTRIBUTE: &str = "sentry.segment.id";
 ///
 /// A payload that is not a JSON object is passed through unchanged with `is_segment` false.
 pub fn patch_span(payload: &[u8], segment_span_id: &str) -> OutputSpan {
-    match try_patch(payload, segment_span_id) {
-        Some(span) => span,
-        None => OutputSpan {
-            span_id: String::new(),
-            organization_id: None,
-            is_segment: false,
-            payload: payload.to_vec(),
-        },
+    SpanPatcher::new(segment_span_id).patch(payload)
+}
+
+/// Patches the spans of one segment; the segment id attribute is rendered once.
+#[derive(Debug)]
+pub struct SpanPatcher<'s> {
+    segment_span_id: &'s str,
+    segment_attribute: String,
+}
+
+impl<'s> SpanPatcher<'s> {
+    /// A patcher for the segment whose span id (or salt) is `segment_span_id`.
+    pub fn new(segment_span_id: &'s str) -> Self {
+        Self {
+            segment_span_id,
+            segment_attribute: segment_attribute(segment_span_id),
+        }
+    }
+
+    /// Patches one stored payload; see [`patch_span`].
+    pub fn patch(&self, payload: &[u8]) -> OutputSpan {
+        match try_patch(payload, self.segment_span_id, &self.segment_attribute) {
+            Some(span) => span,
+            None => OutputSpan {
+                span_id: String::new(),
+                organization_id: None,
+                is_segment: false,
+                payload: payload.to_vec(),
+            },
+        }
     }
 }
 
-fn try_patch(payload: &[u8], segment_span_id: &str) -> Option<OutputSpan> {
+fn try_patch(payload: &[u8], segment_span_id: &str, segment_attribute: &str) -> Option<OutputSpan> {
     let mut entries = Vec::new();
     let mut span_id = None;
     let mut organization_id = None;
@@ -46,7 +68,6 @@ fn try_patch(payload: &[u8], segment_span_id: &str) -> Option<OutputSpan> {
     }
     let span_id = span_id.unwrap_or_default();
     let is_segment = !span_id.is_empty() && span_id == segment_span_id;
-    let segment_attribute = segment_attribute(segment_span_id);
 
     let mut out = Vec::with_capacity(payload.len() + 96);
     out.push(b'{');
@@ -64,7 +85,7 @@ fn try_patch(payload: &[u8], segment_span_id: &str) -> Option<OutputSpan> {
             }
             "attributes" => {
                 wrote_attributes = true;
-                write_attributes(&mut out, value.as_raw_str(), &segment_attribute);
+                write_attributes(&mut out, value.as_raw_str(), segment_attribute);
             }
             _ => out.extend_from_slice(value.as_raw_str().as_bytes()),
         }
@@ -79,7 +100,7 @@ fn try_patch(payload: &[u8], segment_span_id: &str) -> Option<OutputSpan> {
     if !wrote_attributes {
         out.push(b',');
         write_key(&mut out, "attributes");
-        write_attributes(&mut out, "null", &segment_attribute);
+        write_attributes(&mut out, "null", segment_attribute);
     }
     out.push(b'}');
     Some(OutputSpan {
@@ -96,6 +117,13 @@ fn segment_attribute(segment_span_id: &str) -> String {
 }
 
 fn write_key(out: &mut Vec<u8>, key: &str) {
+    // Keys almost never need escaping; those are copied as they are.
+    if !key.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        return;
+    }
     match sonic_rs::to_string(key) {
         Ok(quoted) => out.extend_from_slice(quoted.as_bytes()),
         Err(_) => out.extend_from_slice(b"\"\""),

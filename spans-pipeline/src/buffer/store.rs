@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use redis::{Cmd, Value};
 
-use crate::buffer::codec::{PayloadEncoder, decode_member};
+use crate::buffer::codec::{DecodeError, PayloadDecoder, PayloadEncoder};
 use crate::buffer::connection::{CommandBatch, RedisConnection};
 use crate::buffer::error::BufferError;
 use crate::buffer::keys::{self, SegmentKey};
@@ -553,6 +553,7 @@ impl SpansBufferStore {
         segments: &mut [LoadedSegment],
     ) -> Result<(), BufferError> {
         let page = self.options.segment_page_size.max(1);
+        let mut decoder = PayloadDecoder::new().map_err(DecodeError)?;
         let mut cursors: Vec<u64> = vec![0; scans.len()];
         while !scans.is_empty() {
             let mut batch = CommandBatch::new();
@@ -573,7 +574,7 @@ impl SpansBufferStore {
                         reply: "cursor".to_owned(),
                     })?;
                 for member in into_array("SSCAN", parts.next().unwrap_or(Value::Nil))? {
-                    decode_member(&as_bytes("SSCAN", member)?, &mut segments[index].payloads)?;
+                    decoder.decode(as_bytes("SSCAN", member)?, &mut segments[index].payloads)?;
                 }
                 if cursor != 0 {
                     next_scans.push((index, key));
