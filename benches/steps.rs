@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use rill::backends::local::{LocalBroker, LocalProducer};
-use rill::processor::EVENTS_PER_ITERATION;
+use rill::processor::{EVENTS_PER_ITERATION, ProcessorConfig, StreamProcessor};
 use rill::steps::{
     CommitOffsets, Filter, Noop, Produce, Reduce, RunTask, RunTaskInThreads, TaskError, Unfold,
 };
@@ -252,9 +252,56 @@ fn chain(c: &mut Criterion) {
     group.finish();
 }
 
+/// The whole loop: a stream processor consuming from the in-memory broker through
+/// `RunTask → CommitOffsets` until every offset is committed.
+fn processor(c: &mut Criterion) {
+    let mut group = c.benchmark_group("rill::processor::StreamProcessor");
+    group.throughput(Throughput::Elements(MESSAGES));
+    group.bench_function("local_broker_run_task_commit", |b| {
+        b.iter_batched(
+            || {
+                let broker = LocalBroker::new();
+                let topic = Topic::new("bench");
+                broker.create_topic(&topic, PARTITIONS);
+                for message in messages() {
+                    let partition = message.partition().cloned().expect("a broker message");
+                    broker
+                        .produce_to(&partition, message.into_payload())
+                        .expect("a topic");
+                }
+                (broker, topic)
+            },
+            |(broker, topic)| {
+                let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<Payload>> {
+                    Box::new(RunTask::new(
+                        identity,
+                        CommitOffsets::new(Duration::from_millis(10)),
+                    ))
+                };
+                let consumer = broker.subscribe("bench", std::slice::from_ref(&topic));
+                let config = ProcessorConfig::default().with_poll_timeout(Duration::ZERO);
+                let mut processor = StreamProcessor::new(consumer, factory).with_config(config);
+                while processor.stats().messages_submitted < MESSAGES {
+                    processor.run_once().expect("a healthy pipeline");
+                }
+                // The final join commits everything.
+                processor.shutdown().expect("a clean shutdown");
+                let last = Partition::new(topic, PARTITIONS - 1);
+                assert_eq!(
+                    processor.committed().get(&last),
+                    Some(&(MESSAGES / u64::from(PARTITIONS)))
+                );
+            },
+            BatchSize::LargeInput,
+        );
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     chain,
+    processor,
     run_task,
     commit_offsets,
     reduce,
