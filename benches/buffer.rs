@@ -1,0 +1,185 @@
+//! The spans buffer's hot paths on the reference workload (`gen_workload.py`, seed 42): decode,
+//! grouping, compression, `process_spans` of a 2000-span batch and a flush of 500 segments on
+//! a real local `redis-server`.
+//!
+//! The workload is generated once into `target/bench-data/` with python3.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use integration_tests::redis_server::{RedisServer, TestRedis};
+use spans_pipeline::buffer::codec::PayloadEncoder;
+use spans_pipeline::buffer::subsegment::build_subsegments;
+use spans_pipeline::buffer::{BufferOptions, RedisConnection, SpansBuffer};
+use spans_pipeline::span::Span;
+
+/// Spans in the generated workload.
+const WORKLOAD_SPANS: usize = 20_000;
+/// Spans per consumer batch (Sentry's production batch size).
+const BATCH: usize = 2000;
+/// Segments per flush (Sentry's default `max-flush-segments`).
+const FLUSH_SEGMENTS: usize = 500;
+
+fn workload() -> Vec<Vec<u8>> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data");
+    let file = dir.join(format!("workload-{WORKLOAD_SPANS}-42.jsonl"));
+    if !file.exists() {
+        std::fs::create_dir_all(&dir).expect("create bench data dir");
+        let generator =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/gen_workload.py");
+        let status = std::process::Command::new("python3")
+            .arg(generator)
+            .args([
+                "--spans",
+                &WORKLOAD_SPANS.to_string(),
+                "--seed",
+                "42",
+                "--out",
+            ])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run gen_workload.py");
+        assert!(status.success(), "gen_workload.py failed");
+    }
+    std::fs::read(&file)
+        .expect("read workload")
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+fn decode_batch(lines: &[Vec<u8>]) -> Vec<Span<'_>> {
+    lines
+        .iter()
+        .map(|line| Span::decode(line, 0).expect("valid span"))
+        .collect()
+}
+
+fn cpu_work(c: &mut Criterion) {
+    let lines = workload();
+    let batch = &lines[..BATCH];
+
+    let mut group = c.benchmark_group("spans_pipeline::span::Span");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("decode_2000", |b| {
+        b.iter(|| black_box(decode_batch(black_box(batch))));
+    });
+    group.finish();
+
+    let spans = decode_batch(batch);
+    let mut group = c.benchmark_group("spans_pipeline::buffer::subsegment");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("build_subsegments_2000", |b| {
+        b.iter(|| black_box(build_subsegments(black_box(&spans), 0)));
+    });
+    group.finish();
+
+    let subsegments = build_subsegments(&spans, 0);
+    let mut group = c.benchmark_group("spans_pipeline::buffer::codec::PayloadEncoder");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for level in [-1, 0] {
+        let mut encoder = PayloadEncoder::new(level).expect("encoder");
+        group.bench_function(format!("encode_2000_level_{level}"), |b| {
+            b.iter(|| {
+                for subsegment in &subsegments {
+                    let payloads = subsegment.spans.iter().map(|span| span.payload);
+                    black_box(encoder.encode(payloads).expect("encode"));
+                }
+            });
+        });
+    }
+    group.finish();
+}
+
+async fn new_buffer(redis: &TestRedis) -> SpansBuffer {
+    let conn = RedisConnection::connect(&redis.urls(), false)
+        .await
+        .expect("connect");
+    SpansBuffer::new(conn, BufferOptions::default(), vec![0], None)
+        .await
+        .expect("buffer")
+}
+
+/// `process_spans` of consecutive 2000-span batches, as a consumer sees them; Redis is
+/// emptied (untimed) after each pass over the workload.
+fn process_spans(c: &mut Criterion) {
+    let lines = workload();
+    let batches: Vec<Vec<Span<'_>>> = lines.chunks(BATCH).map(decode_batch).collect();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let redis = TestRedis::Standalone(RedisServer::start());
+    let mut buffer = runtime.block_on(new_buffer(&redis));
+
+    let mut group = c.benchmark_group("spans_pipeline::buffer::SpansBuffer");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.sample_size(30);
+    let mut next = 0;
+    group.bench_function("process_spans_2000", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                if next == batches.len() {
+                    redis.flush_all();
+                    next = 0;
+                }
+                let batch = &batches[next];
+                next += 1;
+                let started = Instant::now();
+                runtime
+                    .block_on(buffer.process_spans(batch, 0))
+                    .expect("process");
+                total += started.elapsed();
+            }
+            total
+        });
+    });
+    group.finish();
+}
+
+/// Flush of 500 ready segments (flush, build messages, done) from a buffer filled with the
+/// whole workload; refilled (untimed) before each iteration.
+fn flush_segments(c: &mut Criterion) {
+    let lines = workload();
+    let batches: Vec<Vec<Span<'_>>> = lines.chunks(BATCH).map(decode_batch).collect();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let redis = TestRedis::Standalone(RedisServer::start());
+    let mut writer = runtime.block_on(new_buffer(&redis));
+    let flusher = runtime.block_on(new_buffer(&redis));
+    let options = flusher.options().clone();
+
+    let mut group = c.benchmark_group("spans_pipeline::buffer::SpansBuffer");
+    group.throughput(Throughput::Elements(FLUSH_SEGMENTS as u64));
+    group.sample_size(20);
+    group.bench_function("flush_500_segments", |b| {
+        b.iter_batched(
+            || {
+                redis.flush_all();
+                for batch in &batches {
+                    runtime
+                        .block_on(writer.process_spans(batch, 0))
+                        .expect("process");
+                }
+            },
+            |()| {
+                let flush = runtime
+                    .block_on(flusher.flush_segments(i64::MAX / 4))
+                    .expect("flush");
+                assert_eq!(flush.segments.len(), FLUSH_SEGMENTS);
+                for segment in &flush.segments {
+                    black_box(segment.to_messages(options.max_segment_bytes));
+                }
+                runtime
+                    .block_on(flusher.done_flush_segments(&flush.segments))
+                    .expect("done");
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    group.finish();
+}
+
+criterion_group!(benches, cpu_work, process_spans, flush_segments);
+criterion_main!(benches);
