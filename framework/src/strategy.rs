@@ -63,7 +63,9 @@ pub trait ProcessingStrategy<T>: Send {
     ///
     /// [`SubmitError::MessageRejected`] with the message inside if the step is at capacity
     /// (see [Backpressure](#backpressure)); [`SubmitError::InvalidMessage`] if the message can
-    /// never be processed.
+    /// never be processed. With `InvalidMessage` the step has taken the message (the error
+    /// names the invalid one, usually this one but possibly one it held): the caller does not
+    /// submit it again.
     fn submit(&mut self, message: Message<T>) -> Result<(), SubmitError<T>>;
 
     /// Finishes all accepted work, waiting until `deadline` at most (`None`: as long as it
