@@ -71,14 +71,15 @@ impl RunArgs {
 /// Options of `spans-pipeline demo`.
 #[derive(Debug, Args)]
 struct DemoArgs {
-    /// Spans to produce.
-    #[arg(long, default_value_t = 200_000)]
+    /// Spans to produce. The embedded mock broker keeps only about 5 MB per partition, so
+    /// keep `spans × 1 KB / partitions` well below that times the output's 32 partitions.
+    #[arg(long, default_value_t = 50_000)]
     spans: usize,
     /// Spans produced per second.
     #[arg(long, default_value_t = 40_000.0)]
     rate: f64,
     /// Partitions of the input topic.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     partitions: i32,
     /// Flush workers.
     #[arg(long, default_value_t = 2)]

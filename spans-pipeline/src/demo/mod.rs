@@ -40,6 +40,15 @@ const OUTPUT: &str = "buffered-segments";
 const DLQ: &str = "ingest-spans-dlq";
 /// Every this many spans, one malformed message is produced too.
 const MALFORMED_EVERY: usize = 10_000;
+/// Most messages produced but not yet committed, per partition. librdkafka's mock broker keeps
+/// only about 5 MB (or 100 000 messages) of each partition's log and drops older data, so a
+/// producer running far ahead of the consumer would make the broker, not the pipeline, lose
+/// spans. The producer waits while the consumer is this far behind.
+const MAX_LAG_PER_PARTITION: u64 = 2_500;
+/// Partitions of the output topic. The same 5 MB cap applies there, and a flush writes up to
+/// `max-flush-segments` segments at once: spread over this many partitions a burst stays far
+/// below the cap, so the reader never finds data already dropped.
+const OUTPUT_PARTITIONS: i32 = 32;
 
 /// What the demo runs.
 #[derive(Clone, Debug)]
@@ -65,9 +74,9 @@ pub struct DemoSettings {
 impl Default for DemoSettings {
     fn default() -> Self {
         Self {
-            spans: 100_000,
-            rate: 25_000.0,
-            partitions: 4,
+            spans: 50_000,
+            rate: 40_000.0,
+            partitions: 8,
             flusher_workers: 2,
             redis_url: None,
             cluster: false,
@@ -177,7 +186,7 @@ pub fn run(settings: &DemoSettings) -> Result<DemoReport, DemoError> {
         .ok_or_else(|| DemoError::Other("no redis".to_owned()))?;
     let mock = MockCluster::new(1)?;
     mock.create_topic(INPUT, settings.partitions, 1)?;
-    mock.create_topic(OUTPUT, settings.partitions, 1)?;
+    mock.create_topic(OUTPUT, OUTPUT_PARTITIONS, 1)?;
     mock.create_topic(DLQ, 1, 1)?;
     let bootstrap = mock.bootstrap_servers();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -207,7 +216,7 @@ pub fn run(settings: &DemoSettings) -> Result<DemoReport, DemoError> {
 
     let (processor_handle, processor_thread) =
         start_consumer(&bootstrap, connection.clone(), settings, &runtime)?;
-    let reader = OutputReader::start(&bootstrap, settings.partitions)?;
+    let reader = OutputReader::start(&bootstrap, OUTPUT_PARTITIONS)?;
 
     let started = Instant::now();
     let (produced_at, malformed) = produce(&bootstrap, &load, settings, &reader)?;
@@ -328,11 +337,20 @@ fn produce(
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "5")
         .create()?;
+    let lag = LagMonitor::new(bootstrap, settings.partitions)?;
     let mut produced_at = HashMap::with_capacity(load.len());
     let mut malformed = 0;
-    let start = Instant::now();
+    let mut start = Instant::now();
     let mut last_progress = Instant::now();
     for (index, span) in load.iter().enumerate() {
+        if index % 1000 == 999 {
+            let waited = lag.wait_until_below(
+                (index + malformed) as u64,
+                MAX_LAG_PER_PARTITION * u64::try_from(settings.partitions.max(1)).unwrap_or(1),
+            )?;
+            // Time spent waiting for the consumer shifts the schedule, not the rate.
+            start += waited;
+        }
         let due = start + Duration::from_secs_f64(index as f64 / settings.rate.max(1.0));
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             producer.poll(Duration::ZERO);
@@ -361,6 +379,56 @@ fn produce(
     }
     producer.flush(Duration::from_secs(30))?;
     Ok((produced_at, malformed))
+}
+
+/// Reads the consumer group's committed offsets, to keep the producer within reach of it.
+struct LagMonitor {
+    client: BaseConsumer,
+    partitions: i32,
+}
+
+impl LagMonitor {
+    fn new(bootstrap: &str, partitions: i32) -> Result<Self, DemoError> {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "process-spans")
+            .create()?;
+        Ok(Self { client, partitions })
+    }
+
+    /// Messages the group committed, over all partitions.
+    fn committed(&self) -> Result<u64, DemoError> {
+        let mut query = TopicPartitionList::new();
+        for partition in 0..self.partitions {
+            query.add_partition(INPUT, partition);
+        }
+        // The returned list is dropped here, before the client (librdkafka's destructor
+        // would otherwise wait for it forever).
+        let committed = self
+            .client
+            .committed_offsets(query, Duration::from_secs(10))?;
+        Ok(committed
+            .elements()
+            .iter()
+            .filter_map(|element| element.offset().to_raw())
+            .filter_map(|offset| u64::try_from(offset).ok())
+            .sum())
+    }
+
+    /// Waits while more than `max_lag` of `produced` messages are uncommitted; returns how
+    /// long it waited.
+    fn wait_until_below(&self, produced: u64, max_lag: u64) -> Result<Duration, DemoError> {
+        let started = Instant::now();
+        while produced.saturating_sub(self.committed()?) > max_lag {
+            if started.elapsed() > Duration::from_secs(60) {
+                return Err(DemoError::Other(
+                    "the consumer made no progress for a minute".to_owned(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(started.elapsed())
+    }
 }
 
 fn send(producer: &BaseProducer, mut record: BaseRecord<'_, (), Vec<u8>>) {
