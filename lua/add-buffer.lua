@@ -50,12 +50,36 @@ local RECORD_FIELDS = 9
 local tag = "{" .. project_and_trace .. "}"
 local redirect_key = "span-buf:ssr:" .. tag
 
+-- Key strings are built once per span id and call: Lua string building costs about as much
+-- as a redis.call read.
+local built = { s = {}, mk = {}, ic = {}, ibc = {}, hrs = {}, fl = {} }
+
 local function segment_key_of(span_id)
-    return "span-buf:s:" .. tag .. ":" .. span_id
+    local key = built.s[span_id]
+    if key == nil then
+        key = "span-buf:s:" .. tag .. ":" .. span_id
+        built.s[span_id] = key
+    end
+    return key
 end
 
 local function member_keys_of(span_id)
-    return "span-buf:mk:" .. tag .. ":" .. span_id
+    local key = built.mk[span_id]
+    if key == nil then
+        key = "span-buf:mk:" .. tag .. ":" .. span_id
+        built.mk[span_id] = key
+    end
+    return key
+end
+
+-- `span-buf:<kind>:<segment key>` for kind ic, ibc, hrs or fl.
+local function metadata_key_of(kind, span_id)
+    local key = built[kind][span_id]
+    if key == nil then
+        key = "span-buf:" .. kind .. ":" .. segment_key_of(span_id)
+        built[kind][span_id] = key
+    end
+    return key
 end
 
 -- Runs `command key values...` in chunks of CHUNK values.
@@ -183,19 +207,18 @@ local function want(key)
     end
 end
 for _, record in ipairs(records) do
-    local set_key = segment_key_of(record.root_span_id)
-    local salt_key = segment_key_of(record.salt)
-    want("span-buf:hrs:" .. set_key)
-    want("span-buf:ic:" .. set_key)
-    want("span-buf:ibc:" .. set_key)
-    want("span-buf:ic:" .. salt_key)
-    want("span-buf:ibc:" .. salt_key)
+    local root = record.root_span_id
+    want(metadata_key_of("hrs", root))
+    want(metadata_key_of("ic", root))
+    want(metadata_key_of("ibc", root))
+    want(metadata_key_of("ic", record.salt))
+    want(metadata_key_of("ibc", record.salt))
     if record.check_flush_lock then
-        want("span-buf:fl:" .. set_key)
+        want(metadata_key_of("fl", root))
     end
     for _, child in ipairs(record.children) do
-        want("span-buf:ic:" .. segment_key_of(child))
-        want("span-buf:ibc:" .. segment_key_of(child))
+        want(metadata_key_of("ic", child))
+        want(metadata_key_of("ibc", child))
     end
 end
 for first = 1, #lookup, CHUNK do
@@ -237,7 +260,7 @@ local function add_salts(span_id, salts, ttl)
     pending_ttl[span_id] = ttl
 end
 
--- Member-keys indexes of merged children, deleted with the other removed keys at the end.
+-- Span ids whose member-keys index was merged away; deleted with the other keys at the end.
 local removed_member_keys = {}
 
 local merge_start_us = 0
@@ -248,10 +271,10 @@ local results = {}
 for index, record in ipairs(records) do
     local ttl = record.set_timeout
     local set_span_id = record.root_span_id
-    local set_key = segment_key_of(set_span_id)
+    local pre_detach_span_id = set_span_id
 
     -- Remember that the segment has seen its root (before any detach decision, like Sentry).
-    local root_flag_key = "span-buf:hrs:" .. set_key
+    local root_flag_key = metadata_key_of("hrs", set_span_id)
     local has_root_span = record.has_root_span or values[root_flag_key] == "1"
     if has_root_span then
         set_value(root_flag_key, "1", ttl)
@@ -259,35 +282,35 @@ for index, record in ipairs(records) do
 
     local byte_count = record.byte_count
     for _, child in ipairs(record.children) do
-        byte_count = byte_count + number_of("span-buf:ibc:" .. segment_key_of(child))
+        byte_count = byte_count + number_of(metadata_key_of("ibc", child))
     end
 
     -- Detach into a segment of its own when the target is too big or is being flushed. No
     -- payload moves: the payload key is already named by the salt.
-    local ingested_byte_count = number_of("span-buf:ibc:" .. set_key)
+    local ingested_byte_count = number_of(metadata_key_of("ibc", set_span_id))
     local too_large = record.max_segment_bytes > 0
         and ingested_byte_count + byte_count > record.max_segment_bytes
-    local locked = record.check_flush_lock and values["span-buf:fl:" .. set_key] ~= false
+    local locked = record.check_flush_lock
+        and values[metadata_key_of("fl", pre_detach_span_id)] ~= false
     if too_large or locked then
         set_span_id = record.salt
-        set_key = segment_key_of(set_span_id)
     end
-    local counter_key = "span-buf:ic:" .. set_key
-    local byte_counter_key = "span-buf:ibc:" .. set_key
+    local set_key = segment_key_of(set_span_id)
+    local counter_key = metadata_key_of("ic", set_span_id)
+    local byte_counter_key = metadata_key_of("ibc", set_span_id)
     local member_keys_key = member_keys_of(set_span_id)
 
     -- Merge the segments of former roots into this one: counters, then their member-keys
     -- index (paged with SSCAN rather than SUNIONSTORE, because the target can be huge).
     local merged_segment_span_ids = {}
     for _, child in ipairs(record.children) do
-        local child_segment = segment_key_of(child)
-        local child_count = values["span-buf:ic:" .. child_segment]
+        local child_count = values[metadata_key_of("ic", child)]
         if child_count then
             set_value(counter_key, tostring(number_of(counter_key) + tonumber(child_count)), ttl)
-            set_value("span-buf:ic:" .. child_segment, false, ttl)
+            set_value(metadata_key_of("ic", child), false, ttl)
         end
-        if values["span-buf:ibc:" .. child_segment] then
-            set_value("span-buf:ibc:" .. child_segment, false, ttl)
+        if values[metadata_key_of("ibc", child)] then
+            set_value(metadata_key_of("ibc", child), false, ttl)
         end
         if child_count then
             -- Its salts join this segment's pending SADD; its index is deleted at the end.
@@ -298,7 +321,7 @@ for index, record in ipairs(records) do
                 cursor = page[1]
                 add_salts(set_span_id, page[2], ttl)
             until cursor == "0"
-            removed_member_keys[#removed_member_keys + 1] = child_member_keys
+            removed_member_keys[#removed_member_keys + 1] = child
             if pending_salts[child] then
                 add_salts(set_span_id, pending_salts[child], ttl)
                 pending_salts[child] = {}
@@ -333,10 +356,9 @@ if #redirect_fields > 0 then
     redis.call("EXPIRE", redirect_key, records[#records].set_timeout)
 end
 local deleted = {}
-for _, key in ipairs(removed_member_keys) do
-    if pending_salts[string.sub(key, #member_keys_of("") + 1)] == nil
-        or #pending_salts[string.sub(key, #member_keys_of("") + 1)] == 0 then
-        deleted[#deleted + 1] = key
+for _, span_id in ipairs(removed_member_keys) do
+    if pending_salts[span_id] == nil or #pending_salts[span_id] == 0 then
+        deleted[#deleted + 1] = member_keys_of(span_id)
     end
 end
 for _, key in ipairs(dirty_order) do
