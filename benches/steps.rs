@@ -17,7 +17,8 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use rill::backends::local::{LocalBroker, LocalProducer};
 use rill::processor::{EVENTS_PER_ITERATION, ProcessorConfig, StreamProcessor};
 use rill::steps::{
-    CommitOffsets, Filter, Noop, Produce, Reduce, RunTask, RunTaskInThreads, TaskError, Unfold,
+    CommitOffsets, Filter, HealthCheck, Noop, Produce, Reduce, RunTask, RunTaskInThreads,
+    TaskError, Unfold,
 };
 use rill::{Message, Partition, ProcessingStrategy, SubmitError, Topic};
 
@@ -103,6 +104,21 @@ fn run_task(c: &mut Criterion) {
     bench_step(c, "rill::steps::RunTask", "identity_into_noop", || {
         RunTask::new(identity, Noop)
     });
+}
+
+fn noop(c: &mut Criterion) {
+    bench_step(c, "rill::steps::Noop", "drop", || Noop);
+}
+
+fn health_check(c: &mut Criterion) {
+    let path = std::env::temp_dir().join(format!("rill-bench-health-{}", std::process::id()));
+    bench_step(
+        c,
+        "rill::steps::HealthCheck",
+        "touch_every_second_into_noop",
+        || HealthCheck::new(path.clone(), Noop),
+    );
+    let _ = std::fs::remove_file(path);
 }
 
 fn commit_offsets(c: &mut Criterion) {
@@ -302,6 +318,8 @@ criterion_group!(
     benches,
     chain,
     processor,
+    noop,
+    health_check,
     run_task,
     commit_offsets,
     reduce,
