@@ -893,3 +893,87 @@ async fn backpressure_flag_is_set_when_a_queue_fills_its_limit() {
         assert_clean(&redis);
     }
 }
+
+#[tokio::test]
+async fn observability_counts_one_process_and_one_flush() {
+    for mode in TestRedis::MODES {
+        let redis = start(mode);
+        let mut buffer = buffer(&redis, BufferOptions::default(), vec![0]).await;
+        let input = [SpanSpec::child('a', 'b'), SpanSpec::root('b')];
+        let stats = buffer.process_spans(&spans(&input), 0).await.unwrap();
+        assert_eq!(stats.spans, 2);
+        assert_eq!(stats.root_spans, 1);
+        assert_eq!(stats.subsegments, 1);
+        assert_eq!(stats.detached, 0);
+        let flush = buffer.flush_segments(11).await.unwrap();
+        assert_eq!(flush.stats.candidates, 1);
+        assert_eq!(flush.stats.segments, 1);
+        assert_eq!(flush.stats.spans, 2);
+        assert!(flush.stats.bytes > 60);
+        assert_eq!(flush.stats.empty_segments, 0);
+        assert_eq!(flush.stats.lock_contention, 0);
+        buffer.done_flush_segments(&flush.segments).await.unwrap();
+        assert_clean(&redis);
+    }
+}
+
+#[tokio::test]
+async fn pipeline_batch_size_and_debug_traces_do_not_change_results() {
+    for mode in TestRedis::MODES {
+        let redis = start(mode);
+        let options = BufferOptions {
+            pipeline_batch_size: 1,
+            debug_traces: vec![support::trace()],
+            ..BufferOptions::default()
+        };
+        let mut buffer = buffer(&redis, options, vec![0]).await;
+        let input = [
+            SpanSpec::child('a', 'b'),
+            SpanSpec::child('c', 'x'),
+            SpanSpec::root('b'),
+        ];
+        let stats = buffer.process_spans(&spans(&input), 0).await.unwrap();
+        assert_eq!(stats.subsegments, 2);
+        let b = id('b');
+        assert_eq!(
+            flush_and_done(&buffer, 11).await,
+            single(
+                segment_key(1, &b),
+                expected(&[('a', false), ('b', true)], &b)
+            )
+        );
+        let x = id('x');
+        assert_eq!(
+            flush_and_done(&buffer, 61).await,
+            single(segment_key(1, &x), expected(&[('c', false)], &x))
+        );
+        assert_clean(&redis);
+    }
+}
+
+#[tokio::test]
+async fn uncompressed_payloads_are_stored_as_raw_members() {
+    for mode in TestRedis::MODES {
+        let redis = start(mode);
+        let options = BufferOptions {
+            compression_level: -1,
+            ..BufferOptions::default()
+        };
+        let mut buffer = buffer(&redis, options, vec![0]).await;
+        let input = [SpanSpec::child('a', 'b'), SpanSpec::child('c', 'b')];
+        buffer.process_spans(&spans(&input), 0).await.unwrap();
+        let payload_keys: Vec<String> = redis
+            .keys_with_ttls()
+            .iter()
+            .map(|k| k.key_str())
+            .filter(|k| k.starts_with(&format!("span-buf:s:{{1:{}:", support::trace())))
+            .collect();
+        assert_eq!(payload_keys.len(), 1);
+        let mut members: Vec<String> = redis.query(redis::cmd("SMEMBERS").arg(&payload_keys[0]));
+        members.sort();
+        let mut want: Vec<String> = input.iter().map(|s| s.payload.clone()).collect();
+        want.sort();
+        assert_eq!(members, want);
+        assert_ttls(&redis);
+    }
+}

@@ -157,3 +157,52 @@ pub struct LostSpans {
     /// Outcome reason: `segment_too_large`.
     pub reason: &'static str,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate() -> FlushCandidate {
+        FlushCandidate {
+            shard: 0,
+            queue_key: "span-buf:q:0".to_owned(),
+            segment_key: SegmentKey::new("1:t", "root"),
+            deadline: 5,
+        }
+    }
+
+    #[test]
+    fn an_inserted_subsegment_is_detached_when_its_key_ends_in_its_salt() {
+        let mut inserted = InsertedSubsegment {
+            segment_key: SegmentKey::new("1:t", "root"),
+            has_root_span: true,
+            salt: "salt".to_owned(),
+            partition: 7,
+            merged_segment_span_ids: Vec::new(),
+            sampled: None,
+        };
+        assert!(!inserted.is_detached());
+        assert_eq!(inserted.queue_shard(), 7);
+        inserted.segment_key = SegmentKey::new("1:t", "salt");
+        assert!(inserted.is_detached());
+    }
+
+    #[test]
+    fn a_loaded_segment_counts_spans_ingested_but_not_loaded() {
+        let loaded = LoadedSegment {
+            candidate: candidate(),
+            payloads: vec![b"{}".to_vec()],
+            payload_keys: vec!["k".to_owned()],
+            ingested: IngestMetadata {
+                span_count: Some(3),
+                byte_count: Some(90),
+            },
+        };
+        assert_eq!(loaded.missing_spans(), 2);
+        let unknown = LoadedSegment {
+            ingested: IngestMetadata::default(),
+            ..loaded
+        };
+        assert_eq!(unknown.missing_spans(), 0);
+    }
+}

@@ -96,7 +96,7 @@ impl SpansBufferStore {
         &mut self,
         subsegments: &[Subsegment<'_>],
     ) -> Result<Vec<InsertedSubsegment>, BufferError> {
-        let calls = self.script_calls(subsegments);
+        let calls = script_calls(subsegments, self.options.max_spans_per_evalsha);
         let chunk_len = calls
             .len()
             .div_ceil(PIPELINE_CHUNKS)
@@ -178,33 +178,6 @@ impl SpansBufferStore {
             batch.add(key.clone(), expire(&key, ttl));
         }
         Ok(())
-    }
-
-    /// Groups subsegments into script calls: one call per trace (its records applied in
-    /// order), at most [`MAX_SPANS_PER_CALL`] span ids per call. With
-    /// `max-spans-per-evalsha` set, every subsegment gets its own call, as in Sentry, so no
-    /// call holds a shard longer than that option allows.
-    fn script_calls(&self, subsegments: &[Subsegment<'_>]) -> Vec<Vec<usize>> {
-        if self.options.max_spans_per_evalsha > 0 {
-            return (0..subsegments.len()).map(|index| vec![index]).collect();
-        }
-        let mut calls: Vec<(Vec<usize>, usize)> = Vec::new();
-        let mut open_call: HashMap<&str, usize> = HashMap::new();
-        for (index, subsegment) in subsegments.iter().enumerate() {
-            let spans = subsegment.spans.len();
-            let trace = subsegment.project_and_trace.as_str();
-            match open_call.get(trace) {
-                Some(&call) if calls[call].1 + spans <= MAX_SPANS_PER_CALL => {
-                    calls[call].0.push(index);
-                    calls[call].1 += spans;
-                }
-                _ => {
-                    open_call.insert(trace, calls.len());
-                    calls.push((vec![index], spans));
-                }
-            }
-        }
-        calls.into_iter().map(|(call, _)| call).collect()
     }
 
     /// `EVALSHA add-buffer.lua 1 <pt>` followed by one 9-field record (plus span ids) per
@@ -354,6 +327,7 @@ impl SpansBufferStore {
             removes.retain(|stale| *stale != result.segment_key);
         }
         let mut batch = CommandBatch::new();
+        let mut debug_deadlines = Vec::new();
         if !self.options.write_merged_payloads {
             for stale in queues.iter().flat_map(|q| &q.removes) {
                 let mut unlink = redis::cmd("UNLINK");
@@ -367,11 +341,12 @@ impl SpansBufferStore {
             removes,
         } in queues
         {
-            for (segment, _) in &adds {
+            for (segment, deadline) in &adds {
                 if self.is_debug_trace(segment) {
                     let mut score = redis::cmd("ZSCORE");
                     score.arg(&queue).arg(segment.as_str());
-                    batch.add(queue.clone(), score);
+                    let index = batch.add(queue.clone(), score);
+                    debug_deadlines.push((index, queue.clone(), segment.clone(), *deadline));
                 }
             }
             let mut zadd = redis::cmd("ZADD");
@@ -389,18 +364,19 @@ impl SpansBufferStore {
                 }
                 batch.add(queue.clone(), zrem);
             }
-            for (segment, deadline) in &adds {
-                if self.is_debug_trace(segment) {
-                    tracing::debug!(
-                        segment_key = %segment,
-                        queue_key = %queue,
-                        new_deadline = deadline,
-                        "Updated queue deadline of a debug trace."
-                    );
-                }
-            }
         }
-        check_replies("ZADD", &self.conn.execute(batch).await?)
+        let replies = self.conn.execute(batch).await?;
+        for (index, queue, segment, deadline) in debug_deadlines {
+            let old_deadline = replies.get(index).and_then(|reply| as_f64(reply).ok());
+            tracing::debug!(
+                segment_key = %segment,
+                queue_key = %queue,
+                old_deadline = ?old_deadline.map(|d| d as i64),
+                new_deadline = deadline,
+                "Updated the queue deadline of a debug trace."
+            );
+        }
+        check_replies("ZADD", &replies)
     }
 
     fn is_debug_trace(&self, segment: &SegmentKey) -> bool {
@@ -705,6 +681,33 @@ impl SpansBufferStore {
     }
 }
 
+/// Groups subsegments into script calls: one call per trace (its records applied in order),
+/// at most [`MAX_SPANS_PER_CALL`] span ids per call. With `max-spans-per-evalsha` set, every
+/// subsegment gets its own call, as in Sentry, so no call holds a shard longer than that
+/// option allows. Returns the subsegment indices of each call.
+fn script_calls(subsegments: &[Subsegment<'_>], max_spans_per_evalsha: usize) -> Vec<Vec<usize>> {
+    if max_spans_per_evalsha > 0 {
+        return (0..subsegments.len()).map(|index| vec![index]).collect();
+    }
+    let mut calls: Vec<(Vec<usize>, usize)> = Vec::new();
+    let mut open_call: HashMap<&str, usize> = HashMap::new();
+    for (index, subsegment) in subsegments.iter().enumerate() {
+        let spans = subsegment.spans.len();
+        let trace = subsegment.project_and_trace.as_str();
+        match open_call.get(trace) {
+            Some(&call) if calls[call].1 + spans <= MAX_SPANS_PER_CALL => {
+                calls[call].0.push(index);
+                calls[call].1 += spans;
+            }
+            _ => {
+                open_call.insert(trace, calls.len());
+                calls.push((vec![index], spans));
+            }
+        }
+    }
+    calls.into_iter().map(|(call, _)| call).collect()
+}
+
 fn bool_arg(value: bool) -> &'static str {
     if value { "true" } else { "false" }
 }
@@ -860,5 +863,107 @@ impl MemoryUsage {
         } else {
             self.used_bytes as f64 / self.available_bytes as f64
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::span::Span;
+
+    fn span(trace: &'static str, id: &'static str) -> Span<'static> {
+        Span {
+            trace_id: trace.into(),
+            span_id: id.into(),
+            parent_span_id: Some("p".into()),
+            segment_id: None,
+            project_id: 1,
+            organization_id: 1,
+            is_segment_span: false,
+            partition: 3,
+            payload: b"{}",
+        }
+    }
+
+    fn subsegment<'a>(spans: &'a [Span<'a>], salt: &str) -> Subsegment<'a> {
+        Subsegment {
+            project_and_trace: spans[0].project_and_trace(),
+            parent_span_id: "p".to_owned(),
+            spans: spans.iter().collect(),
+            salt: salt.to_owned(),
+        }
+    }
+
+    #[test]
+    fn groups_the_records_of_a_trace_into_one_call_unless_calls_are_bounded() {
+        let a = [span("t1", "a")];
+        let b = [span("t2", "b")];
+        let c = [span("t1", "c"), span("t1", "d")];
+        let subsegments = [
+            subsegment(&a, "s1"),
+            subsegment(&b, "s2"),
+            subsegment(&c, "s3"),
+        ];
+        assert_eq!(script_calls(&subsegments, 0), [vec![0, 2], vec![1]]);
+        assert_eq!(script_calls(&subsegments, 1), [vec![0], vec![1], vec![2]]);
+    }
+
+    #[test]
+    fn a_call_holds_at_most_the_span_limit() {
+        let many: Vec<Span<'static>> = (0..MAX_SPANS_PER_CALL).map(|_| span("t", "x")).collect();
+        let one = [span("t", "y")];
+        let subsegments = [subsegment(&many, "s1"), subsegment(&one, "s2")];
+        assert_eq!(script_calls(&subsegments, 0), [vec![0], vec![1]]);
+    }
+
+    #[test]
+    fn ingest_metadata_maps_counters_or_their_absence() {
+        assert_eq!(
+            as_optional_u64(Value::BulkString(b"3".to_vec())).unwrap(),
+            Some(3)
+        );
+        assert_eq!(
+            as_optional_u64(Value::BulkString(b"42".to_vec())).unwrap(),
+            Some(42)
+        );
+        assert_eq!(as_optional_u64(Value::Nil).unwrap(), None);
+        assert!(as_optional_u64(Value::BulkString(b"x".to_vec())).is_err());
+    }
+
+    #[test]
+    fn maps_a_script_record_into_an_inserted_subsegment() {
+        let spans = [span("t", "a")];
+        let subsegment = subsegment(&spans, "salt");
+        let bulk = |text: &str| Value::BulkString(text.as_bytes().to_vec());
+        let sampled = [
+            bulk("span-buf:s:{1:t}:root"),
+            Value::Int(1),
+            Value::Int(12),
+            Value::Array(vec![bulk("total_step_latency_us"), Value::Int(12)]),
+            Value::Array(vec![bulk("redirect_depth"), Value::Int(2)]),
+            Value::Array(vec![bulk("child")]),
+        ];
+        let inserted = parse_inserted(&subsegment, &sampled).unwrap();
+        assert_eq!(inserted.segment_key.as_str(), "span-buf:s:{1:t}:root");
+        assert!(inserted.has_root_span);
+        assert_eq!(inserted.partition, 3);
+        assert_eq!(inserted.merged_segment_span_ids, ["child"]);
+        let sample = inserted.sampled.unwrap();
+        assert_eq!(sample.latency_us, 12);
+        assert_eq!(sample.metric("redirect_depth"), Some(2));
+
+        let unsampled = [
+            bulk("span-buf:s:{1:t}:salt"),
+            Value::Nil,
+            Value::Int(-1),
+            Value::Array(vec![]),
+            Value::Array(vec![]),
+            Value::Array(vec![]),
+        ];
+        let inserted = parse_inserted(&subsegment, &unsampled).unwrap();
+        assert!(!inserted.has_root_span);
+        assert!(inserted.is_detached());
+        assert!(inserted.sampled.is_none());
+        assert!(parse_inserted(&subsegment, &[bulk("not a key")]).is_err());
     }
 }
