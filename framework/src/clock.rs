@@ -120,6 +120,11 @@ pub(crate) struct ClockSampler {
     last: Option<Instant>,
 }
 
+/// The most polls a [`ClockSampler`] answers from one read. It bounds how stale the instant
+/// can get when polls suddenly slow down (a stream turning from cheap to expensive messages)
+/// to this many of the slower polls.
+const MAX_SKIPPED_READS: u32 = 64;
+
 /// The target time between two real clock reads of a [`ClockSampler`].
 pub(crate) const SAMPLE_SPACING: Duration = Duration::from_micros(200);
 
@@ -146,13 +151,19 @@ impl ClockSampler {
     fn read(&mut self, clock: &dyn Clock, busy: bool) -> Instant {
         let now = clock.now();
         self.every = match self.last {
-            Some(last) if busy && now.saturating_duration_since(last) < SAMPLE_SPACING / 2 => {
-                (self.every * 2).min(1024)
+            Some(last) if busy => {
+                let elapsed = now.saturating_duration_since(last);
+                if elapsed < SAMPLE_SPACING / 2 {
+                    (self.every * 2).min(MAX_SKIPPED_READS)
+                } else if elapsed <= SAMPLE_SPACING * 2 {
+                    self.every
+                } else {
+                    // Polls slowed down: scale back in proportion, at once.
+                    let scaled = u128::from(self.every) * SAMPLE_SPACING.as_nanos()
+                        / elapsed.as_nanos().max(1);
+                    u32::try_from(scaled).unwrap_or(1).max(1)
+                }
             }
-            Some(last) if busy && now.saturating_duration_since(last) <= SAMPLE_SPACING * 2 => {
-                self.every
-            }
-            _ if busy => (self.every / 2).max(1),
             _ => 1,
         };
         self.countdown = self.every - 1;
@@ -209,7 +220,7 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_sampler_skips_reads_while_time_barely_moves_and_catches_up() {
+    fn a_busy_sampler_skips_reads_while_time_barely_moves_and_catches_up_at_once() {
         let clock = ManualClock::new();
         let mut sampler = ClockSampler::new();
         for _ in 0..20 {
@@ -223,8 +234,10 @@ mod tests {
             .filter_map(|_| sampler.sample(&clock, true))
             .collect();
 
-        // Within `every` busy polls the sampler reads the clock again.
-        assert_eq!(reads, [clock.now()]);
+        // Within `every` busy polls the sampler reads the clock again, and having seen time
+        // jump it goes back to reading on every poll.
+        assert_eq!(reads.first(), Some(&clock.now()));
+        assert!(reads.len() > 1, "kept skipping reads after time jumped");
     }
 
     #[test]
