@@ -65,6 +65,10 @@ pub struct ReplayArgs {
     /// zstd level of stored payloads (-1 = off).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub compression_level: i32,
+    /// `max-spans-per-evalsha`: span ids per script call; 0 groups the subsegments of a trace
+    /// into one call, any other value gives every subsegment its own call (Sentry's pattern).
+    #[arg(long, default_value_t = 0)]
+    pub max_spans_per_evalsha: usize,
 }
 
 /// Throughput of one phase.
@@ -142,6 +146,7 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
     let nodes = node_urls(&args.redis_url, args.cluster)?;
     let options = BufferOptions {
         compression_level: args.compression_level,
+        max_spans_per_evalsha: args.max_spans_per_evalsha,
         ..BufferOptions::default()
     };
     let mut buffer = SpansBuffer::new(conn, options, vec![0], None).await?;

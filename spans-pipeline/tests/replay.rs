@@ -38,6 +38,7 @@ fn args(redis: &TestRedis, file: PathBuf) -> ReplayArgs {
         output: None,
         no_flush: false,
         compression_level: 0,
+        max_spans_per_evalsha: 0,
     }
 }
 
