@@ -532,7 +532,14 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
                         self.mark_done(done.as_ref());
                         break;
                     }
-                    Err(StrategyError::InvalidMessage(invalid)) => self.invalid(invalid)?,
+                    // Join again for the rest, unless time is up (a step reporting invalid
+                    // messages forever must not keep the rebalance waiting).
+                    Err(StrategyError::InvalidMessage(invalid)) => {
+                        self.invalid(invalid)?;
+                        if self.clock.now() >= deadline {
+                            break;
+                        }
+                    }
                     Err(StrategyError::Other(error)) => return Err(RunError::Strategy(error)),
                 }
             }
@@ -1124,6 +1131,35 @@ mod tests {
             result,
             Err(RunError::Panicked { during: "submit", ref message }) if message == "step exploded"
         ));
+    }
+
+    #[test]
+    fn a_join_that_keeps_reporting_invalid_messages_ends_at_the_deadline() {
+        #[derive(Debug)]
+        struct AlwaysInvalid;
+        impl ProcessingStrategy<u64> for AlwaysInvalid {
+            fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
+                Ok(None)
+            }
+            fn submit(&mut self, _message: Message<u64>) -> Result<(), SubmitError<u64>> {
+                Ok(())
+            }
+            fn join(&mut self, _: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
+                let partition = Partition::new(Topic::new("in"), 0);
+                Err(InvalidMessage::new(partition, 0, "again").into())
+            }
+            fn terminate(&mut self) {}
+        }
+        let fixture = Fixture::new(1, 1);
+        let factory =
+            |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> { Box::new(AlwaysInvalid) };
+        let mut processor = StreamProcessor::new(fixture.consumer(), factory)
+            .with_config(fast().with_join_timeout(Duration::from_millis(50)));
+        run_until(&mut processor, |p| p.stats().messages_submitted == 1);
+
+        processor.shutdown().unwrap();
+
+        assert!(processor.stats().invalid_messages >= 1);
     }
 
     #[test]
