@@ -85,11 +85,11 @@ where
             self.forwarder.drop_message(&metadata);
             return Ok(());
         }
+        let mut metadata = Some(metadata);
         while let Some(output) = outputs.next() {
-            let message = if outputs.peek().is_some() {
-                Message::derived(output, CommitRequest::new())
-            } else {
-                metadata.clone().replace(output).0
+            let message = match metadata.take_if(|_| outputs.peek().is_none()) {
+                Some(last) => last.replace(output).0,
+                None => Message::derived(output, CommitRequest::new()),
             };
             // Queued behind earlier outputs when the next step is full: order is kept.
             self.forwarder.forward(&mut self.next_step, message)?;
