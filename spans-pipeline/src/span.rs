@@ -127,8 +127,17 @@ impl<'a> SpanFields<'a> {
             return Err(SpanError::MissingField(field));
         }
         let parent_span_id = self.parent_span_id;
+        let trace_id = self.trace_id.ok_or(SpanError::MissingField("trace_id"))?;
+        // The trace id sits inside the `{<project>:<trace>}` hash tag of every key: a brace in
+        // it would move keys of one trace to other cluster slots and fail the whole batch.
+        if trace_id.contains(['{', '}']) {
+            return Err(SpanError::InvalidField {
+                field: "trace_id",
+                reason: "contains a brace".to_owned(),
+            });
+        }
         Ok(Span {
-            trace_id: self.trace_id.ok_or(SpanError::MissingField("trace_id"))?,
+            trace_id,
             span_id: self.span_id.ok_or(SpanError::MissingField("span_id"))?,
             is_segment_span: parent_span_id.is_none() || self.is_segment,
             parent_span_id,
@@ -454,6 +463,24 @@ mod tests {
             error.to_string().contains("attributes.sentry.segment.id"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn rejects_a_trace_id_that_would_break_the_hash_tag() {
+        for trace in [r#""a}b""#, r#""{a""#] {
+            let json = with("trace_id", trace);
+            let error = Span::decode(json.as_bytes(), 0).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    SpanError::InvalidField {
+                        field: "trace_id",
+                        ..
+                    }
+                ),
+                "{error}"
+            );
+        }
     }
 
     #[test]
