@@ -35,18 +35,32 @@ impl std::fmt::Debug for RedisConnection {
     }
 }
 
+/// How long one request (often a pipeline of thousands of commands) may wait for its reply.
+///
+/// The client's default of 500 ms is shorter than a large batch takes on a busy server: the
+/// client then reports a failure while Redis still runs the commands, and the retry writes the
+/// batch a second time. A stalled Redis is detected by the flush workers' health checks and
+/// the consumer's backpressure instead, on a scale of seconds.
+pub const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl RedisConnection {
     /// Connects to the server at `urls[0]`, or to the cluster seeded by `urls`.
     pub async fn connect(urls: &[String], cluster: bool) -> RedisResult<Self> {
         if cluster {
-            let client = redis::cluster::ClusterClient::new(urls.to_vec())?;
+            let client = redis::cluster::ClusterClient::builder(urls.to_vec())
+                .response_timeout(RESPONSE_TIMEOUT)
+                .build()?;
             Ok(Self::Cluster(client.get_async_connection().await?))
         } else {
             let url = urls.first().ok_or_else(|| {
                 redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no redis url"))
             })?;
             let client = redis::Client::open(url.as_str())?;
-            Ok(Self::Standalone(ConnectionManager::new(client).await?))
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            Ok(Self::Standalone(
+                ConnectionManager::new_with_config(client, config).await?,
+            ))
         }
     }
 

@@ -21,6 +21,7 @@ use rill::backends::kafka::KafkaPayload;
 use rill::{DeliveryError, Destination, ProduceError, Producer, Topic};
 
 use super::decode::seconds;
+use super::error_chain::ErrorChain;
 use crate::buffer::{BufferError, BufferOptions, FlushedSegment, RedisConnection, SpansBuffer};
 use crate::metrics as names;
 
@@ -150,7 +151,7 @@ pub(super) async fn run_worker(
                 anything
             }
             Err(error) => {
-                tracing::warn!(%error, shards = %shard_label, "Flushing segments failed; retrying.");
+                tracing::warn!(error = %ErrorChain(&error), shards = %shard_label, "Flushing segments failed; retrying.");
                 metrics::counter!(names::FLUSHER_ERRORS, "phase" => "flush").increment(1);
                 false
             }
@@ -200,7 +201,7 @@ async fn produce_and_clean_up(
                 metrics::counter!(names::FLUSHER_PRODUCE_FAILED_SPANS)
                     .increment(segment.spans.len() as u64);
                 tracing::error!(
-                    %error,
+                    error = %ErrorChain(&error),
                     segment_key = %segment.segment_key,
                     project_id = segment.project_id,
                     spans = segment.spans.len(),
@@ -212,7 +213,7 @@ async fn produce_and_clean_up(
     }
     if let Err(error) = buffer.done_flush_segments(segments).await {
         // Left in Redis, the segments are flushed again later: duplicates, not losses.
-        tracing::warn!(%error, shards = shard_label, "Cleaning up flushed segments failed.");
+        tracing::warn!(error = %ErrorChain(&error), shards = shard_label, "Cleaning up flushed segments failed.");
         metrics::counter!(names::FLUSHER_ERRORS, "phase" => "done").increment(1);
     }
 }

@@ -16,6 +16,7 @@
 //!    as Sentry does, never before.
 
 mod decode;
+mod error_chain;
 mod flush_segments;
 mod flusher;
 mod process_spans;

@@ -17,6 +17,7 @@ use rill::{Message, SubmitError};
 use tokio::runtime::Handle;
 
 use super::decode::{SpanMessage, seconds};
+use super::error_chain::ErrorChain;
 use crate::buffer::SpansBuffer;
 use crate::metrics as names;
 use crate::span::Span;
@@ -91,7 +92,7 @@ impl ProcessSpans {
                 Ok(batch.map(|_| now))
             }
             Err(error) => {
-                tracing::warn!(%error, retry_in = ?self.backoff, "Writing spans to Redis failed; retrying.");
+                tracing::warn!(error = %ErrorChain(&error), retry_in = ?self.backoff, "Writing spans to Redis failed; retrying.");
                 metrics::counter!(names::PROCESS_FAILURES).increment(1);
                 self.retry_at = Some(Instant::now() + self.backoff);
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);

@@ -273,8 +273,14 @@ fn start_consumer(
     runtime: &tokio::runtime::Runtime,
 ) -> Result<(rill::processor::ProcessorHandle, ProcessorThread), DemoError> {
     let producer = Arc::new(
-        KafkaProducer::new(&KafkaProducerConfig::new(bootstrap).with_override("linger.ms", "2"))
-            .map_err(|error| DemoError::Other(error.to_string()))?,
+        KafkaProducer::new(
+            &KafkaProducerConfig::new(bootstrap)
+                .with_override("linger.ms", "2")
+                // Segments are keyless; spread each message instead of sending a whole flush to
+                // one partition, which would overflow the mock broker's small per-partition log.
+                .with_override("sticky.partitioning.linger.ms", "0"),
+        )
+        .map_err(|error| DemoError::Other(error.to_string()))?,
     );
     // Short flush timeouts so segments come out within seconds, and flush locks on: a
     // subsegment that targets a segment being flushed then detaches into a segment of its own
@@ -484,6 +490,7 @@ impl OutputReader {
             .set("bootstrap.servers", bootstrap)
             .set("group.id", "demo-output-reader")
             .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
             .create()?;
         let mut assignment = TopicPartitionList::new();
         for partition in 0..partitions {
