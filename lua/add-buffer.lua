@@ -54,32 +54,33 @@ local redirect_key = "span-buf:ssr:" .. tag
 -- as a redis.call read.
 local built = { s = {}, mk = {}, ic = {}, ibc = {}, hrs = {}, fl = {} }
 
-local function segment_key_of(span_id)
-    local key = built.s[span_id]
+-- `span-buf:s:{<pt>}:<id>` (segment key) and `span-buf:mk:{<pt>}:<id>` (member keys) embed
+-- the trace tag; `span-buf:<ic|ibc|hrs|fl>:<segment key>` embed the segment key.
+local function key_of(kind, span_id)
+    local cache = built[kind]
+    local key = cache[span_id]
     if key == nil then
-        key = "span-buf:s:" .. tag .. ":" .. span_id
-        built.s[span_id] = key
+        if kind == "s" or kind == "mk" then
+            key = "span-buf:" .. kind .. ":" .. tag .. ":" .. span_id
+        else
+            key = "span-buf:" .. kind .. ":" .. key_of("s", span_id)
+        end
+        cache[span_id] = key
     end
     return key
 end
 
+local function segment_key_of(span_id)
+    return key_of("s", span_id)
+end
+
 local function member_keys_of(span_id)
-    local key = built.mk[span_id]
-    if key == nil then
-        key = "span-buf:mk:" .. tag .. ":" .. span_id
-        built.mk[span_id] = key
-    end
-    return key
+    return key_of("mk", span_id)
 end
 
 -- `span-buf:<kind>:<segment key>` for kind ic, ibc, hrs or fl.
 local function metadata_key_of(kind, span_id)
-    local key = built[kind][span_id]
-    if key == nil then
-        key = "span-buf:" .. kind .. ":" .. segment_key_of(span_id)
-        built[kind][span_id] = key
-    end
-    return key
+    return key_of(kind, span_id)
 end
 
 -- Runs `command key values...` in chunks of CHUNK values.
