@@ -18,10 +18,12 @@ use std::time::Duration;
 use crate::error::BoxError;
 use crate::message::{Message, Partition};
 
+mod group;
 pub mod kafka;
 pub mod local;
 mod producer;
 
+pub use group::{InitialOffset, RebalanceProtocol};
 pub(crate) use producer::poll_delivery;
 pub use producer::{Delivered, DeliveryError, DeliveryFuture, Destination, ProduceError, Producer};
 

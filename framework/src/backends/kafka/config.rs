@@ -9,29 +9,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
-/// Where a consumer starts reading a partition the group has never committed for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum InitialOffset {
-    /// The oldest message still in the partition.
-    #[default]
-    Earliest,
-    /// Only messages produced after the assignment.
-    Latest,
-    /// Refuse: the consumer fails with an error naming the partition.
-    Error,
-}
-
-/// How partitions move between the members of a consumer group.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum RebalanceProtocol {
-    /// Every rebalance revokes every partition of every member, then assigns again
-    /// (`range,roundrobin`).
-    #[default]
-    Eager,
-    /// Only the partitions that move are revoked; the others keep flowing
-    /// (`cooperative-sticky`).
-    Cooperative,
-}
+use crate::backends::{InitialOffset, RebalanceProtocol};
 
 /// Settings the typed fields own; overrides may not set them.
 const OWNED_KEYS: &[&str] = &[
@@ -112,7 +90,7 @@ impl KafkaConsumerConfig {
         self
     }
 
-    /// The rebalance protocol (default: eager).
+    /// The rebalance protocol (default: cooperative).
     #[must_use]
     pub const fn with_rebalance_protocol(mut self, protocol: RebalanceProtocol) -> Self {
         self.rebalance_protocol = protocol;

@@ -16,10 +16,11 @@ use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::config::{InitialOffset, KafkaConfigError, KafkaConsumerConfig, RebalanceProtocol};
+use super::config::{KafkaConfigError, KafkaConsumerConfig};
 use super::context::{RebalanceContext, RebalanceRequest};
 use super::payload::KafkaPayload;
 use crate::backends::{Consumer, ConsumerError, ConsumerEvent};
+use crate::backends::{InitialOffset, RebalanceProtocol};
 use crate::message::{Message, Partition, Topic};
 
 /// How long a blocking broker request (committed offsets, watermarks) may take.

@@ -17,9 +17,8 @@ mod dlq;
 mod payload;
 mod producer;
 
-pub use config::{
-    InitialOffset, KafkaConfigError, KafkaConsumerConfig, KafkaProducerConfig, RebalanceProtocol,
-};
+pub use crate::backends::{InitialOffset, RebalanceProtocol};
+pub use config::{KafkaConfigError, KafkaConsumerConfig, KafkaProducerConfig};
 pub use consumer::{KafkaConsumer, KafkaConsumerError};
 pub use dlq::{
     INVALID_REASON_HEADER, KafkaDlqProducer, ORIGINAL_OFFSET_HEADER, ORIGINAL_PARTITION_HEADER,

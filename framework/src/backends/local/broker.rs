@@ -7,29 +7,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::backends::ConsumerError;
+use crate::backends::{ConsumerError, InitialOffset, RebalanceProtocol};
 use crate::fast_hash::FastMap;
 use crate::message::{Message, Partition, Topic};
-
-/// Where a consumer starts on a partition its group never committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OffsetReset {
-    /// The first message.
-    #[default]
-    Earliest,
-    /// After the last message.
-    Latest,
-}
-
-/// How a group moves partitions between members.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RebalanceProtocol {
-    /// Every member gives up all its partitions, then receives its new share.
-    Eager,
-    /// Members give up only the partitions that move; the others stay assigned.
-    #[default]
-    Cooperative,
-}
 
 /// What a member learns from the coordinator, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +31,7 @@ pub(super) struct Member {
 #[derive(Debug)]
 struct Group {
     protocol: RebalanceProtocol,
-    reset: OffsetReset,
+    reset: InitialOffset,
     members: BTreeMap<u64, Member>,
     committed: HashMap<Partition, u64>,
     commit_log: Vec<(Partition, u64)>,
@@ -232,7 +212,7 @@ impl<T> LocalBroker<T> {
 
     /// Sets how `group` rebalances and where it starts on uncommitted partitions; call before
     /// the first member subscribes.
-    pub fn configure_group(&self, group: &str, protocol: RebalanceProtocol, reset: OffsetReset) {
+    pub fn configure_group(&self, group: &str, protocol: RebalanceProtocol, reset: InitialOffset) {
         let mut state = self.shared.state.lock();
         let entry = group_entry(&mut state, group);
         entry.protocol = protocol;
@@ -305,15 +285,26 @@ impl<T> State<T> {
     }
 
     /// Where a member starts reading a newly assigned partition.
-    pub(super) fn start_offset(&self, group: &str, partition: &Partition) -> u64 {
+    pub(super) fn start_offset(
+        &self,
+        group: &str,
+        partition: &Partition,
+    ) -> Result<u64, ConsumerError> {
         let Some(group) = self.groups.get(group) else {
-            return 0;
+            return Ok(0);
         };
         match group.committed.get(partition) {
-            Some(&offset) => offset,
+            Some(&offset) => Ok(offset),
             None => match group.reset {
-                OffsetReset::Earliest => 0,
-                OffsetReset::Latest => log_len(self, partition),
+                InitialOffset::Earliest => Ok(0),
+                InitialOffset::Latest => Ok(log_len(self, partition)),
+                InitialOffset::Error => Err(ConsumerError::Broker(
+                    format!(
+                        "no committed offset for {partition} and the initial offset policy is \
+                         'error'"
+                    )
+                    .into(),
+                )),
             },
         }
     }
@@ -393,7 +384,7 @@ fn group_entry<'a, T>(state: &'a mut State<T>, group: &str) -> &'a mut Group {
         .entry(group.to_owned())
         .or_insert_with(|| Group {
             protocol: RebalanceProtocol::default(),
-            reset: OffsetReset::default(),
+            reset: InitialOffset::default(),
             members: BTreeMap::new(),
             committed: HashMap::new(),
             commit_log: Vec::new(),
@@ -540,7 +531,7 @@ mod tests {
     #[test]
     fn eager_rebalance_revokes_everything_first() {
         let broker = LocalBroker::new();
-        broker.configure_group("g", RebalanceProtocol::Eager, OffsetReset::Earliest);
+        broker.configure_group("g", RebalanceProtocol::Eager, InitialOffset::Earliest);
         let topic = topic_with(&broker, 2);
         let mut first = broker.subscribe("g", std::slice::from_ref(&topic));
         events(&mut first);
@@ -611,7 +602,7 @@ mod tests {
     #[test]
     fn latest_reset_starts_after_existing_messages() {
         let broker = LocalBroker::new();
-        broker.configure_group("g", RebalanceProtocol::Cooperative, OffsetReset::Latest);
+        broker.configure_group("g", RebalanceProtocol::Cooperative, InitialOffset::Latest);
         let topic = topic_with(&broker, 1);
         let partition = Partition::new(topic.clone(), 0);
         broker.produce_to(&partition, 1).unwrap();
@@ -623,6 +614,18 @@ mod tests {
         };
 
         assert_eq!(assigned[&partition], 2);
+    }
+
+    #[test]
+    fn error_reset_refuses_a_partition_without_a_commit() {
+        let broker = LocalBroker::new();
+        broker.configure_group("g", RebalanceProtocol::Cooperative, InitialOffset::Error);
+        let topic = topic_with(&broker, 1);
+
+        let mut consumer = broker.subscribe("g", &[topic]);
+        let error = consumer.poll(Duration::ZERO).unwrap_err();
+
+        assert!(error.to_string().contains("consumer failed"), "{error}");
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl<T: Clone> Consumer<T> for LocalConsumer<T> {
                 Some(Notice::Assigned(partitions)) => {
                     let mut assigned = HashMap::new();
                     for partition in partitions {
-                        let start = state.start_offset(&self.group, &partition);
+                        let start = state.start_offset(&self.group, &partition)?;
                         self.positions.push((partition.clone(), start));
                         assigned.insert(partition, start);
                     }

@@ -8,6 +8,6 @@ mod broker;
 mod consumer;
 mod producer;
 
-pub use broker::{LocalBroker, OffsetReset, RebalanceProtocol};
+pub use broker::LocalBroker;
 pub use consumer::LocalConsumer;
 pub use producer::LocalProducer;
