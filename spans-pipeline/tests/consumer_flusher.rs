@@ -1,0 +1,406 @@
+//! The flush workers' health and backpressure, end to end on the mock Kafka cluster and a real
+//! Redis: a worker that dies or hangs is replaced and its segment still flushed, exactly once;
+//! a worker that keeps dying fails the consumer; a flusher at its limit and a Redis above its
+//! memory limit pause consumption, which resumes once they recover, and nothing is lost.
+//!
+//! The producer of flushed segments is a test double around the real Kafka producer that
+//! panics, hangs or slows down; Redis is always real. The tests read process-wide metrics
+//! through a debugging recorder, so they run one at a time.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/consumer.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use integration_tests::kafka::MockKafka;
+use integration_tests::redis_server::{RedisMode, TestRedis};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use rill::backends::kafka::{KafkaPayload, KafkaProducer, KafkaProducerConfig};
+use rill::processor::RunError;
+use rill::{DeliveryError, DeliveryFuture, Destination, ProduceError, Producer};
+use spans_pipeline::consumer::{FlushError, FlushSettings};
+use spans_pipeline::metrics as names;
+use support::{
+    ConsumerSetup, Traces, assert_all_flushed, committed, output_span_counts, runtime, wait_until,
+    wait_until_drained,
+};
+
+/// What [`FaultyProducer`] does to its faulty sends.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Panics, as a bug in the produce path would.
+    Panic,
+    /// Returns a delivery that hangs for this long, then produces the message for real.
+    WakeLate(Duration),
+    /// Produces for real, but reports the delivery this much later.
+    Slow(Duration),
+}
+
+/// The real Kafka producer, except for the first `faulty_sends` sends.
+struct FaultyProducer {
+    inner: Arc<KafkaProducer>,
+    fault: Fault,
+    faulty_sends: usize,
+    sends: AtomicUsize,
+    first_send: Mutex<Option<Instant>>,
+    woke: Arc<AtomicBool>,
+}
+
+impl FaultyProducer {
+    fn new(kafka: &MockKafka, fault: Fault, faulty_sends: usize) -> Arc<Self> {
+        let config =
+            KafkaProducerConfig::new(kafka.bootstrap_servers()).with_override("linger.ms", "1");
+        Arc::new(Self {
+            inner: Arc::new(KafkaProducer::new(&config).unwrap()),
+            fault,
+            faulty_sends,
+            sends: AtomicUsize::new(0),
+            first_send: Mutex::new(None),
+            woke: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn sends(&self) -> usize {
+        self.sends.load(Ordering::SeqCst)
+    }
+
+    fn first_send(&self) -> Option<Instant> {
+        *self.first_send.lock().unwrap()
+    }
+
+    /// Whether a late delivery woke up (its worker was not stopped).
+    fn woke(&self) -> bool {
+        self.woke.load(Ordering::SeqCst)
+    }
+}
+
+impl Producer<KafkaPayload> for FaultyProducer {
+    fn produce(
+        &self,
+        destination: &Destination,
+        payload: KafkaPayload,
+    ) -> Result<DeliveryFuture, ProduceError<KafkaPayload>> {
+        let send = self.sends.fetch_add(1, Ordering::SeqCst);
+        self.first_send
+            .lock()
+            .unwrap()
+            .get_or_insert_with(Instant::now);
+        if send >= self.faulty_sends {
+            return self.inner.produce(destination, payload);
+        }
+        match self.fault {
+            Fault::Panic => panic!("injected failure in produce"),
+            Fault::WakeLate(after) => {
+                let inner = Arc::clone(&self.inner);
+                let destination = destination.clone();
+                let woke = Arc::clone(&self.woke);
+                Ok(Box::pin(async move {
+                    tokio::time::sleep(after).await;
+                    woke.store(true, Ordering::SeqCst);
+                    match inner.produce(&destination, payload) {
+                        Ok(delivery) => delivery.await,
+                        Err(_) => Err(DeliveryError::Canceled),
+                    }
+                }))
+            }
+            Fault::Slow(by) => {
+                let delivery = self.inner.produce(destination, payload)?;
+                Ok(Box::pin(async move {
+                    tokio::time::sleep(by).await;
+                    delivery.await
+                }))
+            }
+        }
+    }
+}
+
+/// A counter's name and labels.
+type Series = (String, Vec<(String, String)>);
+
+/// Counter totals of the whole binary; the debugging recorder hands each increment out once.
+static RECORDER: OnceLock<Snapshotter> = OnceLock::new();
+static TOTALS: Mutex<BTreeMap<Series, u64>> = Mutex::new(BTreeMap::new());
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Runs the calling test alone, with the counters at zero.
+fn serial() -> MutexGuard<'static, ()> {
+    let guard = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    RECORDER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().unwrap();
+        snapshotter
+    });
+    counter("", &[]);
+    TOTALS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
+    guard
+}
+
+/// The total of counter `name` over the series carrying all of `labels`.
+fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
+    let mut totals = TOTALS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (key, _, _, value) in RECORDER.get().unwrap().snapshot().into_vec() {
+        if let DebugValue::Counter(increment) = value {
+            let series = key
+                .key()
+                .labels()
+                .map(|label| (label.key().to_owned(), label.value().to_owned()))
+                .collect();
+            *totals
+                .entry((key.key().name().to_owned(), series))
+                .or_default() += increment;
+        }
+    }
+    totals
+        .iter()
+        .filter(|((total_name, series), _)| {
+            total_name == name
+                && labels
+                    .iter()
+                    .all(|(key, value)| series.contains(&((*key).to_owned(), (*value).to_owned())))
+        })
+        .map(|(_, total)| total)
+        .sum()
+}
+
+/// What every test here runs on: one input partition, a standalone Redis, and the producer
+/// double in front of the real producer.
+struct Fixture {
+    kafka: MockKafka,
+    redis: TestRedis,
+    runtime: tokio::runtime::Runtime,
+    producer: Arc<FaultyProducer>,
+}
+
+impl Fixture {
+    fn new(fault: Fault, faulty_sends: usize) -> Self {
+        let kafka = support::kafka(1);
+        let producer = FaultyProducer::new(&kafka, fault, faulty_sends);
+        Self {
+            kafka,
+            redis: TestRedis::start(RedisMode::Standalone),
+            runtime: runtime(),
+            producer,
+        }
+    }
+
+    fn start(&self, setup: &ConsumerSetup) -> support::Consumer {
+        setup.start(&self.kafka, &self.redis, &self.runtime)
+    }
+
+    /// Starts a consumer on one trace (a root and two children) and waits until it is
+    /// committed and flushed out of Redis.
+    fn one_trace_drained(&self) -> (support::Consumer, Traces) {
+        let traces = Traces::new(0, 1, 2, 1);
+        traces.produce(&self.kafka);
+        let consumer = self.start(&setup(&self.producer));
+        wait_until_drained(&self.kafka, &self.redis, &traces.per_partition(1));
+        (consumer, traces)
+    }
+}
+
+/// A fast consumer whose workers are replaced after 1 s of silence, producing with `producer`.
+fn setup(producer: &Arc<FaultyProducer>) -> ConsumerSetup {
+    let mut setup = ConsumerSetup::default();
+    setup.settings.flush = FlushSettings {
+        max_unhealthy: Duration::from_secs(1),
+        max_restarts: 3,
+        ..FlushSettings::default()
+    };
+    setup.processor = setup
+        .processor
+        .with_backpressure_grace(Duration::from_millis(100));
+    setup.producer = Some(Arc::clone(producer) as Arc<dyn Producer<KafkaPayload>>);
+    setup
+}
+
+/// Produces root spans (added to `traces`) until the consumer pauses its partitions.
+fn keep_producing_until_paused(kafka: &MockKafka, traces: &mut Traces) {
+    let mut next = 1_000_000;
+    wait_until("the consumer pauses", || {
+        if counter(rill::metrics::PAUSES, &[]) > 0 {
+            return true;
+        }
+        let more = Traces::new(next, 5, 0, 1);
+        more.produce(kafka);
+        traces.messages.extend(more.messages);
+        traces.span_ids.extend(more.span_ids);
+        next += 5;
+        false
+    });
+}
+
+fn assert_flushed_exactly_once(kafka: &MockKafka, traces: &Traces) {
+    let counts = output_span_counts(kafka);
+    assert_all_flushed(&counts, &traces.span_ids);
+    let duplicates: Vec<_> = counts.iter().filter(|(_, count)| **count > 1).collect();
+    assert!(duplicates.is_empty(), "flushed twice: {duplicates:?}");
+}
+
+#[test]
+fn a_flush_worker_that_dies_is_replaced_and_its_segment_still_flushed() {
+    let _serial = serial();
+    let fixture = Fixture::new(Fault::Panic, 1);
+    let (kafka, producer) = (&fixture.kafka, &fixture.producer);
+
+    let (consumer, traces) = fixture.one_trace_drained();
+    consumer.stop();
+
+    assert!(
+        counter(
+            names::FLUSHER_UNHEALTHY,
+            &[("cause", "no_process"), ("shard", "0")]
+        ) >= 1
+    );
+    assert!(producer.sends() >= 2, "the replacement produced");
+    assert_flushed_exactly_once(kafka, &traces);
+}
+
+#[test]
+fn a_hung_flush_worker_is_replaced_and_never_produces_beside_its_replacement() {
+    let _serial = serial();
+    let wake_after = Duration::from_secs(5);
+    let fixture = Fixture::new(Fault::WakeLate(wake_after), 1);
+    let (kafka, producer) = (&fixture.kafka, &fixture.producer);
+
+    let (consumer, traces) = fixture.one_trace_drained();
+    assert!(
+        counter(
+            names::FLUSHER_UNHEALTHY,
+            &[("cause", "hang"), ("shard", "0")]
+        ) >= 1
+    );
+    // The hung delivery would wake up now and produce the segment a second time, had its
+    // worker been left running.
+    let wake_at = producer.first_send().unwrap() + wake_after;
+    wait_until("the hung delivery would have woken", || {
+        Instant::now() > wake_at + Duration::from_millis(500)
+    });
+    consumer.stop();
+
+    assert!(!producer.woke(), "the hung worker kept running");
+    assert_flushed_exactly_once(kafka, &traces);
+}
+
+#[test]
+fn a_flush_worker_that_keeps_dying_fails_the_consumer() {
+    let _serial = serial();
+    let fixture = Fixture::new(Fault::Panic, usize::MAX);
+    let mut setup = setup(&fixture.producer);
+    setup.settings.flush.max_restarts = 1;
+    Traces::new(0, 1, 2, 1).produce(&fixture.kafka);
+
+    let (result, _) = fixture.start(&setup).wait_for_exit();
+
+    let Err(RunError::Strategy(error)) = result else {
+        panic!("expected the flusher to fail the consumer, got {result:?}");
+    };
+    assert!(
+        matches!(
+            error.downcast_ref::<FlushError>(),
+            Some(FlushError::TooManyRestarts { restarts: 1, .. })
+        ),
+        "{error}"
+    );
+    assert!(
+        counter(
+            names::FLUSHER_UNHEALTHY,
+            &[("cause", "no_process"), ("shard", "0")]
+        ) >= 2
+    );
+}
+
+#[test]
+fn a_lagging_flusher_pauses_consumption_until_it_catches_up() {
+    let _serial = serial();
+    let fixture = Fixture::new(Fault::Slow(Duration::from_millis(20)), usize::MAX);
+    let Fixture {
+        kafka,
+        redis,
+        producer,
+        ..
+    } = &fixture;
+    let mut setup = setup(producer);
+    // One segment per iteration and at least 20 ms per iteration: 200 due segments keep the
+    // worker at its limit for seconds.
+    setup.options.max_flush_segments = 1;
+    setup.settings.flush.backpressure_after = Duration::from_secs(1);
+    let mut traces = Traces::new(0, 200, 0, 1);
+    traces.produce(kafka);
+
+    let consumer = fixture.start(&setup);
+    // Input keeps arriving while the worker works through the backlog.
+    keep_producing_until_paused(kafka, &mut traces);
+    assert!(
+        counter(names::FLUSHER_BACKPRESSURE, &[]) > 0,
+        "paused by the flusher lag"
+    );
+    wait_until_drained(kafka, redis, &traces.per_partition(1));
+    let stats = consumer.stop();
+
+    assert!(stats.pauses >= 1, "{stats:?}");
+    assert!(stats.rejections > 0, "{stats:?}");
+    assert_all_flushed(&output_span_counts(kafka), &traces.span_ids);
+}
+
+#[test]
+fn a_full_redis_pauses_consumption_until_memory_falls() {
+    let _serial = serial();
+    let fixture = Fixture::new(Fault::Panic, 0);
+    let Fixture {
+        kafka,
+        redis,
+        producer,
+        ..
+    } = &fixture;
+    let mut conn = redis.node_connections().remove(0);
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();
+    let used: u64 = info
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let set_maxmemory = |conn: &mut redis::Connection, bytes: u64| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(bytes)
+            .query(conn)
+            .unwrap();
+    };
+    // Used is about a third of the limit: writes still succeed, but the ratio is over 0.1.
+    set_maxmemory(&mut conn, used * 3);
+    let mut setup = setup(producer);
+    setup.settings.flush.max_memory_ratio = 0.1;
+    let mut traces = Traces::new(0, 10, 4, 1);
+    traces.produce(kafka);
+
+    let consumer = fixture.start(&setup);
+    keep_producing_until_paused(kafka, &mut traces);
+    assert!(
+        counter(names::FLUSHER_HARD_BACKPRESSURE, &[]) > 0,
+        "paused by redis memory"
+    );
+    assert_eq!(committed(kafka, 1), [None], "nothing is committed");
+    set_maxmemory(&mut conn, 0);
+    wait_until_drained(kafka, redis, &traces.per_partition(1));
+    let stats = consumer.stop();
+
+    assert!(stats.pauses >= 1, "{stats:?}");
+    assert!(stats.rejections > 0, "{stats:?}");
+    assert_all_flushed(&output_span_counts(kafka), &traces.span_ids);
+}
