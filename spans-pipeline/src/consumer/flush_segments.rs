@@ -19,7 +19,7 @@
 //!   flush is left half produced, within the join deadline.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use rill::{
@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 use super::decode::seconds;
 use super::flusher::{WorkerContext, WorkerHealth, run_worker, shard_label};
-use crate::buffer::{BufferError, SpansBufferStore};
+use crate::buffer::{BufferError, BufferOptions, RedisConnection, SpansBufferStore};
 use crate::metrics as names;
 
 /// Settings of [`FlushSegments`] (Sentry's `spans.buffer.flusher.*` options).
@@ -165,8 +165,14 @@ impl<N> FlushSegments<N> {
                 }
             })
             .collect();
-        let memory = (settings.max_memory_ratio < 1.0)
-            .then(|| MemoryWatch::start(&runtime, &context, settings.max_memory_ratio));
+        let memory = (settings.max_memory_ratio < 1.0).then(|| {
+            MemoryWatch::start(
+                &runtime,
+                context.connection.clone(),
+                context.options.clone(),
+                settings.max_memory_ratio,
+            )
+        });
         let mut step = Self {
             context,
             settings,
@@ -393,42 +399,44 @@ fn spawn(
 }
 
 /// Samples Redis memory once a second in the background, so `submit` never waits for Redis.
+/// The first sample is taken before the step starts, so a consumer started while Redis is
+/// already full rejects its very first batch.
 struct MemoryWatch {
     exceeded: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
 impl MemoryWatch {
-    fn start(runtime: &Handle, context: &WorkerContext, max_ratio: f64) -> Self {
+    /// Takes the first sample, then keeps sampling on `runtime`; must not be called from one of
+    /// its threads.
+    fn start(
+        runtime: &Handle,
+        connection: RedisConnection,
+        options: BufferOptions,
+        max_ratio: f64,
+    ) -> Self {
         let exceeded = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&exceeded);
-        let context = context.clone();
-        let ratio_bits = Arc::new(AtomicU64::new(0));
-        let task = runtime.spawn(async move {
-            let store = match SpansBufferStore::new(context.connection.clone(), context.options.clone()).await {
-                Ok(store) => store,
-                Err(error) => {
-                    tracing::error!(%error, "Cannot watch Redis memory.");
-                    return;
-                }
+        let Some(store) = runtime
+            .block_on(SpansBufferStore::new(connection, options))
+            .inspect_err(|error| tracing::error!(%error, "Cannot watch Redis memory."))
+            .ok()
+        else {
+            return Self {
+                exceeded,
+                task: runtime.spawn(async {}),
             };
-            let mut warned = false;
+        };
+        let mut sampler = MemorySampler {
+            store,
+            exceeded: Arc::clone(&exceeded),
+            max_ratio,
+            warned: false,
+        };
+        runtime.block_on(sampler.sample());
+        let task = runtime.spawn(async move {
             loop {
-                match store.memory_usage().await {
-                    Ok(usage) => {
-                        let ratio = usage.ratio();
-                        ratio_bits.store(ratio.to_bits(), Ordering::Relaxed);
-                        metrics::gauge!(names::REDIS_MEMORY_RATIO).set(ratio);
-                        let over = ratio > max_ratio;
-                        if over && !warned {
-                            tracing::error!(ratio, max_ratio, "Redis memory is above the limit; pausing consumption until it falls.");
-                        }
-                        warned = over;
-                        flag.store(over, Ordering::SeqCst);
-                    }
-                    Err(error) => tracing::warn!(%error, "Reading Redis memory failed."),
-                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                sampler.sample().await;
             }
         });
         Self { exceeded, task }
@@ -436,5 +444,75 @@ impl MemoryWatch {
 
     fn exceeded(&self) -> bool {
         self.exceeded.load(Ordering::SeqCst)
+    }
+}
+
+/// One Redis memory reading after another, each setting the watch's flag.
+struct MemorySampler {
+    store: SpansBufferStore,
+    exceeded: Arc<AtomicBool>,
+    max_ratio: f64,
+    warned: bool,
+}
+
+impl MemorySampler {
+    async fn sample(&mut self) {
+        match self.store.memory_usage().await {
+            Ok(usage) => {
+                let ratio = usage.ratio();
+                metrics::gauge!(names::REDIS_MEMORY_RATIO).set(ratio);
+                let over = ratio > self.max_ratio;
+                if over && !self.warned {
+                    tracing::error!(
+                        ratio,
+                        max_ratio = self.max_ratio,
+                        "Redis memory is above the limit; pausing consumption until it falls."
+                    );
+                }
+                self.warned = over;
+                self.exceeded.store(over, Ordering::SeqCst);
+            }
+            Err(error) => tracing::warn!(%error, "Reading Redis memory failed."),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use integration_tests::redis_server::RedisServer;
+
+    use super::*;
+
+    fn watch_with_maxmemory(maxmemory: &str, max_ratio: f64) -> bool {
+        let server = RedisServer::start();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(maxmemory)
+            .query(&mut server.connection())
+            .unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let connection = runtime
+            .block_on(RedisConnection::connect(&[server.url()], false))
+            .unwrap();
+        let watch = MemoryWatch::start(
+            runtime.handle(),
+            connection,
+            BufferOptions::default(),
+            max_ratio,
+        );
+        let exceeded = watch.exceeded();
+        watch.task.abort();
+        exceeded
+    }
+
+    #[test]
+    fn memory_watch_knows_redis_is_full_as_soon_as_it_starts() {
+        assert!(watch_with_maxmemory("100mb", 0.000_001));
+    }
+
+    #[test]
+    fn memory_watch_lets_input_through_while_redis_has_room() {
+        assert!(!watch_with_maxmemory("0", 0.9));
     }
 }
