@@ -235,8 +235,7 @@ fn keep_producing_until_paused(kafka: &MockKafka, traces: &mut Traces) {
         }
         let more = Traces::new(next, 5, 0, 1);
         more.produce(kafka);
-        traces.messages.extend(more.messages);
-        traces.span_ids.extend(more.span_ids);
+        traces.extend(more);
         next += 5;
         false
     });
@@ -292,6 +291,36 @@ fn a_hung_flush_worker_is_replaced_and_never_produces_beside_its_replacement() {
 
     assert!(!producer.woke(), "the hung worker kept running");
     assert_flushed_exactly_once(kafka, &traces);
+}
+
+#[test]
+fn a_flush_worker_stuck_on_redis_is_replaced_and_flushing_goes_on() {
+    let _serial = serial();
+    // No faulty sends: the real producer.
+    let fixture = Fixture::new(Fault::Panic, 0);
+    let (consumer, mut traces) = fixture.one_trace_drained();
+
+    // Every client of Redis waits, the flush worker in the middle of an iteration.
+    let mut conn = fixture.redis.node_connections().remove(0);
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(5000)
+        .arg("ALL")
+        .query(&mut conn)
+        .unwrap();
+    wait_until("the stuck worker is replaced", || {
+        counter(
+            names::FLUSHER_UNHEALTHY,
+            &[("cause", "hang"), ("shard", "0")],
+        ) >= 1
+    });
+    let more = Traces::new(1, 1, 2, 1);
+    more.produce(&fixture.kafka);
+    traces.extend(more);
+    wait_until_drained(&fixture.kafka, &fixture.redis, &traces.per_partition(1));
+    consumer.stop();
+
+    assert_flushed_exactly_once(&fixture.kafka, &traces);
 }
 
 #[test]
@@ -358,6 +387,7 @@ fn a_lagging_flusher_pauses_consumption_until_it_catches_up() {
 #[test]
 fn a_full_redis_pauses_consumption_until_memory_falls() {
     let _serial = serial();
+    // No faulty sends: the real producer.
     let fixture = Fixture::new(Fault::Panic, 0);
     let Fixture {
         kafka,

@@ -72,6 +72,12 @@ impl Traces {
         traces
     }
 
+    /// Adds the spans of `other`.
+    pub fn extend(&mut self, other: Self) {
+        self.messages.extend(other.messages);
+        self.span_ids.extend(other.span_ids);
+    }
+
     fn add(&mut self, partition: i32, message: String, span_id: String) {
         self.messages.push((partition, message));
         self.span_ids.insert(span_id);
