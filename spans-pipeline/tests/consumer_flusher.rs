@@ -175,8 +175,8 @@ fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
         .sum()
 }
 
-/// What every test here runs on: one input partition, a standalone Redis, and the producer
-/// double in front of the real producer.
+/// What every test here runs on: one input partition, a Redis, and the producer double in
+/// front of the real producer.
 struct Fixture {
     kafka: MockKafka,
     redis: TestRedis,
@@ -185,12 +185,12 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new(fault: Fault, faulty_sends: usize) -> Self {
+    fn new(mode: RedisMode, fault: Fault, faulty_sends: usize) -> Self {
         let kafka = support::kafka(1);
         let producer = FaultyProducer::new(&kafka, fault, faulty_sends);
         Self {
             kafka,
-            redis: TestRedis::start(RedisMode::Standalone),
+            redis: TestRedis::start(mode),
             runtime: runtime(),
             producer,
         }
@@ -251,7 +251,7 @@ fn assert_flushed_exactly_once(kafka: &MockKafka, traces: &Traces) {
 #[test]
 fn a_flush_worker_that_dies_is_replaced_and_its_segment_still_flushed() {
     let _serial = serial();
-    let fixture = Fixture::new(Fault::Panic, 1);
+    let fixture = Fixture::new(RedisMode::Standalone, Fault::Panic, 1);
     let (kafka, producer) = (&fixture.kafka, &fixture.producer);
 
     let (consumer, traces) = fixture.one_trace_drained();
@@ -271,7 +271,7 @@ fn a_flush_worker_that_dies_is_replaced_and_its_segment_still_flushed() {
 fn a_hung_flush_worker_is_replaced_and_never_produces_beside_its_replacement() {
     let _serial = serial();
     let wake_after = Duration::from_secs(5);
-    let fixture = Fixture::new(Fault::WakeLate(wake_after), 1);
+    let fixture = Fixture::new(RedisMode::Standalone, Fault::WakeLate(wake_after), 1);
     let (kafka, producer) = (&fixture.kafka, &fixture.producer);
 
     let (consumer, traces) = fixture.one_trace_drained();
@@ -297,7 +297,7 @@ fn a_hung_flush_worker_is_replaced_and_never_produces_beside_its_replacement() {
 fn a_flush_worker_stuck_on_redis_is_replaced_and_flushing_goes_on() {
     let _serial = serial();
     // No faulty sends: the real producer.
-    let fixture = Fixture::new(Fault::Panic, 0);
+    let fixture = Fixture::new(RedisMode::Standalone, Fault::Panic, 0);
     let (consumer, mut traces) = fixture.one_trace_drained();
 
     // Every client of Redis waits, the flush worker in the middle of an iteration.
@@ -326,7 +326,7 @@ fn a_flush_worker_stuck_on_redis_is_replaced_and_flushing_goes_on() {
 #[test]
 fn a_flush_worker_that_keeps_dying_fails_the_consumer() {
     let _serial = serial();
-    let fixture = Fixture::new(Fault::Panic, usize::MAX);
+    let fixture = Fixture::new(RedisMode::Standalone, Fault::Panic, usize::MAX);
     let mut setup = setup(&fixture.producer);
     setup.settings.flush.max_restarts = 1;
     Traces::new(0, 1, 2, 1).produce(&fixture.kafka);
@@ -354,7 +354,11 @@ fn a_flush_worker_that_keeps_dying_fails_the_consumer() {
 #[test]
 fn a_lagging_flusher_pauses_consumption_until_it_catches_up() {
     let _serial = serial();
-    let fixture = Fixture::new(Fault::Slow(Duration::from_millis(20)), usize::MAX);
+    let fixture = Fixture::new(
+        RedisMode::Standalone,
+        Fault::Slow(Duration::from_millis(20)),
+        usize::MAX,
+    );
     let Fixture {
         kafka,
         redis,
@@ -384,36 +388,39 @@ fn a_lagging_flusher_pauses_consumption_until_it_catches_up() {
     assert_all_flushed(&output_span_counts(kafka), &traces.span_ids);
 }
 
-#[test]
-fn a_full_redis_pauses_consumption_until_memory_falls() {
+/// Sets every node's `maxmemory` to `limit(used_memory)`.
+fn set_maxmemory(redis: &TestRedis, limit: impl Fn(u64) -> u64) {
+    for mut conn in redis.node_connections() {
+        let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();
+        let used: u64 = info
+            .lines()
+            .find_map(|line| line.strip_prefix("used_memory:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(limit(used))
+            .query(&mut conn)
+            .unwrap();
+    }
+}
+
+fn a_full_redis_pauses_consumption_until_memory_falls(mode: RedisMode) {
     let _serial = serial();
     // No faulty sends: the real producer.
-    let fixture = Fixture::new(Fault::Panic, 0);
+    let fixture = Fixture::new(mode, Fault::Panic, 0);
     let Fixture {
         kafka,
         redis,
         producer,
         ..
     } = &fixture;
-    let mut conn = redis.node_connections().remove(0);
-    let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();
-    let used: u64 = info
-        .lines()
-        .find_map(|line| line.strip_prefix("used_memory:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let set_maxmemory = |conn: &mut redis::Connection, bytes: u64| {
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg(bytes)
-            .query(conn)
-            .unwrap();
-    };
-    // Used is about a third of the limit: writes still succeed, but the ratio is over 0.1.
-    set_maxmemory(&mut conn, used * 3);
+    // Used is about a third of the limit on every node: writes still succeed, but the ratio
+    // summed over the nodes is over 0.1.
+    set_maxmemory(redis, |used| used * 3);
     let mut setup = setup(producer);
     setup.settings.flush.max_memory_ratio = 0.1;
     let mut traces = Traces::new(0, 10, 4, 1);
@@ -426,11 +433,21 @@ fn a_full_redis_pauses_consumption_until_memory_falls() {
         "paused by redis memory"
     );
     assert_eq!(committed(kafka, 1), [None], "nothing is committed");
-    set_maxmemory(&mut conn, 0);
+    set_maxmemory(redis, |_| 0);
     wait_until_drained(kafka, redis, &traces.per_partition(1));
     let stats = consumer.stop();
 
     assert!(stats.pauses >= 1, "{stats:?}");
     assert!(stats.rejections > 0, "{stats:?}");
     assert_all_flushed(&output_span_counts(kafka), &traces.span_ids);
+}
+
+#[test]
+fn a_full_standalone_redis_pauses_consumption_until_memory_falls() {
+    a_full_redis_pauses_consumption_until_memory_falls(RedisMode::Standalone);
+}
+
+#[test]
+fn a_full_redis_cluster_pauses_consumption_until_memory_falls() {
+    a_full_redis_pauses_consumption_until_memory_falls(RedisMode::Cluster);
 }
