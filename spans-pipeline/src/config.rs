@@ -88,6 +88,8 @@ pub struct KafkaSection {
     pub output_topic: String,
     /// Topic for invalid messages; empty to log and skip them instead.
     pub dlq_topic: String,
+    /// Topic for outcome records of spans given up or lost at flush; empty: off.
+    pub outcomes_topic: String,
     /// Kafka slice id (part of the queue keys), when running sliced.
     pub slice_id: Option<u32>,
     /// `eager` or `cooperative`.
@@ -111,6 +113,7 @@ impl Default for KafkaSection {
             input_topics: vec!["ingest-spans".to_owned()],
             output_topic: "buffered-segments".to_owned(),
             dlq_topic: "ingest-spans-dlq".to_owned(),
+            outcomes_topic: String::new(),
             slice_id: None,
             rebalance_protocol: "cooperative".to_owned(),
             initial_offset: "earliest".to_owned(),

@@ -51,3 +51,5 @@ pub const FLUSHER_PRODUCE_FAILED_SPANS: &str = "spans.buffer.flusher.produce_fai
 pub const FLUSHER_ERRORS: &str = "spans.buffer.flusher.errors";
 /// Redis used/available memory ratio, summed over every master.
 pub const REDIS_MEMORY_RATIO: &str = "spans.buffer.redis_memory_ratio";
+/// Outcome records written (tag `reason`).
+pub const OUTCOMES: &str = "spans.buffer.outcomes";

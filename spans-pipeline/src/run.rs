@@ -111,6 +111,11 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         kill_switch.clone(),
         runtime.handle().clone(),
     );
+    let factory = if config.kafka.outcomes_topic.is_empty() {
+        factory
+    } else {
+        factory.with_outcomes(Topic::new(&config.kafka.outcomes_topic))
+    };
     let settings = factory.settings();
     let topics: Vec<&str> = config
         .kafka

@@ -22,6 +22,7 @@ use rill::{DeliveryError, Destination, ProduceError, Producer, Topic};
 
 use super::decode::seconds;
 use super::error_chain::ErrorChain;
+use super::outcomes::{Outcomes, PRODUCE_FAILED};
 use crate::buffer::{BufferError, BufferOptions, FlushedSegment, RedisConnection, SpansBuffer};
 use crate::metrics as names;
 
@@ -62,6 +63,8 @@ pub struct WorkerContext {
     pub idle_sleep: Duration,
     /// State shared by all workers of one step.
     pub shared: Arc<SharedState>,
+    /// Where outcome records go, if anywhere.
+    pub outcomes: Option<Outcomes>,
 }
 
 impl std::fmt::Debug for WorkerContext {
@@ -143,6 +146,16 @@ pub(super) async fn run_worker(
                         reason = lost.reason,
                         "Spans ingested but not flushed."
                     );
+                    if let Some(outcomes) = &context.outcomes {
+                        outcomes
+                            .record(
+                                lost.organization_id,
+                                lost.project_id,
+                                lost.reason,
+                                lost.quantity,
+                            )
+                            .await;
+                    }
                 }
                 let anything = !flush.segments.is_empty();
                 if anything && health.is_current(generation) {
@@ -208,6 +221,16 @@ async fn produce_and_clean_up(
                     shards = shard_label,
                     "Giving up a segment that could not be produced."
                 );
+                if let Some(outcomes) = &context.outcomes {
+                    outcomes
+                        .record(
+                            segment.organization_id,
+                            segment.project_id,
+                            PRODUCE_FAILED,
+                            segment.spans.len() as u64,
+                        )
+                        .await;
+                }
             }
         }
     }

@@ -19,6 +19,7 @@ mod decode;
 mod error_chain;
 mod flush_segments;
 mod flusher;
+mod outcomes;
 mod process_spans;
 
 use std::sync::{Arc, RwLock};
@@ -35,6 +36,7 @@ use tokio::runtime::Handle;
 pub use decode::{KillSwitch, KillSwitchHandle, SpanMessage, decode_span};
 pub use flush_segments::{FlushError, FlushSegments, FlushSettings};
 pub use flusher::{ProducePolicy, SharedState, WorkerContext, WorkerHealth};
+pub use outcomes::{Outcomes, PRODUCE_FAILED};
 pub use process_spans::ProcessSpans;
 
 use crate::buffer::{BufferError, BufferOptions, RedisConnection, SpansBuffer};
@@ -107,6 +109,7 @@ pub struct SpansStrategyFactory {
     output: Topic,
     kill_switch: KillSwitchHandle,
     runtime: Handle,
+    outcomes: Option<Outcomes>,
 }
 
 impl std::fmt::Debug for SpansStrategyFactory {
@@ -141,7 +144,15 @@ impl SpansStrategyFactory {
             output,
             kill_switch,
             runtime,
+            outcomes: None,
         }
+    }
+
+    /// Writes outcome records for spans given up or lost at flush to `topic` (off by default).
+    #[must_use]
+    pub fn with_outcomes(mut self, topic: Topic) -> Self {
+        self.outcomes = Some(Outcomes::new(Arc::clone(&self.producer), topic));
+        self
     }
 
     /// The handle to replace the options and settings at run time.
@@ -163,6 +174,7 @@ impl SpansStrategyFactory {
             produce: settings.produce.clone(),
             idle_sleep: settings.idle_sleep,
             shared: Arc::new(SharedState::default()),
+            outcomes: self.outcomes.clone(),
         };
         // Built from the last step back.
         let commit = CommitOffsets::new(settings.commit_interval);

@@ -136,6 +136,8 @@ pub struct ConsumerSetup {
     pub processor: ProcessorConfig,
     /// The producer of flushed segments; the real Kafka producer when `None`.
     pub producer: Option<Arc<dyn Producer<KafkaPayload>>>,
+    /// The topic of outcome records, if any.
+    pub outcomes: Option<&'static str>,
 }
 
 impl Default for ConsumerSetup {
@@ -157,6 +159,7 @@ impl Default for ConsumerSetup {
                 .with_poll_timeout(Duration::from_millis(20))
                 .with_join_timeout(Duration::from_secs(10)),
             producer: None,
+            outcomes: None,
         }
     }
 }
@@ -193,6 +196,9 @@ impl ConsumerSetup {
             KillSwitchHandle::default(),
             runtime.handle().clone(),
         );
+        if let Some(topic) = self.outcomes {
+            factory = factory.with_outcomes(Topic::new(topic));
+        }
         let assignments = Arc::new(Mutex::new(Vec::new()));
         let recorded = Arc::clone(&assignments);
         let factory = move |partitions: &[Partition]| {

@@ -1,0 +1,188 @@
+//! The whole spans consumer end to end: spans/s and Redis CPU per 100k spans.
+//!
+//! Each iteration pre-loads `SPANS` spans (the shape of `shared/bench/gen_workload.py`, made
+//! by the demo's generator) into librdkafka's mock cluster, then runs the full pipeline
+//! (decode → batch → ProcessSpans → FlushSegments → CommitOffsets) on a fresh local
+//! `redis-server` and measures:
+//! - **ingest**: from the first message consumed to every offset committed (spans in Redis);
+//!   this is the time criterion reports;
+//! - **end to end**: until every segment was flushed and Redis is empty (includes the flush
+//!   timeouts, 1 s here), printed with the Redis CPU seconds per 100k spans (`INFO cpu`
+//!   deltas, user + sys).
+//!
+//! The mock broker keeps about 5 MB per partition, so the load is spread over 16 partitions.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use integration_tests::kafka::MockKafka;
+use integration_tests::redis_server::RedisServer;
+use rill::backends::kafka::{
+    KafkaConsumer, KafkaConsumerConfig, KafkaPayload, KafkaProducer, KafkaProducerConfig,
+};
+use rill::processor::{ProcessorConfig, StreamProcessor};
+use rill::{Producer, Topic};
+use spans_pipeline::buffer::{BufferOptions, RedisConnection};
+use spans_pipeline::consumer::{
+    ConsumerSettings, FlushSettings, KillSwitchHandle, SpansStrategyFactory,
+};
+use spans_pipeline::demo::{WorkloadShape, generate};
+
+const SPANS: usize = 40_000;
+const PARTITIONS: i32 = 16;
+const INPUT: &str = "ingest-spans";
+const OUTPUT: &str = "buffered-segments";
+
+/// Redis CPU seconds so far (user + sys).
+fn redis_cpu(redis: &RedisServer) -> f64 {
+    let mut conn = redis.connection();
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query(&mut conn)
+        .expect("INFO cpu");
+    info.lines()
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(name, _)| *name == "used_cpu_sys" || *name == "used_cpu_user")
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .sum()
+}
+
+fn keys(redis: &RedisServer) -> u64 {
+    let mut conn = redis.connection();
+    redis::cmd("DBSIZE").query(&mut conn).expect("DBSIZE")
+}
+
+fn committed(kafka: &MockKafka) -> i64 {
+    kafka
+        .committed_offsets("bench", INPUT, PARTITIONS)
+        .expect("committed offsets")
+        .into_iter()
+        .map(Option::unwrap_or_default)
+        .sum()
+}
+
+/// One run; returns the ingest time.
+fn run_once(load: &[spans_pipeline::demo::GeneratedSpan]) -> Duration {
+    let kafka = MockKafka::start(1).expect("mock cluster");
+    kafka.create_topic(INPUT, PARTITIONS).expect("input topic");
+    kafka.create_topic(OUTPUT, 32).expect("output topic");
+    kafka
+        .produce(
+            INPUT,
+            load.iter().map(|span| span.payload.as_slice()),
+            |index| (index % PARTITIONS as usize) as i32,
+        )
+        .expect("input produced");
+    let redis = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let connection = runtime
+        .block_on(RedisConnection::connect(&[redis.url()], false))
+        .expect("redis");
+    let producer: Arc<dyn Producer<KafkaPayload>> = Arc::new(
+        KafkaProducer::new(
+            &KafkaProducerConfig::new(kafka.bootstrap_servers())
+                .with_override("linger.ms", "2")
+                .with_override("sticky.partitioning.linger.ms", "0"),
+        )
+        .expect("producer"),
+    );
+    let options = BufferOptions {
+        root_timeout_secs: 1,
+        timeout_secs: 1,
+        flush_lock_ttl_secs: 30,
+        ..BufferOptions::default()
+    };
+    let settings = ConsumerSettings {
+        max_batch_time: Duration::from_millis(100),
+        commit_interval: Duration::from_millis(100),
+        idle_sleep: Duration::from_millis(50),
+        flush: FlushSettings {
+            workers: 2,
+            ..FlushSettings::default()
+        },
+        ..ConsumerSettings::default()
+    };
+    let factory = SpansStrategyFactory::new(
+        connection,
+        options,
+        None,
+        producer,
+        Topic::new(OUTPUT),
+        settings,
+        KillSwitchHandle::default(),
+        runtime.handle().clone(),
+    );
+    let consumer = KafkaConsumer::subscribe(
+        &KafkaConsumerConfig::new(kafka.bootstrap_servers(), "bench")
+            .with_override("session.timeout.ms", "1500")
+            .with_override("log_level", "3"),
+        &[INPUT],
+    )
+    .expect("consumer");
+    let mut processor = StreamProcessor::new(consumer, factory)
+        .with_config(ProcessorConfig::default().with_poll_timeout(Duration::from_millis(5)));
+    let handle = processor.handle();
+    let cpu_before = redis_cpu(&redis);
+    let thread = std::thread::spawn(move || processor.run());
+
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // The clock starts when the first offsets are committed at the latest; the group join
+    // (the same for any consumer) is not part of the pipeline's speed.
+    let mut started = None;
+    let total = i64::try_from(load.len()).unwrap_or(i64::MAX);
+    let ingested = loop {
+        let done = committed(&kafka);
+        if started.is_none() && (done > 0 || keys(&redis) > 0) {
+            started = Some(Instant::now());
+        }
+        if done >= total {
+            break Instant::now();
+        }
+        assert!(Instant::now() < deadline, "ingest did not finish");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    while keys(&redis) > 0 {
+        assert!(Instant::now() < deadline, "flush did not finish");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let flushed = Instant::now();
+    let cpu = redis_cpu(&redis) - cpu_before;
+    handle.signal_shutdown();
+    thread
+        .join()
+        .expect("consumer thread")
+        .expect("consumer run");
+    let started = started.unwrap_or(ingested);
+    let ingest = ingested - started;
+    eprintln!(
+        "pipeline: ingest {:.0} spans/s, end to end {:.0} spans/s (incl. 1 s flush timeout), redis cpu {:.2} s per 100k spans",
+        load.len() as f64 / ingest.as_secs_f64(),
+        load.len() as f64 / (flushed - started).as_secs_f64(),
+        cpu * 100_000.0 / load.len() as f64
+    );
+    ingest
+}
+
+fn whole_pipeline(c: &mut Criterion) {
+    let load = generate(&WorkloadShape {
+        spans: SPANS,
+        rate: 20_000.0,
+        seed: 42,
+    });
+    let mut group = c.benchmark_group("spans_pipeline::consumer");
+    group.throughput(Throughput::Elements(SPANS as u64));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(30));
+    group.bench_function("ingest_to_commit", |b| {
+        b.iter_custom(|iterations| (0..iterations).map(|_| run_once(&load)).sum())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, whole_pipeline);
+criterion_main!(benches);
