@@ -270,7 +270,7 @@ fn a_flush_worker_that_dies_is_replaced_and_its_segment_still_flushed() {
 #[test]
 fn a_hung_flush_worker_is_replaced_and_never_produces_beside_its_replacement() {
     let _serial = serial();
-    let wake_after = Duration::from_secs(5);
+    let wake_after = Duration::from_secs(6);
     let fixture = Fixture::new(RedisMode::Standalone, Fault::WakeLate(wake_after), 1);
     let (kafka, producer) = (&fixture.kafka, &fixture.producer);
 
