@@ -268,6 +268,32 @@ fn a_flush_worker_that_dies_is_replaced_and_its_segment_still_flushed() {
 }
 
 #[test]
+fn healthy_flush_workers_are_left_alone_under_a_limit_below_a_second() {
+    let _serial = serial();
+    // No faulty sends: the real producer.
+    let fixture = Fixture::new(RedisMode::Standalone, Fault::Panic, 0);
+    let mut setup = setup(&fixture.producer);
+    // A worker with nothing to flush reports every 400 ms, never silent for the 500 ms limit;
+    // its reports are whole seconds, which must not make it look silent when the second
+    // changes.
+    setup.settings.idle_sleep = Duration::from_millis(400);
+    setup.settings.flush.max_unhealthy = Duration::from_millis(500);
+    let traces = Traces::new(0, 1, 2, 1);
+    traces.produce(&fixture.kafka);
+
+    let consumer = fixture.start(&setup);
+    wait_until_drained(&fixture.kafka, &fixture.redis, &traces.per_partition(1));
+    let started = Instant::now();
+    wait_until("the workers were checked a few times", || {
+        started.elapsed() > Duration::from_secs(1)
+    });
+    consumer.stop();
+
+    assert_eq!(counter(names::FLUSHER_UNHEALTHY, &[]), 0);
+    assert_flushed_exactly_once(&fixture.kafka, &traces);
+}
+
+#[test]
 fn a_hung_flush_worker_is_replaced_and_never_produces_beside_its_replacement() {
     let _serial = serial();
     let wake_after = Duration::from_secs(6);
@@ -366,11 +392,11 @@ fn a_lagging_flusher_pauses_consumption_until_it_catches_up() {
         ..
     } = &fixture;
     let mut setup = setup(producer);
-    // One segment per iteration and at least 20 ms per iteration: 200 due segments keep the
+    // One segment per iteration and at least 20 ms per iteration: 150 due segments keep the
     // worker at its limit for seconds.
     setup.options.max_flush_segments = 1;
     setup.settings.flush.backpressure_after = Duration::from_secs(1);
-    let mut traces = Traces::new(0, 200, 0, 1);
+    let mut traces = Traces::new(0, 150, 0, 1);
     traces.produce(kafka);
 
     let consumer = fixture.start(&setup);

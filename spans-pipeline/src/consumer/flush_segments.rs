@@ -225,8 +225,7 @@ impl<N> FlushSegments<N> {
         }
         self.last_health_check = Instant::now();
         let now = seconds(SystemTime::now());
-        let max_unhealthy =
-            i64::try_from(self.settings.max_unhealthy.as_secs()).unwrap_or(i64::MAX);
+        let max_unhealthy = whole_seconds(self.settings.max_unhealthy);
         for index in 0..self.workers.len() {
             let worker = &self.workers[index];
             let healthy_since = worker.health.healthy_since.load(Ordering::SeqCst);
@@ -282,7 +281,7 @@ impl<N> FlushSegments<N> {
 
     /// Whether some worker has been at its flush limit for longer than allowed.
     fn flusher_lagging(&self, now: i64) -> bool {
-        let limit = i64::try_from(self.settings.backpressure_after.as_secs()).unwrap_or(i64::MAX);
+        let limit = whole_seconds(self.settings.backpressure_after);
         self.workers.iter().any(|worker| {
             let since = worker.health.backpressure_since.load(Ordering::SeqCst);
             since > 0 && now - since > limit
@@ -374,6 +373,18 @@ impl<N> Drop for FlushSegments<N> {
     fn drop(&mut self) {
         self.stop_all();
     }
+}
+
+/// `duration` rounded up to whole seconds, the resolution of the workers' reports.
+///
+/// A worker's report is a whole second, so `now - since > whole_seconds(limit)` holds only once
+/// more than `limit` really passed; rounding down instead would replace a healthy worker (or
+/// reject input) as soon as the second changes when the limit is under a second.
+fn whole_seconds(duration: Duration) -> i64 {
+    let seconds = duration
+        .as_secs()
+        .saturating_add(u64::from(duration.subsec_nanos() > 0));
+    i64::try_from(seconds).unwrap_or(i64::MAX)
 }
 
 fn spawn(
@@ -504,6 +515,15 @@ mod tests {
         let exceeded = watch.exceeded();
         watch.task.abort();
         exceeded
+    }
+
+    #[test]
+    fn limits_under_a_second_wait_for_a_whole_second() {
+        assert_eq!(whole_seconds(Duration::from_millis(500)), 1);
+        assert_eq!(whole_seconds(Duration::from_millis(1500)), 2);
+        assert_eq!(whole_seconds(Duration::from_secs(60)), 60);
+        assert_eq!(whole_seconds(Duration::ZERO), 0);
+        assert_eq!(whole_seconds(Duration::MAX), i64::MAX);
     }
 
     #[test]
