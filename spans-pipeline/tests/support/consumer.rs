@@ -222,7 +222,7 @@ impl ConsumerSetup {
         });
         Consumer {
             handle,
-            thread,
+            thread: Some(thread),
             assignments,
         }
     }
@@ -231,23 +231,25 @@ impl ConsumerSetup {
 /// A running consumer.
 pub struct Consumer {
     handle: ProcessorHandle,
-    thread: std::thread::JoinHandle<(Result<(), RunError>, ProcessorStats)>,
+    /// Taken by `stop` or `wait_for_exit`; still here on drop when a test failed early.
+    thread: Option<std::thread::JoinHandle<(Result<(), RunError>, ProcessorStats)>>,
     assignments: Arc<Mutex<Vec<Vec<Partition>>>>,
 }
 
 impl Consumer {
     /// Stops it gracefully; panics if it had failed.
-    pub fn stop(self) -> ProcessorStats {
+    pub fn stop(mut self) -> ProcessorStats {
         self.handle.signal_shutdown();
-        let (result, stats) = self.thread.join().unwrap();
+        let (result, stats) = self.thread.take().unwrap().join().unwrap();
         result.unwrap();
         stats
     }
 
     /// Waits (bounded) until it stops by itself and returns how it ended.
-    pub fn wait_for_exit(self) -> (Result<(), RunError>, ProcessorStats) {
-        wait_until("the consumer stops by itself", || self.thread.is_finished());
-        self.thread.join().unwrap()
+    pub fn wait_for_exit(mut self) -> (Result<(), RunError>, ProcessorStats) {
+        let thread = self.thread.take().unwrap();
+        wait_until("the consumer stops by itself", || thread.is_finished());
+        thread.join().unwrap()
     }
 
     /// The partitions of its current assignment (empty before the first).
@@ -258,6 +260,17 @@ impl Consumer {
             .last()
             .cloned()
             .unwrap_or_default()
+    }
+}
+
+impl Drop for Consumer {
+    /// A test that failed before stopping its consumer still stops it (within the join
+    /// timeout), so it does not outlive the servers it uses.
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.handle.signal_shutdown();
+            let _ = thread.join();
+        }
     }
 }
 
