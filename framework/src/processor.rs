@@ -551,6 +551,11 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
             self.poll_dlq()?;
             Ok::<_, RunError>(self.dlq.as_ref().is_none_or(DeadLetterQueue::is_idle))
         })?;
+        // The last chance before a revocation or shutdown: positions whose commit failed
+        // moments ago (typically because the group was rebalancing, which is why this drain
+        // runs) are sent again now rather than after the retry pause, or they would be dropped
+        // with the partition and read again by the next owner.
+        self.commit_retry_at = None;
         self.commit()?;
         self.backpressure_since = None;
         self.retry_at = None;
@@ -1240,6 +1245,83 @@ mod tests {
         result.unwrap();
         assert_eq!(stats.messages_polled, 100);
         assert_eq!(fixture.committed(0), Some(100));
+    }
+
+    /// A local consumer whose commits fail transiently while `failing` is set, as a Kafka
+    /// group's do while it rebalances.
+    struct TransientCommits {
+        inner: LocalConsumer<u64>,
+        failing: Arc<AtomicBool>,
+    }
+
+    impl Consumer<u64> for TransientCommits {
+        fn poll(&mut self, timeout: Duration) -> Result<Option<ConsumerEvent<u64>>, ConsumerError> {
+            self.inner.poll(timeout)
+        }
+
+        fn pause(&mut self, partitions: &[Partition]) -> Result<(), ConsumerError> {
+            self.inner.pause(partitions)
+        }
+
+        fn resume(&mut self, partitions: &[Partition]) -> Result<(), ConsumerError> {
+            self.inner.resume(partitions)
+        }
+
+        fn tell(&self) -> HashMap<Partition, u64> {
+            self.inner.tell()
+        }
+
+        fn seek(&mut self, positions: &HashMap<Partition, u64>) -> Result<(), ConsumerError> {
+            self.inner.seek(positions)
+        }
+
+        fn commit(&mut self, positions: &HashMap<Partition, u64>) -> Result<(), ConsumerError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(ConsumerError::Transient(
+                    "group rebalance in progress".into(),
+                ));
+            }
+            self.inner.commit(positions)
+        }
+
+        fn complete_revocation(&mut self, partitions: &[Partition]) -> Result<(), ConsumerError> {
+            self.inner.complete_revocation(partitions)
+        }
+
+        fn close(&mut self) -> Result<(), ConsumerError> {
+            self.inner.close()
+        }
+    }
+
+    #[test]
+    fn a_commit_that_failed_moments_before_a_revocation_is_sent_again_before_handing_over() {
+        let fixture = Fixture::new(2, 5);
+        let clock = ManualClock::new();
+        let failing = Arc::new(AtomicBool::new(true));
+        let consumer = TransientCommits {
+            inner: fixture.consumer(),
+            failing: Arc::clone(&failing),
+        };
+        let mut processor = StreamProcessor::new(consumer, committing())
+            .with_clock(clock.shared())
+            .with_config(fast());
+        run_until(&mut processor, |p| p.stats().messages_polled == 10);
+        for _ in 0..10 {
+            processor.run_once().unwrap();
+        }
+        assert_eq!(fixture.committed(1), None);
+
+        // The group settles and partition 1 moves to a second member, within the retry pause.
+        failing.store(false, Ordering::SeqCst);
+        let _second = fixture.consumer();
+        run_until(&mut processor, |p| p.stats().rebalances == 2);
+
+        assert_eq!(
+            fixture.committed(1),
+            Some(5),
+            "committed before handing over"
+        );
+        assert_eq!(fixture.committed(0), Some(5));
     }
 
     #[test]
