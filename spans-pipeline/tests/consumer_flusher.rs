@@ -477,3 +477,40 @@ fn a_full_standalone_redis_pauses_consumption_until_memory_falls() {
 fn a_full_redis_cluster_pauses_consumption_until_memory_falls() {
     a_full_redis_pauses_consumption_until_memory_falls(RedisMode::Cluster);
 }
+
+#[test]
+fn a_rebalance_lets_the_flush_in_progress_finish_and_nothing_is_flushed_twice() {
+    let _serial = serial();
+    let kafka = support::kafka(2);
+    let redis = TestRedis::start(RedisMode::Standalone);
+    let runtime = runtime();
+    // Every delivery takes 300 ms, so the flush workers spend most of their time in the middle
+    // of an iteration, between produce and cleanup.
+    let producer = FaultyProducer::new(&kafka, Fault::Slow(Duration::from_millis(300)), usize::MAX);
+    let setup = setup(&producer);
+    let mut traces = Traces::new(0, 20, 2, 2);
+    traces.produce(&kafka);
+
+    let first = setup.start(&kafka, &redis, &runtime);
+    wait_until("the first flush is under way", || producer.sends() > 0);
+    let second = setup.start(&kafka, &redis, &runtime);
+    // Input keeps coming, so flushes and commits keep running through the rebalance; a commit
+    // refused while the group rebalances must be sent again before a partition is handed
+    // over, or the next owner reads and flushes those spans again.
+    let mut next = 1_000;
+    wait_until("both consumers share the partitions", || {
+        let shared = first.assignment().len() == 1 && second.assignment().len() == 1;
+        if !shared {
+            let more = Traces::new(next, 2, 2, 2);
+            more.produce(&kafka);
+            traces.extend(more);
+            next += 2;
+        }
+        shared
+    });
+    wait_until_drained(&kafka, &redis, &traces.per_partition(2));
+    second.stop();
+    first.stop();
+
+    assert_flushed_exactly_once(&kafka, &traces);
+}
