@@ -40,8 +40,10 @@ pub struct FlushSettings {
     /// Most workers (`flusher-workers`, default 1); never more than the shards.
     pub workers: usize,
     /// A worker silent for longer is replaced; startup may take twice as long (default 60 s).
+    /// Workers report in whole seconds, so a fraction of a second counts as a whole one.
     pub max_unhealthy: Duration,
-    /// A worker at its flush limit for longer makes the step reject input (default 10 s).
+    /// A worker at its flush limit for longer makes the step reject input (default 10 s);
+    /// rounded up to whole seconds like `max_unhealthy`.
     pub backpressure_after: Duration,
     /// Redis used/available ratio above which input is rejected; 1.0 turns it off (default).
     pub max_memory_ratio: f64,
