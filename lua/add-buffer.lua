@@ -11,6 +11,13 @@ exactly Sentry's 9-argument call. Records are applied in order with Sentry's per
 algorithm; reads are gathered up front (HMGET, MGET) and writes are applied once at the end,
 because each redis.call costs microseconds of the shard's single thread.
 
+The shard spends as much time in Lua as in commands, so the code avoids what Redis' Lua makes
+expensive (measured in instructions per operation): tables and closures created per record or
+per span, `ipairs`, global lookups, `tonumber` and number-to-string conversions (numbers passed
+to redis.call are formatted with "%.17g"). State is kept in tables keyed by span id or salt;
+a key string is built only when a command needs it, by appending the id to a prefix built once
+per call. Numeric fields that are only passed on (the TTL) stay strings.
+
 KEYS[1]   pt = "<project_id>:<trace_id>"; every key below carries the hash tag "{<pt>}",
           either directly or inside an embedded segment key, so one slot is touched.
 ARGV      one or more records of 9 fields followed by the record's span ids:
@@ -37,95 +44,65 @@ RETURNS   six values per record, concatenated:
 Key shapes must match spans-pipeline/src/buffer/keys.rs.
 ]]
 
-local project_and_trace = KEYS[1]
+local call = redis.call
+local tonumber = tonumber
+local unpack = unpack
+local format = string.format
+local min = math.min
+local argv = ARGV
 
 -- Lua's unpack() fails beyond a few thousand values, so variadic commands are chunked.
 local CHUNK = 1000
 -- Redirect chains are short in practice (depth 2); the bound keeps a corrupt map from looping.
 local MAX_REDIRECT_DEPTH = 100
 -- SSCAN page size when moving one member-keys index into another.
-local MERGE_PAGE = 1000
+local MERGE_PAGE = "1000"
 local RECORD_FIELDS = 9
+local EMPTY = {}
 
-local tag = "{" .. project_and_trace .. "}"
+-- Every key is one of these prefixes followed by a span id or a salt:
+-- `span-buf:s:{<pt>}:<id>` (segment key), `span-buf:mk:{<pt>}:<id>` (member keys) and
+-- `span-buf:<ic|ibc|hrs|fl>:<segment key>`.
+local tag = "{" .. KEYS[1] .. "}"
 local redirect_key = "span-buf:ssr:" .. tag
+local segment_prefix = "span-buf:s:" .. tag .. ":"
+local member_keys_prefix = "span-buf:mk:" .. tag .. ":"
+local count_prefix = "span-buf:ic:" .. segment_prefix
+local bytes_prefix = "span-buf:ibc:" .. segment_prefix
+local root_flag_prefix = "span-buf:hrs:" .. segment_prefix
+local lock_prefix = "span-buf:fl:" .. segment_prefix
 
--- Key strings are built once per span id and call: Lua string building costs about as much
--- as a redis.call read.
-local built = { s = {}, mk = {}, ic = {}, ibc = {}, hrs = {}, fl = {} }
-
--- `span-buf:s:{<pt>}:<id>` (segment key) and `span-buf:mk:{<pt>}:<id>` (member keys) embed
--- the trace tag; `span-buf:<ic|ibc|hrs|fl>:<segment key>` embed the segment key.
-local function key_of(kind, span_id)
-    local cache = built[kind]
-    local key = cache[span_id]
-    if key == nil then
-        if kind == "s" or kind == "mk" then
-            key = "span-buf:" .. kind .. ":" .. tag .. ":" .. span_id
-        else
-            key = "span-buf:" .. kind .. ":" .. key_of("s", span_id)
-        end
-        cache[span_id] = key
-    end
-    return key
-end
-
-local function segment_key_of(span_id)
-    return key_of("s", span_id)
-end
-
-local function member_keys_of(span_id)
-    return key_of("mk", span_id)
-end
-
--- `span-buf:<kind>:<segment key>` for kind ic, ibc, hrs or fl.
-local function metadata_key_of(kind, span_id)
-    return key_of(kind, span_id)
-end
-
--- Runs `command key values...` in chunks of CHUNK values.
-local function chunked(command, key, values)
-    for first = 1, #values, CHUNK do
-        redis.call(command, key, unpack(values, first, math.min(first + CHUNK - 1, #values)))
-    end
-end
-
--- Parse the records. Each consumes 9 fields plus its span ids, so the loop is bounded by #ARGV.
-local records = {}
+-- Parse the records: the ARGV position and span count of each. Each consumes 9 fields plus
+-- its span ids, so the loop is bounded by #ARGV.
+local argc = #argv
+local starts = {}
+local sizes = {}
+local records = 0
 local position = 1
-while position <= #ARGV do
-    local num_spans = tonumber(ARGV[position])
-    if num_spans == nil or num_spans < 0 or position + RECORD_FIELDS - 1 + num_spans > #ARGV then
+while position <= argc do
+    local num_spans = tonumber(argv[position])
+    if num_spans == nil or num_spans < 0 or position + RECORD_FIELDS - 1 + num_spans > argc then
         return redis.error_reply("malformed subsegment record at argument " .. position)
     end
-    records[#records + 1] = {
-        num_spans = num_spans,
-        parent_span_id = ARGV[position + 1],
-        has_root_span = ARGV[position + 2] == "true",
-        set_timeout = tonumber(ARGV[position + 3]),
-        byte_count = tonumber(ARGV[position + 4]),
-        max_segment_bytes = tonumber(ARGV[position + 5]),
-        salt = ARGV[position + 6],
-        check_flush_lock = ARGV[position + 7] == "true",
-        first_span = position + RECORD_FIELDS,
-        last_span = position + RECORD_FIELDS - 1 + num_spans,
-    }
+    records = records + 1
+    starts[records] = position
+    sizes[records] = num_spans
     position = position + RECORD_FIELDS + num_spans
 end
-if #records == 0 then
+if records == 0 then
     return {}
 end
 
 -- Sampling without a TIME call: the salt is a hash, so its first digits are uniform. A salt
 -- that is not hex (direct script tests) is sampled only when the rate is 1.
-local metrics_sample_rate = tonumber(ARGV[RECORD_FIELDS]) or 1
+local metrics_sample_rate = tonumber(argv[RECORD_FIELDS]) or 1
 local sampled = metrics_sample_rate <= 1
 if not sampled then
-    local prefix = tonumber(string.sub(records[1].salt, 1, 8), 16)
+    local prefix = tonumber(string.sub(argv[7], 1, 8), 16)
     sampled = prefix ~= nil and prefix % metrics_sample_rate == 0
 end
 local function now_us()
-    local t = redis.call("TIME")
+    local t = call("TIME")
     return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local start_us = 0
@@ -133,20 +110,26 @@ if sampled then
     start_us = now_us()
 end
 
--- Resolve each record's parent through the redirect map, in order: a record sees the
--- redirects written by the records before it. `redirects` caches reads and holds this call's
--- writes (false = known absent).
+-- The redirect fields to write, as HSET's field/value pairs, in record order. A span id
+-- listed twice (by two records) is written twice; the later pair wins.
+local redirect_fields = {}
+local fields = 0
+
+-- Redirects of the parents and of the ids met while following chains (false = absent), kept
+-- up to date with this call's writes: a record sees the redirects of the records before it.
+-- Other span ids are not tracked; a chain that reaches one looks in this call's writes first.
 local redirects = {}
 local parents = {}
-for _, record in ipairs(records) do
-    if redirects[record.parent_span_id] == nil then
-        redirects[record.parent_span_id] = false
-        parents[#parents + 1] = record.parent_span_id
+for r = 1, records do
+    local parent = argv[starts[r] + 1]
+    if redirects[parent] == nil then
+        redirects[parent] = false
+        parents[#parents + 1] = parent
     end
 end
 for first = 1, #parents, CHUNK do
-    local last = math.min(first + CHUNK - 1, #parents)
-    local values = redis.call("HMGET", redirect_key, unpack(parents, first, last))
+    local last = min(first + CHUNK - 1, #parents)
+    local values = call("HMGET", redirect_key, unpack(parents, first, last))
     for i = first, last do
         redirects[parents[i]] = values[i - first + 1]
     end
@@ -154,42 +137,78 @@ end
 local function redirect_of(span_id)
     local target = redirects[span_id]
     if target == nil then
-        target = redis.call("HGET", redirect_key, span_id)
+        for i = fields - 1, 1, -2 do
+            if redirect_fields[i] == span_id then
+                target = redirect_fields[i + 1]
+                break
+            end
+        end
+        if target == nil then
+            target = call("HGET", redirect_key, span_id)
+        end
         redirects[span_id] = target
     end
     return target
 end
 
-local redirect_fields = {}
-local written_redirects = {}
-for _, record in ipairs(records) do
-    local set_span_id = record.parent_span_id
+-- Counters, root flags and locks of segment roots and detach targets by id: nil = not read,
+-- false = absent, else the value; updated as records are applied. A child span (a span other
+-- than the record's parent and root) that is not in `counts` has its counter read from the
+-- MGET reply by position: each record's children come after its root's keys.
+local counts = {}
+local bytes = {}
+local root_flags = {}
+local locks = {}
+local lookup_keys = {}
+local lookups = 0
+local root_lookups = {}
+local child_lookups = {}
+local roots = {}
+local depths = {}
+for r = 1, records do
+    local start = starts[r]
+    local parent = argv[start + 1]
+    local root = parent
     local depth = 0
     for step = 1, MAX_REDIRECT_DEPTH do
-        local next_id = redirect_of(set_span_id)
-        if not next_id or next_id == set_span_id then
+        local next_id = redirect_of(root)
+        if not next_id or next_id == root then
             break
         end
-        set_span_id = next_id
+        root = next_id
         depth = step
     end
-    record.root_span_id = set_span_id
-    record.redirect_depth = depth
-    -- Point every span of the subsegment at the (pre-detach) segment root.
-    for i = record.first_span, record.last_span do
-        local span_id = ARGV[i]
-        redirects[span_id] = set_span_id
-        if not written_redirects[span_id] then
-            written_redirects[span_id] = true
-            redirect_fields[#redirect_fields + 1] = span_id
-        end
+    roots[r] = root
+    depths[r] = depth
+    if counts[root] == nil then
+        counts[root] = false
+        bytes[root] = false
+        root_flags[root] = false
+        root_lookups[r] = lookups + 1
+        lookup_keys[lookups + 1] = count_prefix .. root
+        lookup_keys[lookups + 2] = bytes_prefix .. root
+        lookup_keys[lookups + 3] = root_flag_prefix .. root
+        lookups = lookups + 3
     end
-    -- Spans that may have been segment roots before: their counters come along.
-    record.children = {}
-    for i = record.first_span, record.last_span do
-        local span_id = ARGV[i]
-        if span_id ~= record.parent_span_id and span_id ~= set_span_id then
-            record.children[#record.children + 1] = span_id
+    if locks[root] == nil and argv[start + 7] == "true" then
+        locks[root] = false
+        lookups = lookups + 1
+        lookup_keys[lookups] = lock_prefix .. root
+        locks[root] = lookups
+    end
+    -- Point every span of the subsegment at the (pre-detach) segment root.
+    child_lookups[r] = lookups + 1
+    for i = start + RECORD_FIELDS, start + RECORD_FIELDS - 1 + sizes[r] do
+        local span_id = argv[i]
+        if redirects[span_id] ~= nil then
+            redirects[span_id] = root
+        end
+        redirect_fields[fields + 1] = span_id
+        redirect_fields[fields + 2] = root
+        fields = fields + 2
+        if span_id ~= parent and span_id ~= root then
+            lookups = lookups + 1
+            lookup_keys[lookups] = count_prefix .. span_id
         end
     end
 end
@@ -198,68 +217,84 @@ if sampled then
     redirect_done_us = now_us()
 end
 
--- Read every counter, root flag and lock the records can touch with one MGET (per chunk).
+-- One MGET (per chunk) of every counter, flag and lock.
 local values = {}
-local lookup = {}
-local function want(key)
-    if values[key] == nil then
-        values[key] = false
-        lookup[#lookup + 1] = key
+for first = 1, lookups, CHUNK do
+    local last = min(first + CHUNK - 1, lookups)
+    local page = call("MGET", unpack(lookup_keys, first, last))
+    if first == 1 then
+        values = page
+    else
+        for i = first, last do
+            values[i] = page[i - first + 1]
+        end
     end
 end
-for _, record in ipairs(records) do
-    local root = record.root_span_id
-    want(metadata_key_of("hrs", root))
-    want(metadata_key_of("ic", root))
-    want(metadata_key_of("ibc", root))
-    want(metadata_key_of("ic", record.salt))
-    want(metadata_key_of("ibc", record.salt))
-    if record.check_flush_lock then
-        want(metadata_key_of("fl", root))
-    end
-    for _, child in ipairs(record.children) do
-        want(metadata_key_of("ic", child))
-        want(metadata_key_of("ibc", child))
+for r = 1, records do
+    local index = root_lookups[r]
+    if index ~= nil then
+        local root = roots[r]
+        counts[root] = values[index]
+        bytes[root] = values[index + 1]
+        root_flags[root] = values[index + 2]
     end
 end
-for first = 1, #lookup, CHUNK do
-    local last = math.min(first + CHUNK - 1, #lookup)
-    local page = redis.call("MGET", unpack(lookup, first, last))
+for root, index in pairs(locks) do
+    locks[root] = values[index]
+end
+
+-- The byte counters of the children that turned out to be segment roots. A byte counter is
+-- written and deleted with its span counter, so a span without one has none either.
+local byte_keys = {}
+local byte_ids = {}
+for r = 1, records do
+    local start = starts[r]
+    local parent = argv[start + 1]
+    local root = roots[r]
+    local index = child_lookups[r]
+    for i = start + RECORD_FIELDS, start + RECORD_FIELDS - 1 + sizes[r] do
+        local child = argv[i]
+        if child ~= parent and child ~= root then
+            if values[index] and counts[child] == nil and bytes[child] == nil then
+                bytes[child] = false
+                byte_ids[#byte_ids + 1] = child
+                byte_keys[#byte_keys + 1] = bytes_prefix .. child
+            end
+            index = index + 1
+        end
+    end
+end
+for first = 1, #byte_keys, CHUNK do
+    local last = min(first + CHUNK - 1, #byte_keys)
+    local page = call("MGET", unpack(byte_keys, first, last))
     for i = first, last do
-        values[lookup[i]] = page[i - first + 1]
+        bytes[byte_ids[i]] = page[i - first + 1]
     end
 end
 
--- Keys whose value changed, with the TTL to write them with. A false value means "delete".
-local dirty = {}
-local dirty_order = {}
-local function set_value(key, value, ttl)
-    values[key] = value
-    if dirty[key] == nil then
-        dirty_order[#dirty_order + 1] = key
+-- Keys to write at the end, in first-written order, with their TTL: counters and root flags.
+-- A false value means "delete".
+local written_counts = {}
+local count_ttls = {}
+local written_bytes = {}
+local byte_ttls = {}
+local written_flags = {}
+local flag_ttls = {}
+
+-- A counter of an id outside the up-front read (a detach target, named by a salt).
+local function read_counter(values, prefix, id)
+    local value = values[id]
+    if value == nil then
+        value = call("GET", prefix .. id)
+        values[id] = value
     end
-    dirty[key] = ttl
-end
-local function number_of(key)
-    return tonumber(values[key] or "0")
+    return value
 end
 
 -- Salts to add per member-keys index, in first-seen order.
 local pending_salts = {}
 local pending_order = {}
 local pending_ttl = {}
-local function add_salts(span_id, salts, ttl)
-    local list = pending_salts[span_id]
-    if list == nil then
-        list = {}
-        pending_salts[span_id] = list
-        pending_order[#pending_order + 1] = span_id
-    end
-    for _, salt in ipairs(salts) do
-        list[#list + 1] = salt
-    end
-    pending_ttl[span_id] = ttl
-end
 
 -- Span ids whose member-keys index was merged away; deleted with the other keys at the end.
 local removed_member_keys = {}
@@ -268,157 +303,212 @@ local merge_start_us = 0
 if sampled then
     merge_start_us = now_us()
 end
-local results = {}
-for index, record in ipairs(records) do
-    local ttl = record.set_timeout
-    local set_span_id = record.root_span_id
-    local pre_detach_span_id = set_span_id
+local reply = {}
+local too_large_of = {}
+local locked_of = {}
+for r = 1, records do
+    local start = starts[r]
+    local parent = argv[start + 1]
+    local ttl = argv[start + 3]
+    local root = roots[r]
+    local last_span = start + RECORD_FIELDS - 1 + sizes[r]
 
     -- Remember that the segment has seen its root (before any detach decision, like Sentry).
-    local root_flag_key = metadata_key_of("hrs", set_span_id)
-    local has_root_span = record.has_root_span or values[root_flag_key] == "1"
+    local has_root_span = argv[start + 2] == "true" or root_flags[root] == "1"
     if has_root_span then
-        set_value(root_flag_key, "1", ttl)
+        root_flags[root] = "1"
+        if flag_ttls[root] == nil then
+            written_flags[#written_flags + 1] = root
+        end
+        flag_ttls[root] = ttl
     end
 
-    local byte_count = record.byte_count
-    for _, child in ipairs(record.children) do
-        byte_count = byte_count + number_of(metadata_key_of("ibc", child))
+    -- Children that were segment roots bring their bytes (and below, everything else). The
+    -- counter of a child is its state in this call if it has one, else what Redis holds.
+    local byte_count = argv[start + 4] + 0
+    local merging = nil
+    local index = child_lookups[r]
+    for i = start + RECORD_FIELDS, last_span do
+        local child = argv[i]
+        if child ~= parent and child ~= root then
+            local child_count = counts[child]
+            if child_count == nil then
+                child_count = values[index]
+                if child_count then
+                    counts[child] = child_count
+                end
+            end
+            if child_count then
+                byte_count = byte_count + (bytes[child] or 0)
+                if merging == nil then
+                    merging = { child }
+                else
+                    merging[#merging + 1] = child
+                end
+            end
+            index = index + 1
+        end
     end
-
     -- Detach into a segment of its own when the target is too big or is being flushed. No
     -- payload moves: the payload key is already named by the salt.
-    local ingested_byte_count = number_of(metadata_key_of("ibc", set_span_id))
-    local too_large = record.max_segment_bytes > 0
-        and ingested_byte_count + byte_count > record.max_segment_bytes
-    local locked = record.check_flush_lock
-        and values[metadata_key_of("fl", pre_detach_span_id)] ~= false
+    local max_segment_bytes = argv[start + 5] + 0
+    local too_large = max_segment_bytes > 0 and (bytes[root] or 0) + byte_count > max_segment_bytes
+    local locked = argv[start + 7] == "true" and locks[root] ~= false
+    local target = root
     if too_large or locked then
-        set_span_id = record.salt
+        target = argv[start + 6]
+        read_counter(counts, count_prefix, target)
+        read_counter(bytes, bytes_prefix, target)
     end
-    local set_key = segment_key_of(set_span_id)
-    local counter_key = metadata_key_of("ic", set_span_id)
-    local byte_counter_key = metadata_key_of("ibc", set_span_id)
-    local member_keys_key = member_keys_of(set_span_id)
+    too_large_of[r] = too_large
+    locked_of[r] = locked
+    local span_count = (counts[target] or 0) + sizes[r]
 
     -- Merge the segments of former roots into this one: counters, then their member-keys
     -- index (paged with SSCAN rather than SUNIONSTORE, because the target can be huge).
-    local merged_segment_span_ids = {}
-    for _, child in ipairs(record.children) do
-        local child_count = values[metadata_key_of("ic", child)]
-        if child_count then
-            set_value(counter_key, tostring(number_of(counter_key) + tonumber(child_count)), ttl)
-            set_value(metadata_key_of("ic", child), false, ttl)
-        end
-        if values[metadata_key_of("ibc", child)] then
-            set_value(metadata_key_of("ibc", child), false, ttl)
-        end
-        if child_count then
-            -- Its salts join this segment's pending SADD; its index is deleted at the end.
-            local child_member_keys = member_keys_of(child)
-            local cursor = "0"
-            repeat
-                local page = redis.call("SSCAN", child_member_keys, cursor, "COUNT", MERGE_PAGE)
-                cursor = page[1]
-                add_salts(set_span_id, page[2], ttl)
-            until cursor == "0"
-            removed_member_keys[#removed_member_keys + 1] = child
-            if pending_salts[child] then
-                add_salts(set_span_id, pending_salts[child], ttl)
-                pending_salts[child] = {}
+    local salts = pending_salts[target]
+    if salts == nil then
+        salts = {}
+        pending_salts[target] = salts
+        pending_order[#pending_order + 1] = target
+    end
+    pending_ttl[target] = ttl
+    local merged = EMPTY
+    if merging ~= nil then
+        merged = {}
+        for m = 1, #merging do
+            local child = merging[m]
+            local child_count = counts[child]
+            -- A span listed twice is merged once.
+            if child_count then
+                span_count = span_count + child_count
+                counts[child] = false
+                if count_ttls[child] == nil then
+                    written_counts[#written_counts + 1] = child
+                end
+                count_ttls[child] = ttl
+                if bytes[child] then
+                    bytes[child] = false
+                    if byte_ttls[child] == nil then
+                        written_bytes[#written_bytes + 1] = child
+                    end
+                    byte_ttls[child] = ttl
+                end
+                -- Its salts join this segment's pending SADD; its index is deleted at the end.
+                local key = member_keys_prefix .. child
+                local cursor = "0"
+                repeat
+                    local page = call("SSCAN", key, cursor, "COUNT", MERGE_PAGE)
+                    cursor = page[1]
+                    local members = page[2]
+                    local n = #salts
+                    for j = 1, #members do
+                        salts[n + j] = members[j]
+                    end
+                until cursor == "0"
+                removed_member_keys[#removed_member_keys + 1] = child
+                local child_salts = pending_salts[child]
+                if child_salts ~= nil and child_salts ~= salts then
+                    local n = #salts
+                    for j = 1, #child_salts do
+                        salts[n + j] = child_salts[j]
+                    end
+                    pending_salts[child] = {}
+                end
+                merged[#merged + 1] = child
             end
-            merged_segment_span_ids[#merged_segment_span_ids + 1] = child
         end
     end
 
-    add_salts(set_span_id, { record.salt }, ttl)
-    set_value(counter_key, tostring(number_of(counter_key) + record.num_spans), ttl)
-    set_value(byte_counter_key, tostring(number_of(byte_counter_key) + byte_count), ttl)
+    salts[#salts + 1] = argv[start + 6]
+    counts[target] = span_count
+    if count_ttls[target] == nil then
+        written_counts[#written_counts + 1] = target
+    end
+    count_ttls[target] = ttl
+    bytes[target] = (bytes[target] or 0) + byte_count
+    if byte_ttls[target] == nil then
+        written_bytes[#written_bytes + 1] = target
+    end
+    byte_ttls[target] = ttl
 
-    results[index] = {
-        set_key = set_key,
-        has_root_span = has_root_span,
-        merged = merged_segment_span_ids,
-        too_large = too_large,
-        locked = locked,
-    }
+    local base = (r - 1) * 6
+    reply[base + 1] = segment_prefix .. target
+    reply[base + 2] = has_root_span
+    reply[base + 3] = -1
+    reply[base + 4] = EMPTY
+    reply[base + 5] = EMPTY
+    reply[base + 6] = merged
 end
 
 -- Apply the writes: redirects, counters and flags, member-keys indexes.
-if #redirect_fields > 0 then
-    local fields = {}
-    for _, span_id in ipairs(redirect_fields) do
-        fields[#fields + 1] = span_id
-        fields[#fields + 1] = redirects[span_id]
+if fields > 0 then
+    for first = 1, fields, 2 * CHUNK do
+        call("HSET", redirect_key, unpack(redirect_fields, first, min(first + 2 * CHUNK - 1, fields)))
     end
-    for first = 1, #fields, 2 * CHUNK do
-        redis.call("HSET", redirect_key, unpack(fields, first, math.min(first + 2 * CHUNK - 1, #fields)))
-    end
-    redis.call("EXPIRE", redirect_key, records[#records].set_timeout)
+    call("EXPIRE", redirect_key, argv[starts[records] + 3])
 end
 local deleted = {}
-for _, span_id in ipairs(removed_member_keys) do
-    if pending_salts[span_id] == nil or #pending_salts[span_id] == 0 then
-        deleted[#deleted + 1] = member_keys_of(span_id)
+for i = 1, #removed_member_keys do
+    local span_id = removed_member_keys[i]
+    local salts = pending_salts[span_id]
+    if salts == nil or #salts == 0 then
+        deleted[#deleted + 1] = member_keys_prefix .. span_id
     end
 end
-for _, key in ipairs(dirty_order) do
-    local value = values[key]
-    if value then
-        redis.call("SET", key, value, "EX", dirty[key])
-    else
-        deleted[#deleted + 1] = key
+local function write(values, ids, ttls, prefix)
+    for i = 1, #ids do
+        local id = ids[i]
+        local value = values[id]
+        if value then
+            if type(value) == "number" then
+                value = format("%d", value)
+            end
+            call("SET", prefix .. id, value, "EX", ttls[id])
+        else
+            deleted[#deleted + 1] = prefix .. id
+        end
     end
 end
+write(root_flags, written_flags, flag_ttls, root_flag_prefix)
+write(counts, written_counts, count_ttls, count_prefix)
+write(bytes, written_bytes, byte_ttls, bytes_prefix)
 for first = 1, #deleted, CHUNK do
-    redis.call("DEL", unpack(deleted, first, math.min(first + CHUNK - 1, #deleted)))
+    call("DEL", unpack(deleted, first, min(first + CHUNK - 1, #deleted)))
 end
-for _, span_id in ipairs(pending_order) do
+for i = 1, #pending_order do
+    local span_id = pending_order[i]
     local salts = pending_salts[span_id]
     if #salts > 0 then
-        local key = member_keys_of(span_id)
-        chunked("SADD", key, salts)
-        redis.call("EXPIRE", key, pending_ttl[span_id])
+        local key = member_keys_prefix .. span_id
+        for first = 1, #salts, CHUNK do
+            call("SADD", key, unpack(salts, first, min(first + CHUNK - 1, #salts)))
+        end
+        call("EXPIRE", key, pending_ttl[span_id])
     end
 end
 
-local reply = {}
-local end_us = 0
 if sampled then
-    end_us = now_us()
-end
-local table_size = 0
-if sampled then
-    table_size = redis.call("HLEN", redirect_key)
-end
-for index, record in ipairs(records) do
-    local result = results[index]
-    local latency_us = -1
-    local latency_table = {}
-    local metrics_table = {}
-    if sampled then
-        if index == 1 then
-            latency_us = end_us - start_us
-            latency_table = {
+    local end_us = now_us()
+    local table_size = call("HLEN", redirect_key)
+    for r = 1, records do
+        local base = (r - 1) * 6
+        if r == 1 then
+            reply[base + 3] = end_us - start_us
+            reply[base + 4] = {
                 "redirect_step_latency_us", redirect_done_us - start_us,
                 "merge_payload_keys_step_latency_us", end_us - merge_start_us,
                 "counter_merge_step_latency_us", merge_start_us - redirect_done_us,
-                "total_step_latency_us", latency_us,
+                "total_step_latency_us", end_us - start_us,
             }
         end
-        metrics_table = {
+        reply[base + 5] = {
             "redirect_table_size", table_size,
-            "redirect_depth", record.redirect_depth,
-            "detached_segment_too_large", result.too_large and 1 or 0,
-            "detached_segment_locked", result.locked and 1 or 0,
-            "span_count", record.num_spans,
+            "redirect_depth", depths[r],
+            "detached_segment_too_large", too_large_of[r] and 1 or 0,
+            "detached_segment_locked", locked_of[r] and 1 or 0,
+            "span_count", sizes[r],
         }
     end
-    reply[#reply + 1] = result.set_key
-    reply[#reply + 1] = result.has_root_span
-    reply[#reply + 1] = latency_us
-    reply[#reply + 1] = latency_table
-    reply[#reply + 1] = metrics_table
-    reply[#reply + 1] = result.merged
 end
 return reply
