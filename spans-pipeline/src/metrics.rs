@@ -53,3 +53,5 @@ pub const FLUSHER_ERRORS: &str = "spans.buffer.flusher.errors";
 pub const REDIS_MEMORY_RATIO: &str = "spans.buffer.redis_memory_ratio";
 /// Outcome records written (tag `reason`).
 pub const OUTCOMES: &str = "spans.buffer.outcomes";
+/// Segments waiting in each flush queue (tag `shard`), sampled once a second per worker.
+pub const STORED_SEGMENTS: &str = "spans.buffer.stored_segments";

@@ -123,7 +123,16 @@ pub(super) async fn run_worker(
     )
     .await?;
     let shard_label = shard_label(&shards);
+    let queues: Vec<(u16, String)> = shards
+        .iter()
+        .map(|&shard| (shard, buffer.queue_key(shard)))
+        .collect();
+    let mut gauged_at: Option<std::time::Instant> = None;
     while !context.shared.stop.load(Ordering::SeqCst) && health.is_current(generation) {
+        if gauged_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            record_stored_segments(&buffer, &queues).await;
+            gauged_at = Some(std::time::Instant::now());
+        }
         let system_now = seconds(SystemTime::now());
         let now = system_now + context.shared.drift.load(Ordering::SeqCst);
         let flushed_anything = match buffer.flush_segments(now).await {
@@ -179,6 +188,21 @@ pub(super) async fn run_worker(
         }
     }
     Ok(())
+}
+
+/// Sets the stored-segments gauge of each shard (`ZCARD` of its queue), as Sentry's consumer
+/// does on every batch; here once a second per worker.
+async fn record_stored_segments(buffer: &SpansBuffer, queues: &[(u16, String)]) {
+    let keys: Vec<String> = queues.iter().map(|(_, key)| key.clone()).collect();
+    match buffer.store().queue_sizes(&keys).await {
+        Ok(sizes) => {
+            for ((shard, _), size) in queues.iter().zip(sizes) {
+                metrics::gauge!(names::STORED_SEGMENTS, "shard" => shard.to_string())
+                    .set(size as f64);
+            }
+        }
+        Err(error) => tracing::debug!(error = %ErrorChain(&error), "Reading queue sizes failed."),
+    }
 }
 
 /// Produces every message of `segments`, waits for the deliveries, then cleans all of them up.
