@@ -338,3 +338,37 @@ fn a_full_queue_hands_the_payload_back() {
         other => panic!("expected a full queue, got {:?}", other.map(|_| ())),
     }
 }
+
+#[test]
+fn closing_with_a_revocation_pending_does_not_hang() {
+    let kafka = MockKafka::start(1).unwrap();
+    kafka.create_topic("numbers", 4).unwrap();
+    let config = config(&kafka, "pending").with_rebalance_protocol(RebalanceProtocol::Cooperative);
+    let mut a = KafkaConsumer::subscribe(&config, &["numbers"]).unwrap();
+    let mut seen = Seen::default();
+    let deadline = Instant::now() + WAIT;
+    while seen.assigned.len() < 4 {
+        assert!(Instant::now() < deadline);
+        poll_once(&mut a, &mut seen).unwrap();
+    }
+    // A second member makes the group take partitions away from `a`, which is not polled
+    // again: the revocation is still pending inside librdkafka when `a` closes.
+    let mut b = KafkaConsumer::subscribe(&config, &["numbers"]).unwrap();
+    let mut seen_b = Seen::default();
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        poll_once(&mut b, &mut seen_b).unwrap();
+    }
+
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        a.close().unwrap();
+        drop(a);
+        done.send(()).unwrap();
+    });
+
+    assert!(
+        finished.recv_timeout(Duration::from_secs(30)).is_ok(),
+        "closing and dropping the consumer hung"
+    );
+}

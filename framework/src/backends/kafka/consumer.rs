@@ -23,6 +23,9 @@ use crate::backends::{Consumer, ConsumerError, ConsumerEvent};
 use crate::backends::{InitialOffset, RebalanceProtocol};
 use crate::message::{Message, Partition, Topic};
 
+/// Longest wait, when closing, for librdkafka to finish giving the partitions up.
+const CLOSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a blocking broker request (committed offsets, watermarks) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -277,6 +280,32 @@ impl KafkaConsumer {
     }
 }
 
+impl KafkaConsumer {
+    /// Polls (discarding messages) until librdkafka reports nothing assigned, for at most
+    /// [`CLOSE_SETTLE_TIMEOUT`], so the revocation that leaving the group triggers runs here.
+    ///
+    /// If it were left in the queue, it would run inside librdkafka's close (from `Drop`), where
+    /// giving the partitions up waits for a reply that only the closing thread itself could
+    /// deliver: a deadlock (test `closing_with_a_revocation_pending_does_not_hang`).
+    fn settle_after_unsubscribe(&mut self) {
+        let deadline = std::time::Instant::now() + CLOSE_SETTLE_TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            let _ = self.client.poll(Duration::from_millis(50));
+            // The list holds partition references: it is dropped at once, never kept past
+            // the client.
+            let empty = self
+                .client
+                .assignment()
+                .map(|assignment| assignment.count() == 0)
+                .unwrap_or(true);
+            if empty && self.client.context().next_request().is_none() {
+                return;
+            }
+        }
+        tracing::warn!("The consumer still held partitions when it closed.");
+    }
+}
+
 impl Consumer<KafkaPayload> for KafkaConsumer {
     fn poll(
         &mut self,
@@ -428,34 +457,15 @@ impl Consumer<KafkaPayload> for KafkaConsumer {
             return Ok(());
         }
         self.closed = true;
-        // Any revocation librdkafka runs from here on (leaving the group) is carried out in the
-        // callback: the processor has already joined and committed everything.
+        // Leaving the group makes librdkafka revoke everything; from here on that revocation is
+        // carried out in the callback (the processor has already joined and committed), while
+        // `settle_after_unsubscribe` polls for it.
         self.client.context().start_closing();
-        if !self.assigned.is_empty() {
-            let result = match self.protocol {
-                RebalanceProtocol::Cooperative => {
-                    let pairs: Vec<(String, i32)> = self
-                        .assigned
-                        .iter()
-                        .map(|partition| {
-                            (
-                                partition.topic().as_str().to_owned(),
-                                kafka_index(partition),
-                            )
-                        })
-                        .collect();
-                    self.client.incremental_unassign(&list_of(&pairs))
-                }
-                RebalanceProtocol::Eager => self.client.unassign(),
-            };
-            if let Err(error) = result {
-                tracing::warn!(%error, "Giving up partitions on close failed.");
-            }
-            self.assigned.clear();
-            self.revoking.clear();
-            self.working.clear();
-        }
+        self.assigned.clear();
+        self.revoking.clear();
+        self.working.clear();
         self.client.unsubscribe();
+        self.settle_after_unsubscribe();
         Ok(())
     }
 }
