@@ -30,11 +30,7 @@ impl Producer<KafkaPayload> for BrokenOutput {
         destination: &Destination,
         payload: KafkaPayload,
     ) -> Result<DeliveryFuture, ProduceError<KafkaPayload>> {
-        let topic = match destination {
-            Destination::Topic(topic) => topic.clone(),
-            Destination::Partition(partition) => partition.topic().clone(),
-        };
-        if topic.as_str() == OUTPUT {
+        if destination.topic().as_str() == OUTPUT {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             return Ok(Box::pin(async {
                 Err(DeliveryError::Failed("broker refused the segment".into()))

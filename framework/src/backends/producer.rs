@@ -16,6 +16,16 @@ pub enum Destination {
     Partition(Partition),
 }
 
+impl Destination {
+    /// The topic written to.
+    pub fn topic(&self) -> &Topic {
+        match self {
+            Self::Topic(topic) => topic,
+            Self::Partition(partition) => partition.topic(),
+        }
+    }
+}
+
 impl From<Topic> for Destination {
     fn from(topic: Topic) -> Self {
         Self::Topic(topic)

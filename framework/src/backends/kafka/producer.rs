@@ -82,10 +82,7 @@ impl Producer<KafkaPayload> for KafkaProducer {
         destination: &Destination,
         payload: KafkaPayload,
     ) -> Result<DeliveryFuture, ProduceError<KafkaPayload>> {
-        let topic = match destination {
-            Destination::Topic(topic) => topic.clone(),
-            Destination::Partition(partition) => partition.topic().clone(),
-        };
+        let topic = destination.topic().clone();
         let sent = {
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic.as_str());
             if let Some(key) = payload.key() {
