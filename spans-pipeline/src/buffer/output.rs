@@ -53,8 +53,12 @@ impl<'s> SpanPatcher<'s> {
     }
 }
 
+/// Top-level fields of a span as Relay writes it, with room to spare: the entries are
+/// collected once per span, and growing the vector cost more than walking the JSON.
+const USUAL_FIELDS: usize = 32;
+
 fn try_patch(payload: &[u8], segment_span_id: &str, segment_attribute: &str) -> Option<OutputSpan> {
-    let mut entries = Vec::new();
+    let mut entries = Vec::with_capacity(USUAL_FIELDS);
     let mut span_id = None;
     let mut organization_id = None;
     for entry in sonic_rs::to_object_iter(payload) {
