@@ -28,6 +28,7 @@ use spans_pipeline::consumer::{
     ConsumerSettings, FlushSettings, KillSwitchHandle, SpansStrategyFactory,
 };
 use spans_pipeline::demo::{WorkloadShape, generate};
+use spans_pipeline::replay::{keys_left, redis_cpu_secs};
 
 const SPANS: usize = 40_000;
 const PARTITIONS: i32 = 16;
@@ -36,21 +37,11 @@ const OUTPUT: &str = "buffered-segments";
 
 /// Redis CPU seconds so far (user + sys).
 fn redis_cpu(redis: &RedisServer) -> f64 {
-    let mut conn = redis.connection();
-    let info: String = redis::cmd("INFO")
-        .arg("cpu")
-        .query(&mut conn)
-        .expect("INFO cpu");
-    info.lines()
-        .filter_map(|line| line.split_once(':'))
-        .filter(|(name, _)| *name == "used_cpu_sys" || *name == "used_cpu_user")
-        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
-        .sum()
+    redis_cpu_secs(&[redis.url()]).expect("INFO cpu")
 }
 
 fn keys(redis: &RedisServer) -> u64 {
-    let mut conn = redis.connection();
-    redis::cmd("DBSIZE").query(&mut conn).expect("DBSIZE")
+    keys_left(&[redis.url()]).expect("DBSIZE")
 }
 
 fn committed(kafka: &MockKafka) -> i64 {

@@ -302,7 +302,13 @@ fn node_urls(url: &str, cluster: bool) -> Result<Vec<String>, ReplayError> {
         .collect())
 }
 
-fn redis_cpu_secs(nodes: &[String]) -> Result<f64, ReplayError> {
+/// CPU seconds (user + sys) the Redis servers at `nodes` have used so far, from `INFO cpu`;
+/// take the difference of two readings to measure a piece of work.
+///
+/// # Errors
+///
+/// A server that cannot be reached or queried.
+pub fn redis_cpu_secs(nodes: &[String]) -> Result<f64, ReplayError> {
     let mut total = 0.0;
     for url in nodes {
         let mut conn = redis::Client::open(url.as_str())?.get_connection()?;
@@ -318,7 +324,12 @@ fn redis_cpu_secs(nodes: &[String]) -> Result<f64, ReplayError> {
     Ok(total)
 }
 
-fn keys_left(nodes: &[String]) -> Result<u64, ReplayError> {
+/// Keys stored on the Redis servers at `nodes`, summed (`DBSIZE`).
+///
+/// # Errors
+///
+/// A server that cannot be reached or queried.
+pub fn keys_left(nodes: &[String]) -> Result<u64, ReplayError> {
     let mut total = 0;
     for url in nodes {
         let mut conn = redis::Client::open(url.as_str())?.get_connection()?;
