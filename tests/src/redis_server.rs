@@ -87,6 +87,16 @@ impl RedisServer {
         retry_on_port_race(|| Self::spawn(&[]))
     }
 
+    /// Starts a standalone server with extra `redis-server` arguments (for example
+    /// `["--maxmemory", "10mb"]`), retrying a few times if the chosen port was taken meanwhile.
+    ///
+    /// The plain port stays open on 127.0.0.1 and the default user stays passwordless, so the
+    /// readiness check and [`RedisServer::connection`] keep working; arguments that add a TLS
+    /// port or ACL users come on top of that.
+    pub fn try_start_with_args(extra_args: &[&str]) -> Result<Self, RedisServerError> {
+        retry_on_port_race(|| Self::spawn(extra_args))
+    }
+
     fn spawn(extra_args: &[&str]) -> Result<Self, RedisServerError> {
         let dir = TempDir::new().map_err(RedisServerError::Prepare)?;
         let port = free_port()?;
