@@ -7,6 +7,11 @@
 //! `CLUSTER MEET` (about 2 s to converge), so one cluster is shared per test binary through
 //! [`RedisCluster::shared`], which serialises its users and flushes every node between them.
 //! Every process is killed and waited for on drop.
+//!
+//! Fault tests need more than a healthy server: [`RedisServer::stop`] and
+//! [`RedisServer::restart`] take a server down and bring it back on the same port and data
+//! directory (so with `--appendonly yes` its data survives), and [`RedisServer::pause_clients`]
+//! freezes every client for a while, as a stalled server would.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -66,7 +71,8 @@ impl KeyTtl {
 pub struct RedisServer {
     process: Child,
     port: u16,
-    _dir: TempDir,
+    dir: TempDir,
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
@@ -104,10 +110,68 @@ impl RedisServer {
         let mut server = Self {
             process,
             port,
-            _dir: dir,
+            dir,
+            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
         };
         server.wait_for_ping()?;
         Ok(server)
+    }
+
+    /// Kills the server (`SIGKILL`, as a crash would) and waits until it is gone; its port and
+    /// data directory are kept for [`RedisServer::restart`]. Does nothing if it is stopped.
+    pub fn stop(&mut self) {
+        if matches!(self.process.try_wait(), Ok(None)) {
+            let _ = self.process.kill();
+        }
+        let _ = self.process.wait();
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.process.try_wait(), Ok(None))
+    }
+
+    /// Starts the server again on the same port and data directory, with the same arguments,
+    /// stopping it first if it still runs; waits until it answers.
+    ///
+    /// # Errors
+    ///
+    /// The server could not be spawned, or did not answer in time (for example because another
+    /// process took the port while it was down).
+    pub fn restart(&mut self) -> Result<(), RedisServerError> {
+        self.stop();
+        let args: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
+        self.process = spawn_redis(self.port, self.dir.path(), &args)?;
+        self.wait_for_ping()
+    }
+
+    /// `CLIENT PAUSE <duration> ALL`: every client's commands wait until `duration` passed.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the server does not accept the command.
+    pub fn pause_clients(&self, duration: Duration) {
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+            .arg("ALL")
+            .query(&mut self.connection())
+            .unwrap_or_else(|error| panic!("CLIENT PAUSE failed: {error}"));
+    }
+
+    /// The value of `field` in the `INFO <section>` reply, if the server reports it.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the server does not answer.
+    pub fn info_field(&self, section: &str, field: &str) -> Option<String> {
+        let info: String = redis::cmd("INFO")
+            .arg(section)
+            .query(&mut self.connection())
+            .unwrap_or_else(|error| panic!("INFO {section} failed: {error}"));
+        info.lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .map(|value| value.trim().to_owned())
     }
 
     /// The server's port on 127.0.0.1.
@@ -539,6 +603,53 @@ mod tests {
                 .get_connection_with_timeout(Duration::from_millis(200))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_restarted_server_keeps_its_port_and_with_append_only_its_data() {
+        let mut server = RedisServer::try_start_with_args(&[
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
+        .unwrap();
+        let url = server.url();
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query(&mut server.connection())
+            .unwrap();
+        server.stop();
+        assert!(!server.is_running());
+        assert!(
+            redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .is_err(),
+            "a stopped server refuses connections"
+        );
+        server.restart().unwrap();
+        assert!(server.is_running());
+        assert_eq!(server.url(), url);
+        let value: String = redis::cmd("GET")
+            .arg("k")
+            .query(&mut server.connection())
+            .unwrap();
+        assert_eq!(value, "v");
+    }
+
+    #[test]
+    fn paused_clients_wait_until_the_pause_ends() {
+        let server = RedisServer::start();
+        let mut conn = server.connection();
+        server.pause_clients(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut conn).unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        let keyspace = server.info_field("keyspace", "db0").unwrap();
+        assert!(keyspace.starts_with("keys=1,"), "{keyspace}");
+        assert_eq!(server.info_field("server", "no_such_field"), None);
     }
 
     #[test]
