@@ -607,13 +607,9 @@ mod tests {
 
     #[test]
     fn a_restarted_server_keeps_its_port_and_with_append_only_its_data() {
-        let mut server = RedisServer::try_start_with_args(&[
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-        ])
-        .unwrap();
+        let mut server =
+            RedisServer::try_start_with_args(&["--appendonly", "yes", "--appendfsync", "always"])
+                .unwrap();
         let url = server.url();
         let _: () = redis::cmd("SET")
             .arg("k")
@@ -645,7 +641,11 @@ mod tests {
         let mut conn = server.connection();
         server.pause_clients(Duration::from_millis(300));
         let started = std::time::Instant::now();
-        let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut conn).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query(&mut conn)
+            .unwrap();
         assert!(started.elapsed() >= Duration::from_millis(200));
         let keyspace = server.info_field("keyspace", "db0").unwrap();
         assert!(keyspace.starts_with("keys=1,"), "{keyspace}");
