@@ -1,4 +1,4 @@
-//! Kafka for tests: librdkafka's built-in mock cluster.
+//! Kafka for tests: librdkafka's built-in mock cluster, or tansu as a second broker.
 //!
 //! The mock cluster is real librdkafka broker code listening on loopback TCP ports, so clients
 //! talk the real Kafka protocol to it: consumer groups, rebalances, commits, produce and fetch.
@@ -7,10 +7,19 @@
 //! "initial rebalance delay" of 3 s (set to 0 here), and a member joining or leaving waits about
 //! `session.timeout.ms - 1 s` (the client settings from [`MockKafka::consumer_config`] use a short
 //! session timeout).
+//!
+//! The mock is librdkafka answering itself, so with [`BROKER_ENV`]` = tansu` the same tests run
+//! against an independent broker instead: [`MockKafka::start`] then starts a tansu process of its
+//! own (see [`crate::tansu`]) and creates topics through the Admin API. tansu has no fault
+//! injection, so [`MockKafka::cluster`] and everything built on it fail there, and its groups
+//! stall with the cooperative-sticky assignor, which [`Broker::rebalances_cooperatively`] tells
+//! test consumers.
 
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -18,6 +27,11 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::util::Timeout;
+
+use crate::tansu::{TansuBroker, TansuError};
+
+/// Environment variable choosing the broker of the tests: `mock` (the default) or `tansu`.
+pub const BROKER_ENV: &str = "RILL_TEST_KAFKA";
 
 /// Session timeout for test consumers: rebalances in the mock take about this minus one second.
 pub const TEST_SESSION_TIMEOUT_MS: u32 = 1500;
@@ -29,9 +43,26 @@ pub enum MockKafkaError {
     /// librdkafka refused an operation.
     #[error("kafka operation failed")]
     Kafka(#[from] KafkaError),
-    /// The host client was created without a mock cluster behind it.
-    #[error("client has no mock cluster")]
+    /// Fault injection was asked of a broker that is not the mock cluster.
+    #[error("no mock cluster behind this broker: fault injection needs {BROKER_ENV}=mock")]
     NoMockCluster,
+    /// The broker named by [`BROKER_ENV`] is not one the tests know.
+    #[error("unknown {BROKER_ENV} value {0:?}: expected mock or tansu")]
+    UnknownBroker(String),
+    /// The tansu broker did not start.
+    #[error("tansu did not start")]
+    Tansu(#[from] TansuError),
+    /// No runtime could be started for an Admin API call.
+    #[error("cannot start a runtime for the admin client")]
+    Runtime(#[source] std::io::Error),
+    /// The Admin API refused to create a topic.
+    #[error("creating topic {topic} failed: {reason}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// What the broker answered.
+        reason: String,
+    },
     /// A condition was not met in time.
     #[error("timed out after {0:?}: {1}")]
     Timeout(Duration, String),
@@ -52,30 +83,81 @@ pub struct RecordedMessage {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-/// An in-process mock Kafka cluster on loopback ports, alive as long as this value.
+/// The Kafka implementation behind a [`MockKafka`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Broker {
+    /// librdkafka's in-process mock cluster, with fault injection.
+    Mock,
+    /// A tansu process with memory storage.
+    Tansu,
+}
+
+impl Broker {
+    /// The broker named by [`BROKER_ENV`] (the mock cluster when unset).
+    ///
+    /// # Errors
+    ///
+    /// [`MockKafkaError::UnknownBroker`] for any other value than `mock` or `tansu`.
+    pub fn from_env() -> Result<Self, MockKafkaError> {
+        match std::env::var(BROKER_ENV).as_deref() {
+            Err(_) | Ok("" | "mock") => Ok(Self::Mock),
+            Ok("tansu") => Ok(Self::Tansu),
+            Ok(other) => Err(MockKafkaError::UnknownBroker(other.to_owned())),
+        }
+    }
+
+    /// Whether consumer groups keep delivering with the cooperative-sticky assignor; on tansu
+    /// they stall after an incremental rebalance, so test consumers there use the eager one.
+    pub fn rebalances_cooperatively(self) -> bool {
+        self == Self::Mock
+    }
+}
+
+/// The Kafka of a test on loopback ports, alive as long as this value: librdkafka's
+/// in-process mock cluster, or a tansu process when [`BROKER_ENV`] says so.
 ///
-/// The cluster is hosted by a producer client; dropping it destroys the brokers. Clients of other
-/// threads (or processes) connect through [`bootstrap_servers`](Self::bootstrap_servers).
+/// The mock cluster is hosted by a producer client; dropping it destroys the brokers. Clients of
+/// other threads (or processes) connect through [`bootstrap_servers`](Self::bootstrap_servers).
 pub struct MockKafka {
-    host: BaseProducer,
+    backend: Backend,
     bootstrap_servers: String,
+}
+
+enum Backend {
+    Mock(BaseProducer),
+    Tansu(TansuBroker),
 }
 
 impl std::fmt::Debug for MockKafka {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MockKafka")
+            .field("broker", &self.broker())
             .field("bootstrap_servers", &self.bootstrap_servers)
             .finish_non_exhaustive()
     }
 }
 
 impl MockKafka {
-    /// Starts a mock cluster with `brokers` brokers and no group rebalance delay.
+    /// Starts the broker [`BROKER_ENV`] names: a mock cluster with `brokers` brokers and no
+    /// group rebalance delay, or one tansu broker (whatever `brokers` says).
     ///
     /// # Errors
     ///
-    /// Fails if librdkafka cannot create the cluster.
+    /// Fails if the cluster cannot be created or tansu does not start.
     pub fn start(brokers: u32) -> Result<Self, MockKafkaError> {
+        match Broker::from_env()? {
+            Broker::Mock => Self::start_mock(brokers),
+            Broker::Tansu => {
+                let tansu = TansuBroker::start()?;
+                Ok(Self {
+                    bootstrap_servers: tansu.bootstrap_servers(),
+                    backend: Backend::Tansu(tansu),
+                })
+            }
+        }
+    }
+
+    fn start_mock(brokers: u32) -> Result<Self, MockKafkaError> {
         let host: BaseProducer = ClientConfig::new()
             .set("test.mock.num.brokers", brokers.to_string())
             .set("log_level", "3")
@@ -87,9 +169,26 @@ impl MockKafka {
             .bootstrap_servers();
         disable_initial_rebalance_delay(&host);
         Ok(Self {
-            host,
+            backend: Backend::Mock(host),
             bootstrap_servers,
         })
+    }
+
+    /// What the broker logged, for failure messages: tansu's warnings and errors (the mock
+    /// cluster logs through the host client, so `None` there).
+    pub fn broker_log(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Mock(_) => None,
+            Backend::Tansu(tansu) => Some(tansu.log()),
+        }
+    }
+
+    /// Which broker this is.
+    pub fn broker(&self) -> Broker {
+        match self.backend {
+            Backend::Mock(_) => Broker::Mock,
+            Backend::Tansu(_) => Broker::Tansu,
+        }
     }
 
     /// The `bootstrap.servers` value that reaches this cluster.
@@ -101,21 +200,36 @@ impl MockKafka {
     ///
     /// # Errors
     ///
-    /// Never in practice: the host client always has a mock cluster.
+    /// [`MockKafkaError::NoMockCluster`] on tansu.
     pub fn cluster(&self) -> Result<MockCluster<'_, DefaultProducerContext>, MockKafkaError> {
-        self.host
-            .client()
-            .mock_cluster()
-            .ok_or(MockKafkaError::NoMockCluster)
+        match &self.backend {
+            Backend::Mock(host) => host.client().mock_cluster(),
+            Backend::Tansu(_) => None,
+        }
+        .ok_or(MockKafkaError::NoMockCluster)
     }
 
-    /// Creates `topic` with `partitions` partitions (replication factor 1).
+    /// Creates `topic` with `partitions` partitions (replication factor 1): through the mock
+    /// handle, or through the Admin API on tansu.
     ///
     /// # Errors
     ///
-    /// Fails if the mock refuses (for example, the topic exists).
+    /// Fails if the broker refuses (for example, the topic exists).
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), MockKafkaError> {
-        self.cluster()?.create_topic(topic, partitions, 1)?;
+        if self.broker() == Broker::Mock {
+            self.cluster()?.create_topic(topic, partitions, 1)?;
+            return Ok(());
+        }
+        let admin: AdminClient<DefaultClientContext> = self.producer_config().create()?;
+        let request = [NewTopic::new(topic, partitions, TopicReplication::Fixed(1))];
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = block_on(admin.create_topics(&request, &options))??;
+        for result in results {
+            result.map_err(|(topic, code)| MockKafkaError::CreateTopic {
+                topic,
+                reason: code.to_string(),
+            })?;
+        }
         Ok(())
     }
 
@@ -347,6 +461,15 @@ pub fn headers(pairs: &[(&str, &[u8])]) -> OwnedHeaders {
             })
         },
     )
+}
+
+/// Runs an Admin API future to completion on a throwaway single-threaded runtime.
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> Result<T, MockKafkaError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(MockKafkaError::Runtime)?;
+    Ok(runtime.block_on(future))
 }
 
 /// Sets the mock's initial group rebalance delay (3 s by default) to zero.

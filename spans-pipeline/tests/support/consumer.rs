@@ -15,7 +15,7 @@ use integration_tests::kafka::{MockKafka, RecordedMessage};
 use integration_tests::redis_server::TestRedis;
 use rill::backends::kafka::{
     KafkaConsumer, KafkaConsumerConfig, KafkaDlqProducer, KafkaPayload, KafkaProducer,
-    KafkaProducerConfig,
+    KafkaProducerConfig, RebalanceProtocol,
 };
 use rill::dlq::DlqPolicy;
 use rill::processor::{
@@ -205,9 +205,12 @@ impl ConsumerSetup {
             recorded.lock().unwrap().push(partitions.to_vec());
             factory.create(partitions)
         };
-        let config = KafkaConsumerConfig::new(kafka.bootstrap_servers(), GROUP)
+        let mut config = KafkaConsumerConfig::new(kafka.bootstrap_servers(), GROUP)
             .with_override("session.timeout.ms", "1500")
             .with_override("heartbeat.interval.ms", "500");
+        if !kafka.broker().rebalances_cooperatively() {
+            config = config.with_rebalance_protocol(RebalanceProtocol::Eager);
+        }
         let consumer = KafkaConsumer::subscribe(&config, &[INPUT]).unwrap();
         let mut processor = StreamProcessor::new(consumer, factory)
             .with_config(self.processor.clone())
