@@ -174,6 +174,18 @@ impl RedisServer {
             .map(|value| value.trim().to_owned())
     }
 
+    /// How many commands the server refused with error `code` (`OOM`, `NOSCRIPT`, ...) since
+    /// it started, from `INFO errorstats`.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the server does not answer.
+    pub fn error_count(&self, code: &str) -> u64 {
+        self.info_field("errorstats", &format!("errorstat_{code}"))
+            .and_then(|stat| stat.strip_prefix("count=")?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The server's port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
@@ -464,6 +476,22 @@ impl TestRedis {
         }
     }
 
+    /// Every server: the standalone one, or the cluster's masters.
+    pub fn servers(&self) -> Vec<&RedisServer> {
+        match self {
+            Self::Standalone(server) => vec![server],
+            Self::Cluster(cluster) => cluster.nodes().iter().collect(),
+        }
+    }
+
+    /// Commands refused with error `code`, summed over [`TestRedis::servers`].
+    pub fn error_count(&self, code: &str) -> u64 {
+        self.servers()
+            .iter()
+            .map(|server| server.error_count(code))
+            .sum()
+    }
+
     /// Blocking connections to every node (one for a standalone server).
     pub fn node_connections(&self) -> Vec<redis::Connection> {
         match self {
@@ -650,6 +678,19 @@ mod tests {
         let keyspace = server.info_field("keyspace", "db0").unwrap();
         assert!(keyspace.starts_with("keys=1,"), "{keyspace}");
         assert_eq!(server.info_field("server", "no_such_field"), None);
+    }
+
+    #[test]
+    fn refused_commands_are_counted_by_error_code() {
+        let server = RedisServer::start();
+        let mut conn = server.connection();
+        assert_eq!(server.error_count("NOSCRIPT"), 0);
+        let refused: redis::RedisResult<()> = redis::cmd("EVALSHA")
+            .arg("0".repeat(40))
+            .arg(0)
+            .query(&mut conn);
+        assert!(refused.is_err());
+        assert_eq!(server.error_count("NOSCRIPT"), 1);
     }
 
     #[test]
