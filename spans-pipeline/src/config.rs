@@ -17,6 +17,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use redis::{ClientTlsConfig, TlsCertificates};
+use rill::backends::kafka::{
+    InitialOffset, KafkaConsumerConfig, KafkaProducerConfig, RebalanceProtocol,
+};
 use serde::Deserialize;
 
 use crate::buffer::BufferOptions;
@@ -74,8 +78,9 @@ pub struct Config {
     pub observability: ObservabilitySection,
 }
 
-/// `[kafka]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// `[kafka]`. Security settings (`security.protocol`, `sasl.*`, `ssl.*`) go in the overrides,
+/// which are passed to librdkafka as they are; secret values among them are never printed.
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSection {
     /// `host:port,...` of the brokers.
@@ -124,6 +129,55 @@ impl Default for KafkaSection {
     }
 }
 
+// Written by hand so passwords and keys among the librdkafka overrides never reach logs.
+impl fmt::Debug for KafkaSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSection")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("input_topics", &self.input_topics)
+            .field("output_topic", &self.output_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("outcomes_topic", &self.outcomes_topic)
+            .field("slice_id", &self.slice_id)
+            .field("rebalance_protocol", &self.rebalance_protocol)
+            .field("initial_offset", &self.initial_offset)
+            .field("max_poll_interval", &self.max_poll_interval)
+            .field("consumer_overrides", &Redacted(&self.consumer_overrides))
+            .field("producer_overrides", &Redacted(&self.producer_overrides))
+            .finish()
+    }
+}
+
+/// librdkafka settings, printed with the values of secret ones hidden.
+struct Redacted<'a>(&'a BTreeMap<String, String>);
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(key, value)| {
+                let shown = if is_secret_setting(key) {
+                    "<set>"
+                } else {
+                    value.as_str()
+                };
+                (key, shown)
+            }))
+            .finish()
+    }
+}
+
+/// Whether the librdkafka setting `key` holds a secret: a password, a private key, a client
+/// secret or a login configuration that may embed one.
+pub fn is_secret_setting(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password")
+        || key.contains("secret")
+        || key.ends_with("key.pem")
+        || key.ends_with("jaas.config")
+        || key == "sasl.oauthbearer.config"
+}
+
 /// `[redis]`. Credentials may also be given in the URLs; they are never logged.
 #[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -136,6 +190,13 @@ pub struct RedisSection {
     pub username: Option<String>,
     /// Password.
     pub password: Option<String>,
+    /// PEM file of the CA that signed the servers' certificates, for `rediss://` URLs; the
+    /// system's trust store is used when absent.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with `client_key_file`).
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl Default for RedisSection {
@@ -145,6 +206,9 @@ impl Default for RedisSection {
             cluster: false,
             username: None,
             password: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -164,6 +228,9 @@ impl fmt::Debug for RedisSection {
             .field("cluster", &self.cluster)
             .field("username", &self.username.as_ref().map(|_| "<set>"))
             .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
+            .field("client_key_file", &self.client_key_file)
             .finish()
     }
 }
@@ -180,6 +247,51 @@ impl RedisSection {
             .map(|url| with_credentials(url, self.username.as_deref(), self.password.as_deref()))
             .collect()
     }
+
+    /// The TLS material of `ca_file`, `client_cert_file` and `client_key_file`, read from
+    /// disk; `None` when none is set (plain `redis://`, or `rediss://` checked against the
+    /// system's trust store).
+    ///
+    /// # Errors
+    ///
+    /// A file that cannot be read; a client certificate without its key or the reverse; TLS
+    /// files without any `rediss://` URL (they would be silently ignored).
+    pub fn tls_certificates(&self) -> Result<Option<TlsCertificates>, ConfigError> {
+        let client = match (&self.client_cert_file, &self.client_key_file) {
+            (Some(cert), Some(key)) => Some(ClientTlsConfig {
+                client_cert: read_file(cert)?,
+                client_key: read_file(key)?,
+            }),
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::Value {
+                    key: "redis.client_cert_file",
+                    reason: "client_cert_file and client_key_file go together".to_owned(),
+                });
+            }
+        };
+        let root_cert = self.ca_file.as_deref().map(read_file).transpose()?;
+        if client.is_none() && root_cert.is_none() {
+            return Ok(None);
+        }
+        if !self.urls.iter().any(|url| url.starts_with("rediss://")) {
+            return Err(ConfigError::Value {
+                key: "redis.ca_file",
+                reason: "tls files are set but no url uses rediss://".to_owned(),
+            });
+        }
+        Ok(Some(TlsCertificates {
+            client_tls: client,
+            root_cert,
+        }))
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// `[consumer]`.
@@ -448,6 +560,7 @@ impl Config {
             return fail("redis.urls", "at least one URL is needed");
         }
         self.redis.connection_urls()?;
+        self.redis.tls_certificates()?;
         if self.consumer.max_batch_size == 0 {
             return fail("consumer.max_batch_size", "must be at least 1");
         }
@@ -500,6 +613,38 @@ impl Config {
                 max_restarts: self.flusher.max_restarts,
             },
         }
+    }
+
+    /// The settings of the input consumer: typed ones from `[kafka]`, then every
+    /// `consumer_overrides` entry passed through to librdkafka (security settings included).
+    pub fn kafka_consumer_config(&self) -> KafkaConsumerConfig {
+        let kafka = &self.kafka;
+        let mut consumer = KafkaConsumerConfig::new(&kafka.bootstrap_servers, &kafka.group_id)
+            .with_rebalance_protocol(match kafka.rebalance_protocol.as_str() {
+                "eager" => RebalanceProtocol::Eager,
+                _ => RebalanceProtocol::Cooperative,
+            })
+            .with_initial_offset(match kafka.initial_offset.as_str() {
+                "latest" => InitialOffset::Latest,
+                "error" => InitialOffset::Error,
+                _ => InitialOffset::Earliest,
+            })
+            .with_max_poll_interval(kafka.max_poll_interval);
+        for (key, value) in &kafka.consumer_overrides {
+            consumer = consumer.with_override(key, value);
+        }
+        consumer
+    }
+
+    /// The settings of the producer (output, dead letters, outcomes): every
+    /// `producer_overrides` entry passed through to librdkafka.
+    pub fn kafka_producer_config(&self) -> KafkaProducerConfig {
+        let mut producer = KafkaProducerConfig::new(&self.kafka.bootstrap_servers)
+            .with_override("client.id", "spans-pipeline.flusher");
+        for (key, value) in &self.kafka.producer_overrides {
+            producer = producer.with_override(key, value);
+        }
+        producer
     }
 
     /// What changed from `self` to `next` that only takes effect after a restart; a reload
@@ -574,11 +719,15 @@ fn with_credentials(
     Ok(format!("{scheme}://{credentials}{rest}"))
 }
 
-/// `url` with any credentials replaced by `***`, for logs.
+/// `url` with any credentials replaced by `***`, for logs and errors; a string that is not
+/// a URL but has an `@` in it loses everything before the `@`.
 pub fn redact_url(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
-        _ => url.to_owned(),
+    let Some(at) = url.rfind('@') else {
+        return url.to_owned();
+    };
+    match url.split_once("://") {
+        Some((scheme, _)) if scheme.len() < at => format!("{scheme}://***{}", &url[at..]),
+        _ => format!("***{}", &url[at..]),
     }
 }
 
@@ -687,6 +836,143 @@ mod tests {
             redact_url("redis://u:secret@host:1/"),
             "redis://***@host:1/"
         );
+    }
+
+    const KAFKA_SECURITY: &str = r#"
+[kafka]
+consumer_overrides = { "security.protocol" = "SASL_SSL", "sasl.mechanism" = "SCRAM-SHA-512", "sasl.username" = "spans", "sasl.password" = "kafka-pa55", "ssl.ca.location" = "/etc/ca.pem" }
+producer_overrides = { "security.protocol" = "SSL", "ssl.key.password" = "key-pa55", "ssl.key.pem" = "PRIVATE-KEY-BYTES", "ssl.certificate.location" = "/etc/client.pem" }
+"#;
+
+    #[test]
+    fn kafka_security_settings_reach_the_librdkafka_configs() {
+        let config = load(KAFKA_SECURITY, &[], &[]).unwrap();
+
+        let consumer = config.kafka_consumer_config().client_config().unwrap();
+        for (key, value) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "spans"),
+            ("sasl.password", "kafka-pa55"),
+            ("ssl.ca.location", "/etc/ca.pem"),
+            ("group.id", "process-spans"),
+        ] {
+            assert_eq!(consumer.get(key), Some(value), "{key}");
+        }
+        let producer = config.kafka_producer_config().client_config().unwrap();
+        for (key, value) in [
+            ("security.protocol", "SSL"),
+            ("ssl.key.password", "key-pa55"),
+            ("ssl.key.pem", "PRIVATE-KEY-BYTES"),
+            ("client.id", "spans-pipeline.flusher"),
+        ] {
+            assert_eq!(producer.get(key), Some(value), "{key}");
+        }
+        assert_eq!(producer.get("sasl.password"), None);
+    }
+
+    #[test]
+    fn kafka_secrets_never_appear_in_debug_output() {
+        let config = load(KAFKA_SECURITY, &[], &[]).unwrap();
+
+        for printed in [format!("{config:?}"), format!("{config:#?}")] {
+            for secret in ["kafka-pa55", "key-pa55", "PRIVATE-KEY-BYTES"] {
+                assert!(!printed.contains(secret), "{secret} in {printed}");
+            }
+            assert!(printed.contains("SCRAM-SHA-512"), "{printed}");
+            assert!(printed.contains("/etc/ca.pem"), "{printed}");
+        }
+        for key in [
+            "sasl.password",
+            "ssl.keystore.password",
+            "SSL.KEY.PASSWORD",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+            "ssl.key.pem",
+        ] {
+            assert!(is_secret_setting(key), "{key}");
+        }
+        for key in ["sasl.username", "ssl.ca.location", "ssl.certificate.pem"] {
+            assert!(!is_secret_setting(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn errors_about_urls_never_show_their_password() {
+        for url in ["http://spans:hunter2@cache:6379", "cache:hunter2@6379"] {
+            let error = load("", &[], &[&format!("redis.urls=[\"{url}\"]")]).unwrap_err();
+
+            let printed = format!("{error} {error:?}");
+            assert!(printed.contains("redis.urls"), "{printed}");
+            assert!(!printed.contains("hunter2"), "{printed}");
+        }
+    }
+
+    #[test]
+    fn tls_files_are_read_for_rediss_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [("ca.pem", "CA"), ("client.pem", "CERT"), ("key.pem", "KEY")] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let file = |name: &str| dir.path().join(name).display().to_string();
+        let section = format!(
+            "[redis]\nurls = [\"rediss://cache:6380\"]\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+            file("ca.pem"),
+            file("client.pem"),
+            file("key.pem"),
+        );
+
+        let certificates = load(&section, &[], &[])
+            .unwrap()
+            .redis
+            .tls_certificates()
+            .unwrap()
+            .unwrap();
+
+        assert_eq!(certificates.root_cert.as_deref(), Some(&b"CA"[..]));
+        let client = certificates.client_tls.unwrap();
+        assert_eq!(client.client_cert, b"CERT");
+        assert_eq!(client.client_key, b"KEY");
+        assert!(
+            load("", &[], &[])
+                .unwrap()
+                .redis
+                .tls_certificates()
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn tls_files_that_cannot_work_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "CA").unwrap();
+        let cases = [
+            (
+                format!(
+                    "urls = [\"redis://cache:6379\"]\nca_file = \"{}\"",
+                    ca.display()
+                ),
+                "redis.ca_file",
+            ),
+            (
+                format!(
+                    "urls = [\"rediss://cache:6380\"]\nclient_cert_file = \"{}\"",
+                    ca.display()
+                ),
+                "redis.client_cert_file",
+            ),
+            (
+                "urls = [\"rediss://cache:6380\"]\nca_file = \"/nonexistent/ca.pem\"".to_owned(),
+                "/nonexistent/ca.pem",
+            ),
+        ];
+        for (section, named) in cases {
+            let error = load(&format!("[redis]\n{section}\n"), &[], &[]).unwrap_err();
+
+            assert!(error.to_string().contains(named), "{named}: {error}");
+        }
     }
 
     #[test]

@@ -16,10 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rill::backends::kafka::{
-    InitialOffset, KafkaConsumer, KafkaConsumerConfig, KafkaDlqProducer, KafkaPayload,
-    KafkaProducer, KafkaProducerConfig, RebalanceProtocol,
-};
+use rill::backends::kafka::{KafkaConsumer, KafkaDlqProducer, KafkaPayload, KafkaProducer};
 use rill::dlq::DlqPolicy;
 use rill::processor::{ProcessorConfig, ProcessorHandle, StreamProcessor};
 use rill::steps::HealthCheck;
@@ -94,9 +91,10 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         tracing::info!(%address, "Serving Prometheus metrics.");
     }
     let connection = runtime
-        .block_on(RedisConnection::connect(
+        .block_on(RedisConnection::connect_with_tls(
             &config.redis.connection_urls()?,
             config.redis.cluster,
+            config.redis.tls_certificates()?,
         ))
         .map_err(RunError::Redis)?;
     let producer = Arc::new(producer(&config)?);
@@ -123,7 +121,7 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         .iter()
         .map(String::as_str)
         .collect();
-    let consumer = KafkaConsumer::subscribe(&consumer_config(&config), &topics)
+    let consumer = KafkaConsumer::subscribe(&config.kafka_consumer_config(), &topics)
         .map_err(|error| RunError::Kafka(error.to_string()))?;
     let processor_config = ProcessorConfig::default()
         .with_join_timeout(config.consumer.join_timeout)
@@ -156,32 +154,9 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
     result.map_err(RunError::from)
 }
 
-fn consumer_config(config: &Config) -> KafkaConsumerConfig {
-    let kafka = &config.kafka;
-    let mut consumer = KafkaConsumerConfig::new(&kafka.bootstrap_servers, &kafka.group_id)
-        .with_rebalance_protocol(match kafka.rebalance_protocol.as_str() {
-            "eager" => RebalanceProtocol::Eager,
-            _ => RebalanceProtocol::Cooperative,
-        })
-        .with_initial_offset(match kafka.initial_offset.as_str() {
-            "latest" => InitialOffset::Latest,
-            "error" => InitialOffset::Error,
-            _ => InitialOffset::Earliest,
-        })
-        .with_max_poll_interval(kafka.max_poll_interval);
-    for (key, value) in &kafka.consumer_overrides {
-        consumer = consumer.with_override(key, value);
-    }
-    consumer
-}
-
 fn producer(config: &Config) -> Result<KafkaProducer, RunError> {
-    let mut settings = KafkaProducerConfig::new(&config.kafka.bootstrap_servers)
-        .with_override("client.id", "spans-pipeline.flusher");
-    for (key, value) in &config.kafka.producer_overrides {
-        settings = settings.with_override(key, value);
-    }
-    KafkaProducer::new(&settings).map_err(|error| RunError::Kafka(error.to_string()))
+    KafkaProducer::new(&config.kafka_producer_config())
+        .map_err(|error| RunError::Kafka(error.to_string()))
 }
 
 /// Wraps every pipeline the factory builds in a step that touches `path` while polled.

@@ -5,4 +5,5 @@
 
 pub mod kafka;
 pub mod redis_server;
+pub mod secure_redis;
 pub mod tansu;

@@ -6,6 +6,10 @@
 //! by slot (keys that share a hash tag share a slot) and the groups are sent concurrently;
 //! results come back in the batch's order either way. Server errors are returned in place as
 //! [`Value::ServerError`], so one failed command (for example `NOSCRIPT`) can be retried alone.
+//!
+//! Access control is the URL's: `redis://user:password@host:port` authenticates as an ACL
+//! user, on every cluster node alike, and `rediss://` speaks TLS (rustls with the ring
+//! provider), checked against the system's trust store or a CA given with the connection.
 
 use std::collections::HashMap;
 
@@ -13,7 +17,7 @@ use futures::future::try_join_all;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, TlsCertificates, Value};
 
 use crate::buffer::keys;
 
@@ -45,17 +49,42 @@ pub const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 
 impl RedisConnection {
     /// Connects to the server at `urls[0]`, or to the cluster seeded by `urls`.
+    ///
+    /// `rediss://` URLs are verified against the system's trust store; see
+    /// [`RedisConnection::connect_with_tls`] for a private CA or a client certificate.
+    /// Credentials go in the URLs (`redis://user:password@host:port`).
     pub async fn connect(urls: &[String], cluster: bool) -> RedisResult<Self> {
+        Self::connect_with_tls(urls, cluster, None).await
+    }
+
+    /// As [`RedisConnection::connect`], with TLS material for `rediss://` URLs: the CA that
+    /// signed the server certificates (instead of the system's trust store) and optionally a
+    /// client certificate and key for mutual TLS.
+    pub async fn connect_with_tls(
+        urls: &[String],
+        cluster: bool,
+        certificates: Option<TlsCertificates>,
+    ) -> RedisResult<Self> {
+        if urls.iter().any(|url| url.starts_with("rediss://")) {
+            install_crypto_provider();
+        }
         if cluster {
-            let client = redis::cluster::ClusterClient::builder(urls.to_vec())
-                .response_timeout(RESPONSE_TIMEOUT)
-                .build()?;
-            Ok(Self::Cluster(client.get_async_connection().await?))
+            let mut builder = redis::cluster::ClusterClient::builder(urls.to_vec())
+                .response_timeout(RESPONSE_TIMEOUT);
+            if let Some(certificates) = certificates {
+                builder = builder.certs(certificates);
+            }
+            Ok(Self::Cluster(
+                builder.build()?.get_async_connection().await?,
+            ))
         } else {
             let url = urls.first().ok_or_else(|| {
                 redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no redis url"))
             })?;
-            let client = redis::Client::open(url.as_str())?;
+            let client = match certificates {
+                Some(certificates) => redis::Client::build_with_tls(url.as_str(), certificates)?,
+                None => redis::Client::open(url.as_str())?,
+            };
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_response_timeout(Some(RESPONSE_TIMEOUT));
             Ok(Self::Standalone(
@@ -178,6 +207,16 @@ impl RedisConnection {
             .map(|len| values.by_ref().take(len).collect())
             .collect())
     }
+}
+
+/// Makes ring the process's TLS crypto provider, unless one is installed already.
+///
+/// The redis client builds its TLS configuration from the process-wide default provider;
+/// installing it explicitly keeps `rediss://` working even if another dependency ever enables
+/// a second provider, in which case none would be picked automatically.
+fn install_crypto_provider() {
+    // An error means a provider is installed already, which is all that is needed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 impl ConnectionLike for RedisConnection {

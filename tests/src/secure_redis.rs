@@ -1,0 +1,344 @@
+//! Redis servers configured the way a production buffer is protected: an ACL user with a
+//! password and the passwordless default user switched off, or a TLS port with a certificate
+//! signed by a throwaway certificate authority.
+//!
+//! The servers are the ordinary [`RedisServer`] and [`RedisCluster`] of this crate, locked down
+//! once they are up: ACL users are created and the default user is disabled with `ACL SETUSER`
+//! at run time, which is what a `user` line in `redis.conf` does at start, and it lets the
+//! readiness checks and the cluster wiring run unchanged before the doors close. A TLS server
+//! gets its certificate files at start, because `redis-server` opens its TLS port then; its
+//! plain port stays open on loopback for the readiness check.
+//!
+//! Certificates are generated at test time (a CA, a server certificate for `127.0.0.1` and
+//! `localhost`, a client certificate for mutual TLS), so nothing secret is committed and
+//! nothing expires in the repository.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use tempfile::TempDir;
+
+use crate::redis_server::{RedisCluster, RedisServer, RedisServerError};
+
+/// The ACL user the pipeline connects as.
+pub const USER: &str = "spans";
+
+/// Why a secured test Redis could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecureRedisError {
+    /// The server or cluster did not start.
+    #[error(transparent)]
+    Server(#[from] RedisServerError),
+    /// A command that locks the server down failed.
+    #[error("redis setup command failed")]
+    Redis(#[from] redis::RedisError),
+    /// A certificate could not be generated.
+    #[error("certificate generation failed")]
+    Certificate(#[from] rcgen::Error),
+    /// A certificate file or a port could not be prepared.
+    #[error("failed to prepare tls files")]
+    Io(#[from] std::io::Error),
+}
+
+/// A standalone server or a 3-master cluster whose only user is [`USER`] with a password.
+#[derive(Debug)]
+pub struct AclRedis {
+    nodes: AclNodes,
+    password: String,
+}
+
+#[derive(Debug)]
+enum AclNodes {
+    Standalone(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl AclRedis {
+    /// A standalone server with the ACL user `USER`/`password` and no default user.
+    ///
+    /// # Errors
+    ///
+    /// The server did not start or refused the ACL commands.
+    pub fn standalone(password: &str) -> Result<Self, SecureRedisError> {
+        let server = RedisServer::try_start()?;
+        lock_down(&mut server.connection(), password)?;
+        Ok(Self {
+            nodes: AclNodes::Standalone(server),
+            password: password.to_owned(),
+        })
+    }
+
+    /// A 3-master cluster (its own, not the shared one) whose every node has the ACL user
+    /// `USER`/`password`, authenticates to its master with it (`masteruser`/`masterauth`, for
+    /// replicas added later) and has no default user.
+    ///
+    /// # Errors
+    ///
+    /// The cluster did not form or a node refused the ACL commands.
+    pub fn cluster(password: &str) -> Result<Self, SecureRedisError> {
+        let cluster = RedisCluster::try_start()?;
+        for node in cluster.nodes() {
+            let mut conn = node.connection();
+            for (name, value) in [("masteruser", USER), ("masterauth", password)] {
+                let _: () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg(name)
+                    .arg(value)
+                    .query(&mut conn)?;
+            }
+            lock_down(&mut conn, password)?;
+        }
+        Ok(Self {
+            nodes: AclNodes::Cluster(cluster),
+            password: password.to_owned(),
+        })
+    }
+
+    /// Whether this is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.nodes, AclNodes::Cluster(_))
+    }
+
+    /// The password of [`USER`].
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        match &self.nodes {
+            AclNodes::Standalone(server) => vec![server.port()],
+            AclNodes::Cluster(cluster) => cluster.nodes().iter().map(RedisServer::port).collect(),
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>/` of every node, without credentials.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports()
+            .into_iter()
+            .map(|port| format!("redis://127.0.0.1:{port}/"))
+            .collect()
+    }
+
+    /// The URLs with `user:password@` in them.
+    pub fn urls_as(&self, user: &str, password: &str) -> Vec<String> {
+        self.ports()
+            .into_iter()
+            .map(|port| format!("redis://{user}:{password}@127.0.0.1:{port}/"))
+            .collect()
+    }
+
+    /// Keys stored on every node together, read as [`USER`].
+    ///
+    /// # Panics
+    ///
+    /// Panics when a node does not answer.
+    pub fn key_count(&self) -> usize {
+        self.urls_as(USER, &self.password)
+            .iter()
+            .map(|url| {
+                let mut conn = redis::Client::open(url.as_str())
+                    .and_then(|client| client.get_connection())
+                    .unwrap_or_else(|error| panic!("cannot connect as {USER}: {error}"));
+                redis::cmd("DBSIZE")
+                    .query::<usize>(&mut conn)
+                    .unwrap_or_else(|error| panic!("DBSIZE failed: {error}"))
+            })
+            .sum()
+    }
+}
+
+/// Creates [`USER`] with every permission and `password`, then switches the default user off.
+fn lock_down(conn: &mut redis::Connection, password: &str) -> Result<(), redis::RedisError> {
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(USER)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query::<()>(conn)?;
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("off")
+        .query(conn)
+}
+
+/// A certificate authority with a server certificate for `127.0.0.1`/`localhost` and a client
+/// certificate, all as PEM files in a temporary directory.
+#[derive(Debug)]
+pub struct TestCertificates {
+    dir: TempDir,
+}
+
+impl TestCertificates {
+    /// Generates a fresh CA and the two certificates it signs.
+    ///
+    /// # Errors
+    ///
+    /// Key generation, signing or writing a file failed.
+    pub fn generate() -> Result<Self, SecureRedisError> {
+        let dir = TempDir::new()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "spans-pipeline test ca");
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+        std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
+        for (name, purpose, names) in [
+            (
+                "server",
+                ExtendedKeyUsagePurpose::ServerAuth,
+                vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+            ),
+            ("client", ExtendedKeyUsagePurpose::ClientAuth, Vec::new()),
+        ] {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(names)?;
+            params
+                .distinguished_name
+                .push(DnType::CommonName, format!("spans-pipeline test {name}"));
+            params.extended_key_usages = vec![purpose];
+            let certificate = params.signed_by(&key, &ca)?;
+            std::fs::write(dir.path().join(format!("{name}.pem")), certificate.pem())?;
+            std::fs::write(
+                dir.path().join(format!("{name}-key.pem")),
+                key.serialize_pem(),
+            )?;
+        }
+        Ok(Self { dir })
+    }
+
+    /// The CA certificate (PEM file).
+    pub fn ca_file(&self) -> PathBuf {
+        self.path("ca.pem")
+    }
+
+    /// The server certificate and key (PEM files).
+    pub fn server_files(&self) -> (PathBuf, PathBuf) {
+        (self.path("server.pem"), self.path("server-key.pem"))
+    }
+
+    /// The client certificate and key (PEM files), for mutual TLS.
+    pub fn client_files(&self) -> (PathBuf, PathBuf) {
+        (self.path("client.pem"), self.path("client-key.pem"))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A standalone server that also listens for TLS on a second loopback port.
+#[derive(Debug)]
+pub struct TlsRedis {
+    server: RedisServer,
+    tls_port: u16,
+    certificates: TestCertificates,
+}
+
+impl TlsRedis {
+    /// Starts a server with a TLS port; with `require_client_certificate` a client must
+    /// present a certificate signed by the CA (mutual TLS).
+    ///
+    /// # Errors
+    ///
+    /// Certificates or the server could not be set up.
+    pub fn start(require_client_certificate: bool) -> Result<Self, SecureRedisError> {
+        let certificates = TestCertificates::generate()?;
+        let tls_port = free_loopback_port()?;
+        let (cert, key) = certificates.server_files();
+        let ca = certificates.ca_file();
+        let tls_port_arg = tls_port.to_string();
+        let args = [
+            "--tls-port",
+            &tls_port_arg,
+            "--tls-cert-file",
+            path_arg(&cert),
+            "--tls-key-file",
+            path_arg(&key),
+            "--tls-ca-cert-file",
+            path_arg(&ca),
+            "--tls-auth-clients",
+            if require_client_certificate {
+                "yes"
+            } else {
+                "no"
+            },
+        ];
+        let server = RedisServer::try_start_with_args(&args)?;
+        Ok(Self {
+            server,
+            tls_port,
+            certificates,
+        })
+    }
+
+    /// `rediss://127.0.0.1:<tls port>/`.
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.tls_port)
+    }
+
+    /// The certificates the server was started with.
+    pub fn certificates(&self) -> &TestCertificates {
+        &self.certificates
+    }
+
+    /// The server, for inspection over its plain loopback port.
+    pub fn server(&self) -> &RedisServer {
+        &self.server
+    }
+}
+
+fn path_arg(path: &Path) -> &str {
+    path.to_str().unwrap_or_default()
+}
+
+fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ping(url: &str) -> redis::RedisResult<String> {
+        redis::cmd("PING").query(&mut redis::Client::open(url)?.get_connection()?)
+    }
+
+    #[test]
+    fn an_acl_server_lets_in_only_its_user() {
+        let redis = AclRedis::standalone("s3cret").unwrap();
+
+        assert_eq!(ping(&redis.urls_as(USER, "s3cret")[0]).unwrap(), "PONG");
+        assert!(ping(&redis.urls_as(USER, "wrong")[0]).is_err());
+        assert!(ping(&redis.urls()[0]).is_err());
+        assert_eq!(redis.key_count(), 0);
+    }
+
+    #[test]
+    fn certificates_are_written_as_pem() {
+        let certificates = TestCertificates::generate().unwrap();
+
+        for path in [
+            certificates.ca_file(),
+            certificates.server_files().0,
+            certificates.client_files().1,
+        ] {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.starts_with("-----BEGIN "), "{}", path.display());
+        }
+    }
+}
