@@ -53,6 +53,23 @@ fn committed(kafka: &MockKafka) -> i64 {
         .sum()
 }
 
+/// Every key left in Redis with its TTL, and the fields of redirect maps, for a failure message.
+fn describe_keys(redis: &RedisServer) -> String {
+    let mut conn = redis.connection();
+    let mut out = String::new();
+    for key in redis.keys_with_ttls() {
+        out.push_str(&format!("\n{} (ttl {})", key.key_str(), key.ttl_secs));
+        if key.key.starts_with(b"span-buf:ssr:") {
+            let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+                .arg(&key.key)
+                .query(&mut conn)
+                .unwrap_or_default();
+            out.push_str(&format!(" {fields:?}"));
+        }
+    }
+    out
+}
+
 /// One run; returns the ingest time.
 fn run_once(load: &[spans_pipeline::demo::GeneratedSpan]) -> Duration {
     let kafka = MockKafka::start(1).expect("mock cluster");
@@ -140,8 +157,13 @@ fn run_once(load: &[spans_pipeline::demo::GeneratedSpan]) -> Duration {
         );
         std::thread::sleep(Duration::from_millis(2));
     };
+    let flush_deadline = Instant::now() + Duration::from_secs(60);
     while keys(&redis) > 0 {
-        assert!(Instant::now() < deadline, "flush did not finish");
+        assert!(
+            Instant::now() < flush_deadline,
+            "flush did not finish; left in Redis: {}",
+            describe_keys(&redis)
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let flushed = Instant::now();

@@ -5,6 +5,12 @@
 
 use clap::{Args, Parser, Subcommand};
 
+// The buffer allocates a buffer per payload, frame and command; mimalloc's thread-local free
+// lists take about a fifth off the flush's CPU compared with the system allocator (see
+// docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The spans buffer consumer and its tools.
 #[derive(Debug, Parser)]
 #[command(version, about)]
