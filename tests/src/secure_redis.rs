@@ -132,23 +132,24 @@ impl AclRedis {
             .collect()
     }
 
-    /// Keys stored on every node together, read as [`USER`].
+    /// Every key on every node, read as [`USER`].
     ///
     /// # Panics
     ///
     /// Panics when a node does not answer.
-    pub fn key_count(&self) -> usize {
+    pub fn keys(&self) -> Vec<String> {
         self.urls_as(USER, &self.password)
             .iter()
-            .map(|url| {
+            .flat_map(|url| {
                 let mut conn = redis::Client::open(url.as_str())
                     .and_then(|client| client.get_connection())
                     .unwrap_or_else(|error| panic!("cannot connect as {USER}: {error}"));
-                redis::cmd("DBSIZE")
-                    .query::<usize>(&mut conn)
-                    .unwrap_or_else(|error| panic!("DBSIZE failed: {error}"))
+                redis::cmd("KEYS")
+                    .arg("*")
+                    .query::<Vec<String>>(&mut conn)
+                    .unwrap_or_else(|error| panic!("KEYS failed: {error}"))
             })
-            .sum()
+            .collect()
     }
 }
 
@@ -325,7 +326,7 @@ mod tests {
         assert_eq!(ping(&redis.urls_as(USER, "s3cret")[0]).unwrap(), "PONG");
         assert!(ping(&redis.urls_as(USER, "wrong")[0]).is_err());
         assert!(ping(&redis.urls()[0]).is_err());
-        assert_eq!(redis.key_count(), 0);
+        assert_eq!(redis.keys(), Vec::<String>::new());
     }
 
     #[test]

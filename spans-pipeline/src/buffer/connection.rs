@@ -87,9 +87,11 @@ impl RedisConnection {
             };
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_response_timeout(Some(RESPONSE_TIMEOUT));
-            Ok(Self::Standalone(
-                ConnectionManager::new_with_config(client, config).await?,
-            ))
+            let mut manager = ConnectionManager::new_with_config(client, config).await?;
+            // A server that wants credentials the URL lacks accepts the connection and refuses
+            // every command; ask once, so that shows here (NOAUTH) and not at the first write.
+            redis::cmd("PING").query_async::<()>(&mut manager).await?;
+            Ok(Self::Standalone(manager))
         }
     }
 

@@ -232,3 +232,33 @@ pub fn permutations<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
     }
     out
 }
+
+/// What flushing a buffer dry produced: every flushed segment, and the spans counted as lost.
+#[derive(Debug, Default)]
+pub struct Drained {
+    pub segments: Vec<FlushedSegment>,
+    pub lost_spans: u64,
+}
+
+impl Drained {
+    /// Output spans over every segment.
+    pub fn span_count(&self) -> usize {
+        self.segments.iter().map(|s| s.spans.len()).sum()
+    }
+}
+
+/// Flushes at `now` and runs done, again and again until a flush returns no segment (at most
+/// `rounds` times, so a buffer that never drains fails the test instead of hanging it).
+pub async fn flush_until_empty(buffer: &SpansBuffer, now: i64, rounds: usize) -> Drained {
+    let mut drained = Drained::default();
+    for _ in 0..rounds {
+        let flush = buffer.flush_segments(now).await.unwrap();
+        if flush.segments.is_empty() {
+            return drained;
+        }
+        buffer.done_flush_segments(&flush.segments).await.unwrap();
+        drained.lost_spans += flush.lost.iter().map(|l| l.quantity).sum::<u64>();
+        drained.segments.extend(flush.segments);
+    }
+    panic!("the buffer did not drain in {rounds} flushes");
+}
