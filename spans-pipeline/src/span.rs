@@ -1,8 +1,8 @@
 //! A span as the buffer sees it: the few fields that decide where it goes, borrowed from the
 //! Kafka message, plus the message bytes themselves, kept unmodified for the output.
 //!
-//! Decoding validates what Sentry's consumer validates (the `ingest-spans` v1 required fields
-//! and their types) and names the offending field in the error, so a bad message goes to the
+//! Decoding validates what Sentry's consumer validates (a UTF-8 JSON object, the `ingest-spans`
+//! v1 required fields and their types) and names the offending field in the error, so a bad message goes to the
 //! dead-letter queue with a useful reason instead of stalling the consumer. Fields the buffer
 //! does not use are skipped without being materialised.
 
@@ -57,8 +57,14 @@ pub struct Span<'a> {
 impl<'a> Span<'a> {
     /// Decodes and validates one `ingest-spans` message read from `partition`.
     pub fn decode(payload: &'a [u8], partition: u16) -> Result<Self, SpanError> {
+        // The whole message must be UTF-8, not only the fields read here: the output step
+        // parses every field, and a message it cannot parse would leave the flush unable to
+        // name the span. Checking once here is the check the parser would otherwise repeat.
+        let text = std::str::from_utf8(payload).map_err(|error| {
+            SpanError::Malformed(format!("invalid utf-8 at byte {}", error.valid_up_to()))
+        })?;
         let mut failed_field = None;
-        let mut deserializer = sonic_rs::Deserializer::from_slice(payload);
+        let mut deserializer = sonic_rs::Deserializer::from_str(text);
         let fields = SpanSeed {
             failed_field: &mut failed_field,
         }
@@ -495,6 +501,21 @@ mod tests {
                 "{input}"
             );
         }
+    }
+
+    #[test]
+    fn rejects_bytes_that_are_not_utf8_anywhere_with_their_offset() {
+        let unknown_field = VALID.replace(r#""links":null"#, "\"links\":\"a\u{0}b\"");
+        let mut bytes = unknown_field.into_bytes();
+        let at = bytes.iter().position(|&b| b == 0).unwrap();
+        bytes[at] = 0xff;
+
+        let error = Span::decode(&bytes, 0).unwrap_err();
+
+        assert_eq!(
+            error,
+            SpanError::Malformed(format!("invalid utf-8 at byte {at}"))
+        );
     }
 
     #[test]

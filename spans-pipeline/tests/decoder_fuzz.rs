@@ -6,7 +6,8 @@
 //! or a typed error (one that names the field when a field is at fault), the consumer's step
 //! must turn every error into an invalid message for the dead-letter queue (never a panic, never
 //! a rejection that would stall the partition), and grouping must place every decoded span in
-//! exactly one subsegment however the ids collide or loop.
+//! exactly one subsegment however the ids collide or loop. Whatever the decoder accepts, the
+//! output step must be able to patch at flush time and name by the same span id.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,6 +16,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use proptest::prelude::*;
 use rill::backends::kafka::KafkaPayload;
 use rill::{Message, Partition, SubmitError, Topic};
+use spans_pipeline::buffer::output::patch_span;
 use spans_pipeline::buffer::subsegment::build_subsegments;
 use spans_pipeline::consumer::{KillSwitchHandle, decode_span};
 use spans_pipeline::span::{Span, SpanError};
@@ -119,8 +121,13 @@ impl Kind {
 
 /// `VALID` with `field` set to the JSON text `value`.
 fn with_field(field: &str, value: &str) -> String {
+    with_field_in(VALID, field, value)
+}
+
+/// The JSON object `json` with `field` set to the JSON text `value`.
+fn with_field_in(json: &str, field: &str, value: &str) -> String {
     use sonic_rs::JsonValueMutTrait;
-    let mut object: sonic_rs::Value = sonic_rs::from_str(VALID).unwrap();
+    let mut object: sonic_rs::Value = sonic_rs::from_str(json).unwrap();
     let value: sonic_rs::Value = sonic_rs::from_str(value).unwrap();
     object.as_object_mut().unwrap().insert(field, value);
     sonic_rs::to_string(&object).unwrap()
@@ -199,6 +206,11 @@ fn check_decoding(bytes: &[u8]) -> Result<(), TestCaseError> {
         Ok(span) => {
             prop_assert_eq!(span.payload, bytes);
             prop_assert_eq!(span.partition, 5);
+            // What the decoder accepts, the output step can patch and name at flush time
+            // (flush cleanup finds a span's redirect entry by that name).
+            let patched = patch_span(bytes, &span.span_id);
+            prop_assert_eq!(&patched.span_id, &span.span_id);
+            prop_assert_eq!(patched.is_segment, !span.span_id.is_empty());
             let braces = ['{', '}'];
             prop_assert!(!span.trace_id.contains(braces), "{}", span.trace_id);
         }
@@ -261,6 +273,16 @@ proptest! {
             Err(SpanError::InvalidField { field: reported, .. }) => prop_assert_eq!(reported, named),
             other => prop_assert!(false, "{field} = {value}: {other:?}"),
         }
+        check_decoding(json.as_bytes())?;
+    }
+
+    #[test]
+    fn any_string_id_decodes_and_is_named_alike_at_output(span_id in any::<String>(), trace_id in "[^{}]*") {
+        let json = with_field("span_id", &sonic_rs::to_string(&span_id).unwrap());
+        let json = with_field_in(&json, "trace_id", &sonic_rs::to_string(&trace_id).unwrap());
+        let span = Span::decode(json.as_bytes(), 0).unwrap();
+        prop_assert_eq!(span.span_id.as_ref(), span_id.as_str());
+        prop_assert_eq!(span.trace_id.as_ref(), trace_id.as_str());
         check_decoding(json.as_bytes())?;
     }
 
