@@ -377,7 +377,7 @@ async fn the_script_touches_only_keys_of_its_declared_hash_tag() {
     }
     assert!(calls >= 6, "{calls} script calls");
     assert!(
-        checked > 20 * calls / 2,
+        checked >= 10 * calls,
         "{checked} keys checked in {calls} calls"
     );
 }
