@@ -4,8 +4,9 @@
 //!   and on a cluster whose default user is switched off; a wrong password fails at connect
 //!   with the server's reason and without the password.
 //! - TLS: the buffer runs end to end over `rediss://` against a server whose certificate is
-//!   signed by a CA generated for the test, with and without a client certificate; a client
-//!   that does not trust that CA is refused at the handshake.
+//!   signed by a CA generated for the test, with and without a client certificate, and against
+//!   a cluster whose nodes send clients to their TLS ports; a client that does not trust that
+//!   CA is refused at the handshake.
 //! - Key discipline: every command `add-buffer.lua` issues, as `MONITOR` reports it, touches
 //!   only keys carrying the hash tag of the call's `KEYS[1]`. (On a cluster any other key would
 //!   fail the script outright; every buffer test runs on a cluster too.)
@@ -164,36 +165,35 @@ fn certificates(redis: &TlsRedis, with_client_certificate: bool) -> TlsCertifica
 
 #[tokio::test]
 async fn the_buffer_runs_over_tls_with_and_without_a_client_certificate() {
-    for mutual in [false, true] {
-        let redis = TlsRedis::start(mutual).unwrap();
+    for (redis, mutual) in [
+        (TlsRedis::start(false).unwrap(), false),
+        (TlsRedis::start(true).unwrap(), true),
+        (TlsRedis::cluster().unwrap(), false),
+    ] {
+        let case = format!("cluster: {}, mutual: {mutual}", redis.is_cluster());
         let connection = RedisConnection::connect_with_tls(
-            &[redis.tls_url()],
-            false,
+            &redis.tls_urls(),
+            redis.is_cluster(),
             Some(certificates(&redis, mutual)),
         )
         .await
         .unwrap();
-        let clients_before = tls_clients(redis.server());
         let workload = Workload::new();
 
         let flushed = workload.run(&mut buffer_on(connection).await).await;
 
-        assert_eq!(flushed, workload.span_count(), "mutual: {mutual}");
+        assert_eq!(flushed, workload.span_count(), "{case}");
+        let tls_clients: usize = redis.servers().into_iter().map(tls_clients).sum();
         assert!(
-            clients_before > 0,
-            "the buffer's connection is a tls client"
+            tls_clients > 0,
+            "{case}: the buffer's connections are tls clients"
         );
-        let left: Vec<String> = redis
-            .server()
-            .keys_with_ttls()
-            .iter()
-            .map(|k| k.key_str())
-            .collect();
-        assert_eq!(data_keys(left), Vec::<String>::new());
+        assert_eq!(data_keys(redis.keys()), Vec::<String>::new(), "{case}");
     }
 }
 
-/// Clients of `server` connected through its TLS port (their `laddr` is not the plain port).
+/// Clients of `server` connected through its TLS port (their `laddr` is not the plain port;
+/// cluster bus links are not clients).
 fn tls_clients(server: &RedisServer) -> usize {
     let list: String = redis::cmd("CLIENT")
         .arg("LIST")
@@ -215,7 +215,7 @@ async fn a_client_that_does_not_trust_the_ca_is_refused() {
     for certificates in [Some(strangers_ca), None] {
         let error = tokio::time::timeout(
             Duration::from_secs(30),
-            RedisConnection::connect_with_tls(&[redis.tls_url()], false, certificates),
+            RedisConnection::connect_with_tls(&redis.tls_urls(), false, certificates),
         )
         .await
         .expect("a refused handshake fails fast")
@@ -236,7 +236,7 @@ async fn mutual_tls_refuses_a_client_without_a_certificate() {
     let result = tokio::time::timeout(
         Duration::from_secs(30),
         RedisConnection::connect_with_tls(
-            &[redis.tls_url()],
+            &redis.tls_urls(),
             false,
             Some(certificates(&redis, false)),
         ),

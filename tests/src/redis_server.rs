@@ -287,17 +287,29 @@ impl RedisCluster {
 
     /// Starts a cluster; see [`RedisCluster::start`].
     pub fn try_start() -> Result<Self, RedisServerError> {
+        Self::try_start_with_node_args(Vec::new)
+    }
+
+    /// Starts a cluster whose nodes get extra `redis-server` arguments, asked for once per
+    /// node so that each can have its own (a TLS port, for example); see
+    /// [`RedisCluster::start`].
+    pub fn try_start_with_node_args(
+        mut node_args: impl FnMut() -> Vec<String>,
+    ) -> Result<Self, RedisServerError> {
         let mut nodes = Vec::with_capacity(CLUSTER_SLOT_RANGES.len());
         for _ in CLUSTER_SLOT_RANGES {
+            let extra_args = node_args();
             nodes.push(retry_on_port_race(|| {
-                RedisServer::spawn(&[
+                let mut args = vec![
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "5000",
-                ])
+                ];
+                args.extend(extra_args.iter().map(String::as_str));
+                RedisServer::spawn(&args)
             })?);
         }
         let cluster = Self { nodes };

@@ -1,6 +1,6 @@
 //! Redis servers configured the way a production buffer is protected: an ACL user with a
 //! password and the passwordless default user switched off, or a TLS port with a certificate
-//! signed by a throwaway certificate authority.
+//! signed by a throwaway certificate authority, on a standalone server or a cluster.
 //!
 //! The servers are the ordinary [`RedisServer`] and [`RedisCluster`] of this crate, locked down
 //! once they are up: ACL users are created and the default user is disabled with `ACL SETUSER`
@@ -15,6 +15,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -242,69 +243,172 @@ impl TestCertificates {
     }
 }
 
-/// A standalone server that also listens for TLS on a second loopback port.
+/// A standalone server or a 3-master cluster whose nodes also listen for TLS, each on a second
+/// loopback port. Cluster nodes announce their TLS ports as their client ports, so a cluster
+/// client is sent to TLS ports only; their bus stays plain, on loopback.
 #[derive(Debug)]
 pub struct TlsRedis {
-    server: RedisServer,
-    tls_port: u16,
+    nodes: TlsNodes,
+    tls_ports: Vec<u16>,
     certificates: TestCertificates,
 }
 
+#[derive(Debug)]
+enum TlsNodes {
+    Standalone(RedisServer),
+    Cluster(RedisCluster),
+}
+
 impl TlsRedis {
-    /// Starts a server with a TLS port; with `require_client_certificate` a client must
-    /// present a certificate signed by the CA (mutual TLS).
+    /// Starts a standalone server with a TLS port; with `require_client_certificate` a client
+    /// must present a certificate signed by the CA (mutual TLS).
     ///
     /// # Errors
     ///
     /// Certificates or the server could not be set up.
     pub fn start(require_client_certificate: bool) -> Result<Self, SecureRedisError> {
         let certificates = TestCertificates::generate()?;
-        let tls_port = free_loopback_port()?;
-        let (cert, key) = certificates.server_files();
-        let ca = certificates.ca_file();
-        let tls_port_arg = tls_port.to_string();
-        let args = [
-            "--tls-port",
-            &tls_port_arg,
-            "--tls-cert-file",
-            path_arg(&cert),
-            "--tls-key-file",
-            path_arg(&key),
-            "--tls-ca-cert-file",
-            path_arg(&ca),
-            "--tls-auth-clients",
-            if require_client_certificate {
-                "yes"
-            } else {
-                "no"
-            },
-        ];
+        let mut tls_ports = Vec::new();
+        let args = tls_args(&certificates, require_client_certificate, &mut tls_ports)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let server = RedisServer::try_start_with_args(&args)?;
         Ok(Self {
-            server,
-            tls_port,
+            nodes: TlsNodes::Standalone(server),
+            tls_ports,
             certificates,
         })
     }
 
-    /// `rediss://127.0.0.1:<tls port>/`.
-    pub fn tls_url(&self) -> String {
-        format!("rediss://127.0.0.1:{}/", self.tls_port)
+    /// Starts a 3-master cluster whose nodes serve clients over TLS.
+    ///
+    /// # Errors
+    ///
+    /// Certificates or the cluster could not be set up.
+    pub fn cluster() -> Result<Self, SecureRedisError> {
+        let certificates = TestCertificates::generate()?;
+        let mut tls_ports = Vec::new();
+        let mut failure = None;
+        let cluster = RedisCluster::try_start_with_node_args(|| {
+            tls_args(&certificates, false, &mut tls_ports).unwrap_or_else(|error| {
+                failure = Some(error);
+                Vec::new()
+            })
+        })?;
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        announce_tls_ports(&cluster, &tls_ports)?;
+        Ok(Self {
+            nodes: TlsNodes::Cluster(cluster),
+            tls_ports,
+            certificates,
+        })
     }
 
-    /// The certificates the server was started with.
+    /// Whether this is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.nodes, TlsNodes::Cluster(_))
+    }
+
+    /// `rediss://127.0.0.1:<tls port>/` of every node.
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.tls_ports
+            .iter()
+            .map(|port| format!("rediss://127.0.0.1:{port}/"))
+            .collect()
+    }
+
+    /// The certificates the servers were started with.
     pub fn certificates(&self) -> &TestCertificates {
         &self.certificates
     }
 
-    /// The server, for inspection over its plain loopback port.
-    pub fn server(&self) -> &RedisServer {
-        &self.server
+    /// The servers, for inspection over their plain loopback ports.
+    pub fn servers(&self) -> Vec<&RedisServer> {
+        match &self.nodes {
+            TlsNodes::Standalone(server) => vec![server],
+            TlsNodes::Cluster(cluster) => cluster.nodes().iter().collect(),
+        }
+    }
+
+    /// Every key on every node, read over the plain ports.
+    pub fn keys(&self) -> Vec<String> {
+        self.servers()
+            .into_iter()
+            .flat_map(RedisServer::keys_with_ttls)
+            .map(|key| key.key_str())
+            .collect()
     }
 }
 
-fn path_arg(path: &Path) -> &str {
-    path.to_str().unwrap_or_default()
+/// Makes every node announce its TLS port as its client port, so the slot map and redirects
+/// send a TLS client to TLS ports; the bus keeps its port (plain port + 10000). Waits until
+/// every node knows every other node's new port.
+fn announce_tls_ports(cluster: &RedisCluster, tls_ports: &[u16]) -> Result<(), SecureRedisError> {
+    for (node, tls_port) in cluster.nodes().iter().zip(tls_ports) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("cluster-announce-bus-port")
+            .arg(u32::from(node.port()) + 10_000)
+            .arg("cluster-announce-port")
+            .arg(tls_port)
+            .query(&mut node.connection())?;
+    }
+    let deadline = Instant::now() + ANNOUNCE_TIMEOUT;
+    for node in cluster.nodes() {
+        loop {
+            let nodes: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query(&mut node.connection())?;
+            let announced = tls_ports
+                .iter()
+                .all(|port| nodes.contains(&format!("127.0.0.1:{port}@")));
+            if announced {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(SecureRedisError::Io(std::io::Error::other(format!(
+                    "tls ports not announced in time: {nodes}"
+                ))));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// How long the nodes may take to learn each other's announced TLS ports.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `redis-server` arguments that open a TLS port (recorded in `tls_ports`) with the test
+/// certificates.
+fn tls_args(
+    certificates: &TestCertificates,
+    require_client_certificate: bool,
+    tls_ports: &mut Vec<u16>,
+) -> Result<Vec<String>, SecureRedisError> {
+    let tls_port = free_loopback_port()?;
+    tls_ports.push(tls_port);
+    let (cert, key) = certificates.server_files();
+    let client_auth = if require_client_certificate {
+        "yes"
+    } else {
+        "no"
+    };
+    Ok([
+        ("--tls-port", tls_port.to_string()),
+        ("--tls-cert-file", path_arg(&cert)),
+        ("--tls-key-file", path_arg(&key)),
+        ("--tls-ca-cert-file", path_arg(&certificates.ca_file())),
+        ("--tls-auth-clients", client_auth.to_owned()),
+    ]
+    .into_iter()
+    .flat_map(|(name, value)| [name.to_owned(), value])
+    .collect())
+}
+
+fn path_arg(path: &Path) -> String {
+    path.display().to_string()
 }
 
 fn free_loopback_port() -> std::io::Result<u16> {
