@@ -102,7 +102,12 @@ impl PayloadDecoder {
                 .map_err(DecodeError)?,
             _ => zstd::stream::decode_all(member.as_slice()).map_err(DecodeError)?,
         };
-        out.extend(joined.split(|&b| b == SEPARATOR).map(<[u8]>::to_vec));
+        let mut start = 0;
+        for end in memchr::memchr_iter(SEPARATOR, &joined) {
+            out.push(joined[start..end].to_vec());
+            start = end + 1;
+        }
+        out.push(joined[start..].to_vec());
         Ok(())
     }
 }

@@ -194,10 +194,12 @@ impl SpansBuffer {
 
         let started = Instant::now();
         let mut lost: HashMap<u64, LostSpans> = HashMap::new();
-        let mut segments = Vec::with_capacity(loaded.len());
-        for segment in loaded {
-            self.account_losses(&segment, now, &mut lost, &mut stats);
-            let mut flushed = build_flushed_segment(segment);
+        for segment in &loaded {
+            self.account_losses(segment, now, &mut lost, &mut stats);
+        }
+        let built = build_flushed_segments(loaded);
+        let mut segments = Vec::with_capacity(built.len());
+        for mut flushed in built {
             if let Some(queues) = also_queued_in.get(&flushed.segment_key) {
                 flushed.queue_keys.extend(queues.iter().cloned());
             }
@@ -295,6 +297,57 @@ fn dedupe_candidates(
     }
     seen.retain(|_, queues| !queues.is_empty());
     (candidates, seen)
+}
+
+/// Spans in one flush from which building the output is shared with other threads: below
+/// it, starting a thread costs more than it saves.
+const PARALLEL_BUILD_MIN_SPANS: usize = 2_000;
+
+/// Most threads that build one flush's output.
+const MAX_BUILD_THREADS: usize = 4;
+
+/// Builds the output of every loaded segment, in order.
+///
+/// Patching spans is the flush's main CPU cost and Redis waits meanwhile, so a large flush
+/// is split by span count across a few scoped threads (the calling one included).
+fn build_flushed_segments(loaded: Vec<LoadedSegment>) -> Vec<FlushedSegment> {
+    let spans: usize = loaded.iter().map(|segment| segment.payloads.len()).sum();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(MAX_BUILD_THREADS)
+        .min(spans / (PARALLEL_BUILD_MIN_SPANS / 2).max(1));
+    if threads < 2 {
+        return loaded.into_iter().map(build_flushed_segment).collect();
+    }
+    let share = spans.div_ceil(threads);
+    let mut parts: Vec<Vec<LoadedSegment>> = Vec::with_capacity(threads);
+    let mut part = Vec::new();
+    let mut part_spans = 0;
+    for segment in loaded {
+        if part_spans >= share {
+            parts.push(std::mem::take(&mut part));
+            part_spans = 0;
+        }
+        part_spans += segment.payloads.len();
+        part.push(segment);
+    }
+    parts.push(part);
+    let build = |part: Vec<LoadedSegment>| -> Vec<FlushedSegment> {
+        part.into_iter().map(build_flushed_segment).collect()
+    };
+    std::thread::scope(|scope| {
+        let mut parts = parts.into_iter();
+        let first = parts.next().unwrap_or_default();
+        let others: Vec<_> = parts.map(|part| scope.spawn(move || build(part))).collect();
+        let mut segments = build(first);
+        for handle in others {
+            match handle.join() {
+                Ok(built) => segments.extend(built),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        segments
+    })
 }
 
 /// Writes `is_segment` and `sentry.segment.id` into each loaded span.

@@ -1,14 +1,18 @@
 //! The output side: write `is_segment` and `sentry.segment.id` into each span's JSON, and
 //! wrap a segment's spans into `buffered-segments` messages.
 //!
-//! Spans are patched by copying the raw JSON text of every untouched field, so a span is
-//! never fully parsed and re-serialized: only the top-level object and its `attributes` are
-//! walked. Rules (Sentry's `_build_flushed_segments`): `is_segment` is always overwritten with
-//! `span_id == segment span id`; `attributes` becomes `{}` first when missing or not an
-//! object; `attributes["sentry.segment.id"]` is set to the segment span id only when missing
-//! or falsy, never overwritten otherwise. Everything else is kept as it was.
+//! A span is patched by editing its stored bytes, never by parsing and re-serializing it: one
+//! pass over the top-level object (and its `attributes`) finds where the edits go, and the
+//! output is the payload copied in a few large slices with the edits in between, so every
+//! untouched byte (field order, number formatting, escapes, whitespace) is kept as it was.
+//! Rules (Sentry's `_build_flushed_segments`): `is_segment` is always overwritten with
+//! `span_id == segment span id` (added when missing); `attributes` becomes an object first when
+//! missing or not an object; `attributes["sentry.segment.id"]` is set to the segment span id
+//! only when missing or falsy, never overwritten otherwise.
 
+use std::borrow::Cow;
 use std::io::Write as _;
+use std::ops::Range;
 
 use sonic_rs::JsonValueTrait;
 
@@ -41,8 +45,8 @@ impl<'s> SpanPatcher<'s> {
 
     /// Patches one stored payload; see [`patch_span`].
     pub fn patch(&self, payload: &[u8]) -> OutputSpan {
-        match try_patch(payload, self.segment_span_id, &self.segment_attribute) {
-            Some(span) => span,
+        match Edits::find(payload) {
+            Some(edits) => edits.apply(payload, self),
             None => OutputSpan {
                 span_id: String::new(),
                 organization_id: None,
@@ -53,124 +57,214 @@ impl<'s> SpanPatcher<'s> {
     }
 }
 
-/// Top-level fields of a span as Relay writes it, with room to spare: the entries are
-/// collected once per span, and growing the vector cost more than walking the JSON.
-const USUAL_FIELDS: usize = 32;
+/// One change to the payload's bytes: `range` (empty for an insertion) becomes `text`.
+#[derive(Debug)]
+struct Edit {
+    range: Range<usize>,
+    text: EditText,
+}
 
-fn try_patch(payload: &[u8], segment_span_id: &str, segment_attribute: &str) -> Option<OutputSpan> {
-    let mut entries = Vec::with_capacity(USUAL_FIELDS);
-    let mut span_id = None;
-    let mut organization_id = None;
-    for entry in sonic_rs::to_object_iter(payload) {
-        let (key, value) = entry.ok()?;
-        if key == "span_id" {
-            span_id = value.as_str().map(str::to_owned);
-        } else if key == "organization_id" {
-            organization_id = value.as_u64();
-        }
-        entries.push((key, value));
-    }
-    let span_id = span_id.unwrap_or_default();
-    let is_segment = !span_id.is_empty() && span_id == segment_span_id;
+#[derive(Debug, Clone, Copy)]
+enum EditText {
+    /// The `is_segment` value: `true` or `false`.
+    IsSegment,
+    /// The segment id attribute value, in place of a falsy one.
+    SegmentIdValue,
+    /// A `"sentry.segment.id"` entry inserted at the end of a non-empty `attributes` object.
+    SegmentIdEntryAfterOthers,
+    /// A `"sentry.segment.id"` entry as the only one of an empty `attributes` object.
+    SegmentIdEntry,
+    /// An `attributes` object holding only the segment id, in place of a non-object.
+    AttributesObject,
+}
 
-    let mut out = Vec::with_capacity(payload.len() + 96);
-    out.push(b'{');
-    let mut wrote_is_segment = false;
-    let mut wrote_attributes = false;
-    for (key, value) in &entries {
-        if out.len() > 1 {
-            out.push(b',');
+/// What one pass over a span's JSON found: the fields the output needs and the edits, in
+/// payload order.
+#[derive(Debug)]
+struct Edits {
+    span_id: Option<String>,
+    organization_id: Option<u64>,
+    edits: Vec<Edit>,
+    /// Where the top-level object's closing brace is (fields missing entirely go there).
+    closing_brace: usize,
+    has_is_segment: bool,
+    has_attributes: bool,
+    has_fields: bool,
+}
+
+impl Edits {
+    /// Walks the top-level object; `None` when the payload is not a JSON object.
+    fn find(payload: &[u8]) -> Option<Self> {
+        let closing_brace = payload.iter().rposition(|b| !b.is_ascii_whitespace())?;
+        if payload[closing_brace] != b'}' {
+            return None;
         }
-        write_key(&mut out, key);
-        match key.as_ref() {
-            "is_segment" => {
-                wrote_is_segment = true;
-                write_bool(&mut out, is_segment);
+        let mut found = Self {
+            span_id: None,
+            organization_id: None,
+            edits: Vec::new(),
+            closing_brace,
+            has_is_segment: false,
+            has_attributes: false,
+            has_fields: false,
+        };
+        for entry in sonic_rs::to_object_iter(payload) {
+            let (key, value) = entry.ok()?;
+            found.has_fields = true;
+            match key.as_ref() {
+                "span_id" => found.span_id = value.as_str().map(str::to_owned),
+                "organization_id" => found.organization_id = value.as_u64(),
+                "is_segment" => {
+                    found.has_is_segment = true;
+                    let range = range_in(payload, value.as_raw_cow())?;
+                    found.edits.push(Edit {
+                        range,
+                        text: EditText::IsSegment,
+                    });
+                }
+                "attributes" => {
+                    found.has_attributes = true;
+                    let raw = value.as_raw_cow();
+                    let range = range_in(payload, raw.clone())?;
+                    found.find_attribute_edits(payload, &raw, range)?;
+                }
+                _ => {}
             }
-            "attributes" => {
-                wrote_attributes = true;
-                write_attributes(&mut out, value.as_raw_str(), segment_attribute);
+        }
+        Some(found)
+    }
+
+    /// The edits inside one `attributes` value at `range` of the payload.
+    fn find_attribute_edits(
+        &mut self,
+        payload: &[u8],
+        raw: &str,
+        range: Range<usize>,
+    ) -> Option<()> {
+        if !raw.starts_with('{') {
+            self.edits.push(Edit {
+                range,
+                text: EditText::AttributesObject,
+            });
+            return Some(());
+        }
+        let mut has_entries = false;
+        let mut has_segment_id = false;
+        for entry in sonic_rs::to_object_iter(raw) {
+            let (key, value) = entry.ok()?;
+            has_entries = true;
+            if key == SEGMENT_ID_ATTRIBUTE {
+                has_segment_id = true;
+                let value = value.as_raw_cow();
+                if is_falsy(&value) {
+                    self.edits.push(Edit {
+                        range: range_in(payload, value)?,
+                        text: EditText::SegmentIdValue,
+                    });
+                }
             }
-            _ => out.extend_from_slice(value.as_raw_str().as_bytes()),
+        }
+        if !has_segment_id {
+            // Before the object's closing brace (the raw value ends with it).
+            let at = range.end - 1;
+            self.edits.push(Edit {
+                range: at..at,
+                text: if has_entries {
+                    EditText::SegmentIdEntryAfterOthers
+                } else {
+                    EditText::SegmentIdEntry
+                },
+            });
+        }
+        Some(())
+    }
+
+    fn apply(self, payload: &[u8], patcher: &SpanPatcher<'_>) -> OutputSpan {
+        let span_id = self.span_id.unwrap_or_default();
+        let is_segment = !span_id.is_empty() && span_id == patcher.segment_span_id;
+        let mut out = Vec::with_capacity(payload.len() + 96);
+        let mut copied = 0;
+        for edit in &self.edits {
+            out.extend_from_slice(&payload[copied..edit.range.start]);
+            write_edit(&mut out, edit.text, is_segment, &patcher.segment_attribute);
+            copied = edit.range.end;
+        }
+        out.extend_from_slice(&payload[copied..self.closing_brace]);
+        let mut has_fields = self.has_fields;
+        if !self.has_is_segment {
+            if has_fields {
+                out.push(b',');
+            }
+            has_fields = true;
+            out.extend_from_slice(b"\"is_segment\":");
+            write_edit(
+                &mut out,
+                EditText::IsSegment,
+                is_segment,
+                &patcher.segment_attribute,
+            );
+        }
+        if !self.has_attributes {
+            if has_fields {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"attributes\":");
+            write_edit(
+                &mut out,
+                EditText::AttributesObject,
+                is_segment,
+                &patcher.segment_attribute,
+            );
+        }
+        out.extend_from_slice(&payload[self.closing_brace..]);
+        OutputSpan {
+            span_id,
+            organization_id: self.organization_id,
+            is_segment,
+            payload: out,
         }
     }
-    if !wrote_is_segment {
-        if out.len() > 1 {
+}
+
+fn write_edit(out: &mut Vec<u8>, text: EditText, is_segment: bool, segment_attribute: &str) {
+    const ENTRY: &[u8] = b"\"sentry.segment.id\":";
+    match text {
+        EditText::IsSegment => {
+            out.extend_from_slice(if is_segment { b"true" } else { b"false" });
+        }
+        EditText::SegmentIdValue => out.extend_from_slice(segment_attribute.as_bytes()),
+        EditText::SegmentIdEntryAfterOthers => {
             out.push(b',');
+            out.extend_from_slice(ENTRY);
+            out.extend_from_slice(segment_attribute.as_bytes());
         }
-        write_key(&mut out, "is_segment");
-        write_bool(&mut out, is_segment);
+        EditText::SegmentIdEntry => {
+            out.extend_from_slice(ENTRY);
+            out.extend_from_slice(segment_attribute.as_bytes());
+        }
+        EditText::AttributesObject => {
+            out.push(b'{');
+            out.extend_from_slice(ENTRY);
+            out.extend_from_slice(segment_attribute.as_bytes());
+            out.push(b'}');
+        }
     }
-    if !wrote_attributes {
-        out.push(b',');
-        write_key(&mut out, "attributes");
-        write_attributes(&mut out, "null", segment_attribute);
-    }
-    out.push(b'}');
-    Some(OutputSpan {
-        span_id,
-        organization_id,
-        is_segment,
-        payload: out,
-    })
+}
+
+/// Where a value's raw text lies in the payload it was parsed from. Values parsed from a byte
+/// slice borrow from it, so this is always `Some` for them; an owned copy has no position.
+fn range_in(payload: &[u8], raw: Cow<'_, str>) -> Option<Range<usize>> {
+    let Cow::Borrowed(raw) = raw else {
+        return None;
+    };
+    let start = (raw.as_ptr() as usize).checked_sub(payload.as_ptr() as usize)?;
+    let end = start.checked_add(raw.len())?;
+    (end <= payload.len()).then_some(start..end)
 }
 
 fn segment_attribute(segment_span_id: &str) -> String {
     let value = sonic_rs::to_string(segment_span_id).unwrap_or_else(|_| "\"\"".to_owned());
     format!(r#"{{"type":"string","value":{value}}}"#)
-}
-
-fn write_key(out: &mut Vec<u8>, key: &str) {
-    // Keys almost never need escaping; those are copied as they are.
-    if !key.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-        out.push(b'"');
-        out.extend_from_slice(key.as_bytes());
-        out.extend_from_slice(b"\":");
-        return;
-    }
-    match sonic_rs::to_string(key) {
-        Ok(quoted) => out.extend_from_slice(quoted.as_bytes()),
-        Err(_) => out.extend_from_slice(b"\"\""),
-    }
-    out.push(b':');
-}
-
-fn write_bool(out: &mut Vec<u8>, value: bool) {
-    out.extend_from_slice(if value { b"true" } else { b"false" });
-}
-
-/// Writes `attributes` with `sentry.segment.id` filled in when missing or falsy.
-fn write_attributes(out: &mut Vec<u8>, raw: &str, segment_attribute: &str) {
-    out.push(b'{');
-    let mut wrote_any = false;
-    let mut has_segment_id = false;
-    let is_object = raw.trim_start().starts_with('{');
-    if is_object {
-        for entry in sonic_rs::to_object_iter(raw) {
-            let Ok((key, value)) = entry else { break };
-            if wrote_any {
-                out.push(b',');
-            }
-            wrote_any = true;
-            write_key(out, &key);
-            if key == SEGMENT_ID_ATTRIBUTE {
-                has_segment_id = true;
-                if is_falsy(value.as_raw_str()) {
-                    out.extend_from_slice(segment_attribute.as_bytes());
-                    continue;
-                }
-            }
-            out.extend_from_slice(value.as_raw_str().as_bytes());
-        }
-    }
-    if !has_segment_id {
-        if wrote_any {
-            out.push(b',');
-        }
-        write_key(out, SEGMENT_ID_ATTRIBUTE);
-        out.extend_from_slice(segment_attribute.as_bytes());
-    }
-    out.push(b'}');
 }
 
 /// Python truthiness of a JSON value: `null`, `false`, `0`, `""`, `[]` and `{}` are falsy.
@@ -197,20 +291,22 @@ pub fn segment_messages<'s>(
     for span in spans {
         let size = span.len() as u64;
         if !chunk.is_empty() && chunk_bytes + size > max_segment_bytes {
-            messages.push(message(chunk.drain(..), true));
+            messages.push(message(chunk.iter().copied(), true));
+            chunk.clear();
             chunk_bytes = 0;
         }
         chunk.push(span);
         chunk_bytes += size;
     }
     if !chunk.is_empty() {
-        messages.push(message(chunk.into_iter(), true));
+        messages.push(message(chunk.iter().copied(), true));
     }
     messages
 }
 
-fn message<'s>(spans: impl Iterator<Item = &'s [u8]>, skip_enrichment: bool) -> Vec<u8> {
-    let mut out = Vec::new();
+fn message<'s>(spans: impl Iterator<Item = &'s [u8]> + Clone, skip_enrichment: bool) -> Vec<u8> {
+    let size: usize = spans.clone().map(|span| span.len() + 1).sum();
+    let mut out = Vec::with_capacity(size + 80);
     let flush_id = uuid::Uuid::new_v4().simple();
     let _ = write!(out, r#"{{"flush_id":"{flush_id}","spans":["#);
     for (i, span) in spans.enumerate() {
@@ -310,6 +406,47 @@ mod tests {
         assert!(text.contains(r#""name":"caf\u00e9 \"q\"""#), "{text}");
         assert!(text.contains(r#""n":1.50"#), "{text}");
         assert!(text.contains(r#""_meta":{"x":{}}"#), "{text}");
+    }
+
+    #[test]
+    fn keeps_the_stored_bytes_and_edits_only_what_changes() {
+        let input =
+            r#"{ "span_id" : "b", "is_segment":false , "attributes": {"k": 1 } , "n": 1e3 }"#;
+        let span = patch_span(input.as_bytes(), "b");
+        assert_eq!(
+            String::from_utf8(span.payload).unwrap(),
+            r#"{ "span_id" : "b", "is_segment":true , "attributes": {"k": 1 ,"sentry.segment.id":{"type":"string","value":"b"}} , "n": 1e3 }"#
+        );
+        let bare = patch_span(br#"{"span_id":"a"}"#, "b");
+        assert_eq!(
+            String::from_utf8(bare.payload).unwrap(),
+            r#"{"span_id":"a","is_segment":false,"attributes":{"sentry.segment.id":{"type":"string","value":"b"}}}"#
+        );
+        let empty = patch_span(b"{}", "b");
+        assert_eq!(
+            String::from_utf8(empty.payload).unwrap(),
+            r#"{"is_segment":false,"attributes":{"sentry.segment.id":{"type":"string","value":"b"}}}"#
+        );
+        let empty_attributes =
+            patch_span(br#"{"span_id":"a","is_segment":true,"attributes":{}}"#, "b");
+        assert_eq!(
+            String::from_utf8(empty_attributes.payload).unwrap(),
+            r#"{"span_id":"a","is_segment":false,"attributes":{"sentry.segment.id":{"type":"string","value":"b"}}}"#
+        );
+    }
+
+    #[test]
+    fn every_occurrence_of_a_repeated_field_is_patched() {
+        let span = patched(
+            r#"{"span_id":"a","is_segment":true,"is_segment":true,"attributes":{"sentry.segment.id":""}}"#,
+            "b",
+        );
+        let text = span.to_string();
+        assert_eq!(text.matches(r#""is_segment":false"#).count(), 2, "{text}");
+        assert_eq!(
+            span["attributes"]["sentry.segment.id"]["value"].as_str(),
+            Some("b")
+        );
     }
 
     #[test]
