@@ -11,11 +11,13 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tokio::task::JoinHandle;
 
-use crate::buffer::{BufferError, BufferOptions, RedisConnection, SpansBuffer};
+use crate::buffer::{BufferError, BufferOptions, ProcessStats, RedisConnection, SpansBuffer};
 use crate::span::Span;
 
 /// Clock used to flush everything: far beyond any deadline in the workload.
@@ -133,6 +135,13 @@ pub struct ReplayReport {
     pub flush: PhaseReport,
 }
 
+impl ReplayReport {
+    fn add_ingested(&mut self, stats: &ProcessStats) {
+        self.spans_in += stats.spans;
+        self.subsegments += stats.subsegments;
+    }
+}
+
 /// Runs a replay.
 pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
     let input = read_input(&args.file)?;
@@ -149,29 +158,45 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
         max_spans_per_evalsha: args.max_spans_per_evalsha,
         ..BufferOptions::default()
     };
-    let mut buffer = SpansBuffer::new(conn, options, vec![0], None).await?;
+    let buffer = Arc::new(SpansBuffer::new(conn, options, vec![0], None).await?);
     let mut report = ReplayReport::default();
-    let mut seen: HashMap<(u64, String, String), u32> = HashMap::new();
 
+    // The tool's own bookkeeping (which spans went in) is a pass of its own, outside the timed
+    // ingest.
+    let mut seen: HashMap<(u64, String, String), u32> = HashMap::new();
+    for line in &lines {
+        match Span::decode(line, 0) {
+            Ok(span) => {
+                seen.insert(
+                    (
+                        span.project_id,
+                        span.trace_id.to_string(),
+                        span.span_id.to_string(),
+                    ),
+                    0,
+                );
+            }
+            Err(error) => {
+                report.invalid_lines += 1;
+                tracing::debug!(%error, "Skipping an invalid span.");
+            }
+        }
+    }
+
+    // Timed: decoding, preparing and writing. Each batch is prepared while the previous one
+    // is being written, as the consumer does; writes stay in order.
     let cpu_before = redis_cpu_secs(&nodes)?;
-    // Only decoding and `process_spans` are timed, not the tool's own bookkeeping.
-    let mut ingest_wall = Duration::ZERO;
+    let started = Instant::now();
+    let mut writing: Option<JoinHandle<Result<ProcessStats, BufferError>>> = None;
     for batch in lines.chunks(args.batch_size.max(1)) {
-        let started = Instant::now();
         let mut spans = Vec::with_capacity(batch.len());
         let mut min_received = f64::INFINITY;
         for line in batch {
-            match Span::decode(line, 0) {
-                Ok(span) => {
-                    if let Some(received) = received(line) {
-                        min_received = min_received.min(received);
-                    }
-                    spans.push(span);
+            if let Ok(span) = Span::decode(line, 0) {
+                if let Some(received) = received(line) {
+                    min_received = min_received.min(received);
                 }
-                Err(error) => {
-                    report.invalid_lines += 1;
-                    tracing::debug!(%error, "Skipping an invalid span.");
-                }
+                spans.push(span);
             }
         }
         if spans.is_empty() {
@@ -182,21 +207,19 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
         } else {
             0
         };
-        let stats = buffer.process_spans(&spans, now).await?;
-        ingest_wall += started.elapsed();
-        report.spans_in += stats.spans;
-        report.subsegments += stats.subsegments;
-        for span in &spans {
-            seen.insert(
-                (
-                    span.project_id,
-                    span.trace_id.to_string(),
-                    span.span_id.to_string(),
-                ),
-                0,
-            );
+        let prepared = buffer.prepare(&spans)?;
+        if let Some(previous) = writing.take() {
+            report.add_ingested(&previous.await.map_err(BufferError::Interrupted)??);
         }
+        let writer = Arc::clone(&buffer);
+        writing = Some(tokio::spawn(
+            async move { writer.write(&prepared, now).await },
+        ));
     }
+    if let Some(last) = writing {
+        report.add_ingested(&last.await.map_err(BufferError::Interrupted)??);
+    }
+    let ingest_wall = started.elapsed();
     let cpu_after_ingest = redis_cpu_secs(&nodes)?;
     report.ingest = PhaseReport::new(report.spans_in, ingest_wall, cpu_after_ingest - cpu_before);
 

@@ -38,7 +38,7 @@ pub use segment::{
     OutputSpan,
 };
 pub use stats::FlushStats;
-pub use store::SpansBufferStore;
+pub use store::{PreparedWrite, SpansBufferStore};
 pub use subsegment::Subsegment;
 
 use crate::metrics as names;
@@ -58,6 +58,22 @@ pub struct ProcessStats {
     pub subsegments: usize,
     /// Subsegments that detached into their own segment.
     pub detached: usize,
+}
+
+/// A batch encoded by [`SpansBuffer::prepare`], ready for [`SpansBuffer::write`]. It owns its
+/// data (not the spans it was made from), so it can be written from another task.
+#[derive(Clone, Debug)]
+pub struct PreparedBatch {
+    write: PreparedWrite,
+    spans: usize,
+    root_spans: usize,
+}
+
+impl PreparedBatch {
+    /// Spans in the batch.
+    pub fn spans(&self) -> usize {
+        self.spans
+    }
 }
 
 /// The result of one flush: segments to produce (then pass to `done_flush_segments`), spans
@@ -124,29 +140,57 @@ impl SpansBuffer {
 
     /// Writes a batch of spans into the buffer. `now` is the batch's clock (the minimum Kafka
     /// timestamp, in seconds): segments become due `root-timeout` or `timeout` after it.
+    ///
+    /// This is [`SpansBuffer::prepare`] then [`SpansBuffer::write`]; a consumer that wants to
+    /// encode the next batch while this one is written calls the two itself.
     pub async fn process_spans(
-        &mut self,
+        &self,
         spans: &[Span<'_>],
         now: i64,
     ) -> Result<ProcessStats, BufferError> {
+        let batch = self.prepare(spans)?;
+        self.write(&batch, now).await
+    }
+
+    /// Groups a batch into subsegments and encodes their commands, without touching Redis.
+    ///
+    /// Several batches may be prepared at once (each takes its own compressor), but they must
+    /// be written one after the other, in order: see [`SpansBuffer::write`].
+    pub fn prepare(&self, spans: &[Span<'_>]) -> Result<PreparedBatch, BufferError> {
         let options = self.store.options();
         let subsegments = subsegment::build_subsegments(spans, options.max_spans_per_evalsha);
-        let batch_size = match options.pipeline_batch_size {
-            0 => subsegments.len().max(1),
+        let chunk_len = match options.pipeline_batch_size {
+            0 => subsegments.len(),
             size => size,
         };
-        let mut inserted = Vec::with_capacity(subsegments.len());
-        for batch in subsegments.chunks(batch_size) {
-            inserted.extend(self.store.write_subsegments(batch).await?);
-        }
+        Ok(PreparedBatch {
+            write: self.store.prepare_write(&subsegments, chunk_len)?,
+            spans: spans.len(),
+            root_spans: spans.iter().filter(|span| span.is_segment_span).count(),
+        })
+    }
+
+    /// Writes a prepared batch and pushes its segments' flush deadlines (`now` as in
+    /// [`SpansBuffer::process_spans`]).
+    ///
+    /// Batches must be written in the order their spans were consumed, each after the previous
+    /// one completed: a segment's deadline is the one of its latest batch, and a segment merged
+    /// away by a later batch must not be queued again by an earlier one. Writing the same batch
+    /// again after a failure is harmless.
+    pub async fn write(
+        &self,
+        batch: &PreparedBatch,
+        now: i64,
+    ) -> Result<ProcessStats, BufferError> {
+        let inserted = self.store.write(&batch.write).await?;
         self.store
             .update_queue(&inserted, now, self.slice_id)
             .await?;
 
         let stats = ProcessStats {
-            spans: spans.len(),
-            root_spans: spans.iter().filter(|span| span.is_segment_span).count(),
-            subsegments: subsegments.len(),
+            spans: batch.spans,
+            root_spans: batch.root_spans,
+            subsegments: batch.write.len(),
             detached: inserted.iter().filter(|i| i.is_detached()).count(),
         };
         record_process_metrics(

@@ -7,6 +7,7 @@
 //! holds the decisions; the store only maps them to commands and replies back to values.
 
 use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 
 use redis::{Cmd, Value};
 
@@ -33,12 +34,6 @@ struct QueueUpdate {
 /// Values per record in the script's reply.
 const REPLY_FIELDS: usize = 6;
 
-/// Chunks a batch's script calls are cut into, to overlap encoding with Redis work.
-const PIPELINE_CHUNKS: usize = 4;
-
-/// Fewest script calls per chunk: below this, a chunk is not worth its own round trip.
-const MIN_CALLS_PER_CHUNK: usize = 32;
-
 /// Most span ids in one script call when records of a trace are grouped.
 const MAX_SPANS_PER_CALL: usize = 1000;
 
@@ -50,7 +45,59 @@ const CLEANUP_CHUNK: usize = 100;
 pub struct SpansBufferStore {
     conn: RedisConnection,
     options: BufferOptions,
-    encoder: PayloadEncoder,
+    /// Compressors for concurrent [`SpansBufferStore::prepare_write`] calls, reused.
+    encoders: Mutex<Vec<PayloadEncoder>>,
+}
+
+/// A batch's subsegments turned into commands (payload writes, then script calls) with what
+/// is needed to read the replies.
+///
+/// It owns everything, so the next batch can be prepared while this one is written, and it
+/// can be written again after a failure: the payload keys are named by the salts, so a second
+/// write adds nothing new.
+#[derive(Clone, Debug)]
+pub struct PreparedWrite {
+    subsegments: Vec<PreparedSubsegment>,
+    chunks: Vec<PreparedChunk>,
+}
+
+impl PreparedWrite {
+    /// Subsegments in the batch.
+    pub fn len(&self) -> usize {
+        self.subsegments.len()
+    }
+
+    /// Whether the batch had no spans.
+    pub fn is_empty(&self) -> bool {
+        self.subsegments.is_empty()
+    }
+}
+
+/// What the replies of one subsegment are read against.
+#[derive(Clone, Debug)]
+struct PreparedSubsegment {
+    salt: String,
+    partition: u16,
+    /// The segment it would join without redirects (legacy merged layout only).
+    parent_segment_key: SegmentKey,
+}
+
+impl PreparedSubsegment {
+    fn of(subsegment: &Subsegment<'_>) -> Self {
+        Self {
+            salt: subsegment.salt.clone(),
+            partition: subsegment.partition(),
+            parent_segment_key: subsegment.parent_segment_key(),
+        }
+    }
+}
+
+/// Up to `pipeline-batch-size` subsegments: sent as one round trip.
+#[derive(Clone, Debug)]
+struct PreparedChunk {
+    payloads: Vec<(String, Cmd)>,
+    /// One command per script call, with the subsegments (indices) it carries.
+    scripts: Vec<(String, Cmd, Vec<usize>)>,
 }
 
 impl SpansBufferStore {
@@ -62,7 +109,7 @@ impl SpansBufferStore {
         let store = Self {
             conn,
             options,
-            encoder,
+            encoders: Mutex::new(vec![encoder]),
         };
         store.load_script().await?;
         Ok(store)
@@ -86,81 +133,123 @@ impl SpansBufferStore {
         Ok(())
     }
 
-    /// Writes the subsegments' payloads, then runs the script for each; returns where each
-    /// subsegment went, in order.
-    ///
-    /// The script calls are cut into a few chunks, each sent (payloads first, then its script
-    /// calls) as soon as it is encoded, so Redis works on one chunk while the next one is
-    /// compressed.
-    pub async fn write_subsegments(
-        &mut self,
+    /// Encodes subsegments into their commands: compression, payload writes and script calls,
+    /// cut into round trips of `chunk_len` subsegments. Pure CPU work, no Redis.
+    pub fn prepare_write(
+        &self,
         subsegments: &[Subsegment<'_>],
-    ) -> Result<Vec<InsertedSubsegment>, BufferError> {
-        let calls = script_calls(subsegments, self.options.max_spans_per_evalsha);
-        let chunk_len = calls
-            .len()
-            .div_ceil(PIPELINE_CHUNKS)
-            .max(MIN_CALLS_PER_CHUNK);
-        let mut in_flight = Vec::new();
-        for chunk in calls.chunks(chunk_len) {
-            let mut payloads = CommandBatch::new();
-            let mut scripts = CommandBatch::new();
-            for call in chunk {
-                for &index in call {
-                    self.add_payload_writes(&subsegments[index], &mut payloads)?;
-                }
-                scripts.add(
-                    subsegments[call[0]].project_and_trace.as_bytes().to_vec(),
-                    self.add_buffer_call(subsegments, call),
-                );
+        chunk_len: usize,
+    ) -> Result<PreparedWrite, BufferError> {
+        let mut encoder = self.take_encoder()?;
+        let result = self.encode_chunks(subsegments, chunk_len.max(1), &mut encoder);
+        self.encoders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(encoder);
+        let chunks = result?;
+        Ok(PreparedWrite {
+            subsegments: subsegments.iter().map(PreparedSubsegment::of).collect(),
+            chunks,
+        })
+    }
+
+    fn take_encoder(&self) -> Result<PayloadEncoder, BufferError> {
+        let reused = self
+            .encoders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match reused {
+            Some(encoder) => Ok(encoder),
+            None => {
+                PayloadEncoder::new(self.options.compression_level).map_err(BufferError::Compress)
             }
-            let conn = self.conn.clone();
-            in_flight.push(tokio::spawn(async move {
-                conn.execute_in_order(vec![payloads, scripts]).await
-            }));
         }
-        let mut replies = Vec::with_capacity(calls.len());
-        for request in in_flight {
-            let mut results = request
-                .await
-                .map_err(BufferError::Interrupted)??
+    }
+
+    fn encode_chunks(
+        &self,
+        subsegments: &[Subsegment<'_>],
+        chunk_len: usize,
+        encoder: &mut PayloadEncoder,
+    ) -> Result<Vec<PreparedChunk>, BufferError> {
+        let mut chunks = Vec::new();
+        let mut first = 0;
+        for chunk in subsegments.chunks(chunk_len) {
+            let mut prepared = PreparedChunk {
+                payloads: Vec::with_capacity(chunk.len() * 2),
+                scripts: Vec::new(),
+            };
+            for call in script_calls(chunk, self.options.max_spans_per_evalsha) {
+                for &index in &call {
+                    self.add_payload_writes(&chunk[index], encoder, &mut prepared.payloads)?;
+                }
+                let cmd = self.add_buffer_call(chunk, &call);
+                let indices = call.iter().map(|index| first + index).collect();
+                prepared
+                    .scripts
+                    .push((chunk[call[0]].project_and_trace.clone(), cmd, indices));
+            }
+            first += chunk.len();
+            chunks.push(prepared);
+        }
+        Ok(chunks)
+    }
+
+    /// Writes a prepared batch: each chunk's payloads, then its script calls; returns where
+    /// each subsegment went, in order.
+    pub async fn write(
+        &self,
+        prepared: &PreparedWrite,
+    ) -> Result<Vec<InsertedSubsegment>, BufferError> {
+        let mut inserted: Vec<Option<InsertedSubsegment>> = vec![None; prepared.len()];
+        for chunk in &prepared.chunks {
+            let mut payloads = CommandBatch::new();
+            for (key, cmd) in &chunk.payloads {
+                payloads.add(key.as_str(), cmd.clone());
+            }
+            let mut scripts = CommandBatch::new();
+            for (key, cmd, _) in &chunk.scripts {
+                scripts.add(key.as_str(), cmd.clone());
+            }
+            let mut results = self
+                .conn
+                .execute_in_order(vec![payloads, scripts])
+                .await?
                 .into_iter();
             let payload_replies = results.next().unwrap_or_default();
             if let Some(error) = payload_replies.iter().find(|v| is_error(v)) {
                 return Err(BufferError::unexpected("SADD", error));
             }
-            replies.extend(results.next().unwrap_or_default());
-        }
-        self.retry_noscript(subsegments, &calls, &mut replies)
-            .await?;
-
-        let mut inserted: Vec<Option<InsertedSubsegment>> = vec![None; subsegments.len()];
-        for (call, reply) in calls.iter().zip(&replies) {
-            let Value::Array(items) = reply else {
-                return Err(BufferError::unexpected("EVALSHA", reply));
-            };
-            if items.len() != call.len() * REPLY_FIELDS {
-                return Err(BufferError::unexpected("EVALSHA", reply));
-            }
-            for (&index, fields) in call.iter().zip(items.chunks(REPLY_FIELDS)) {
-                inserted[index] = Some(parse_inserted(&subsegments[index], fields)?);
+            let mut replies = results.next().unwrap_or_default();
+            self.retry_noscript(chunk, &mut replies).await?;
+            for ((_, _, call), reply) in chunk.scripts.iter().zip(&replies) {
+                let Value::Array(items) = reply else {
+                    return Err(BufferError::unexpected("EVALSHA", reply));
+                };
+                if items.len() != call.len() * REPLY_FIELDS {
+                    return Err(BufferError::unexpected("EVALSHA", reply));
+                }
+                for (&index, fields) in call.iter().zip(items.chunks(REPLY_FIELDS)) {
+                    inserted[index] = Some(parse_inserted(&prepared.subsegments[index], fields)?);
+                }
             }
         }
         let inserted: Vec<InsertedSubsegment> = inserted.into_iter().flatten().collect();
         if self.options.write_merged_payloads {
-            self.merge_legacy_sets(subsegments, &inserted).await?;
+            self.merge_legacy_sets(prepared, &inserted).await?;
         }
         Ok(inserted)
     }
 
     /// `SADD` + `EXPIRE` of a subsegment's payloads, in every layout being written.
     fn add_payload_writes(
-        &mut self,
+        &self,
         subsegment: &Subsegment<'_>,
-        batch: &mut CommandBatch,
+        encoder: &mut PayloadEncoder,
+        commands: &mut Vec<(String, Cmd)>,
     ) -> Result<(), BufferError> {
-        let members = self
-            .encoder
+        let members = encoder
             .encode(subsegment.spans.iter().map(|span| span.payload))
             .map_err(BufferError::Compress)?;
         let ttl = self.options.redis_ttl_secs;
@@ -174,8 +263,9 @@ impl SpansBufferStore {
         for key in targets {
             let mut sadd = redis::cmd("SADD");
             sadd.arg(&key).arg(&members);
-            batch.add(key.clone(), sadd);
-            batch.add(key.clone(), expire(&key, ttl));
+            let expire = expire(&key, ttl);
+            commands.push((key.clone(), sadd));
+            commands.push((key, expire));
         }
         Ok(())
     }
@@ -209,8 +299,7 @@ impl SpansBufferStore {
     /// the script again.
     async fn retry_noscript(
         &self,
-        subsegments: &[Subsegment<'_>],
-        calls: &[Vec<usize>],
+        chunk: &PreparedChunk,
         replies: &mut [Value],
     ) -> Result<(), BufferError> {
         let failed: Vec<usize> = replies
@@ -229,11 +318,8 @@ impl SpansBufferStore {
         self.load_script().await?;
         let mut retry = CommandBatch::new();
         for &index in &failed {
-            let call = &calls[index];
-            retry.add(
-                subsegments[call[0]].project_and_trace.as_bytes().to_vec(),
-                self.add_buffer_call(subsegments, call),
-            );
+            let (key, cmd, _) = &chunk.scripts[index];
+            retry.add(key.as_str(), cmd.clone());
         }
         for (index, reply) in failed.into_iter().zip(self.conn.execute(retry).await?) {
             replies[index] = reply;
@@ -245,19 +331,19 @@ impl SpansBufferStore {
     /// of merged child segments, into the set of the segment the script chose.
     async fn merge_legacy_sets(
         &self,
-        subsegments: &[Subsegment<'_>],
+        prepared: &PreparedWrite,
         inserted: &[InsertedSubsegment],
     ) -> Result<(), BufferError> {
         let mut batch = CommandBatch::new();
-        for (subsegment, result) in subsegments.iter().zip(inserted) {
+        for (subsegment, result) in prepared.subsegments.iter().zip(inserted) {
             if result.is_detached() {
                 continue;
             }
             let target = result.segment_key.as_str();
             let pt = result.segment_key.project_and_trace();
             let mut sources: Vec<String> = Vec::new();
-            let parent = subsegment.parent_segment_key();
-            if parent != result.segment_key {
+            let parent = &subsegment.parent_segment_key;
+            if *parent != result.segment_key {
                 sources.push(parent.as_str().to_owned());
             }
             for child in &result.merged_segment_span_ids {
@@ -810,7 +896,7 @@ fn flat_pairs(value: Value) -> Result<Vec<(String, i64)>, BufferError> {
 /// Maps one record of the script's reply `{segment_key, has_root_span, latency_us,
 /// latencies, metrics, merged_segment_span_ids}`.
 fn parse_inserted(
-    subsegment: &Subsegment<'_>,
+    subsegment: &PreparedSubsegment,
     fields: &[Value],
 ) -> Result<InsertedSubsegment, BufferError> {
     let mut items = fields.iter().cloned();
@@ -840,7 +926,7 @@ fn parse_inserted(
         segment_key,
         has_root_span,
         salt: subsegment.salt.clone(),
-        partition: subsegment.partition(),
+        partition: subsegment.partition,
         merged_segment_span_ids,
         sampled,
     })
@@ -943,7 +1029,7 @@ mod tests {
             Value::Array(vec![bulk("redirect_depth"), Value::Int(2)]),
             Value::Array(vec![bulk("child")]),
         ];
-        let inserted = parse_inserted(&subsegment, &sampled).unwrap();
+        let inserted = parse_inserted(&PreparedSubsegment::of(&subsegment), &sampled).unwrap();
         assert_eq!(inserted.segment_key.as_str(), "span-buf:s:{1:t}:root");
         assert!(inserted.has_root_span);
         assert_eq!(inserted.partition, 3);
@@ -960,10 +1046,12 @@ mod tests {
             Value::Array(vec![]),
             Value::Array(vec![]),
         ];
-        let inserted = parse_inserted(&subsegment, &unsampled).unwrap();
+        let inserted = parse_inserted(&PreparedSubsegment::of(&subsegment), &unsampled).unwrap();
         assert!(!inserted.has_root_span);
         assert!(inserted.is_detached());
         assert!(inserted.sampled.is_none());
-        assert!(parse_inserted(&subsegment, &[bulk("not a key")]).is_err());
+        assert!(
+            parse_inserted(&PreparedSubsegment::of(&subsegment), &[bulk("not a key")]).is_err()
+        );
     }
 }

@@ -8,8 +8,9 @@
 //! 2. **kill-switch** (`Filter`): drop spans the operator disabled; their offsets still count
 //!    as done.
 //! 3. **batch** (`Reduce`): up to `max_batch_size` spans or `max_batch_time` from the first.
-//! 4. **process** (`RunTask`, [`ProcessSpans`]): write the batch to Redis and pass on its clock.
-//!    Redis trouble is backpressure, not failure.
+//! 4. **process** (`RunTaskInThreads`, [`ProcessSpans`]): write the batch to Redis and pass on
+//!    its clock; the next batch is encoded while one is written. Redis trouble is
+//!    backpressure, not failure.
 //! 5. **flush** ([`FlushSegments`]): background workers flush due segments to the output topic;
 //!    their lag or a full Redis becomes backpressure.
 //! 6. **commit** (`CommitOffsets`): offsets are committed once the spans are in Redis, exactly
@@ -26,7 +27,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rill::backends::kafka::KafkaPayload;
-use rill::steps::{CommitOffsets, Filter, Reduce, RunTask};
+use rill::steps::{CommitOffsets, Filter, Reduce, RunTask, RunTaskInThreads};
 use rill::{
     CommitRequest, Message, Partition, ProcessingStrategy, ProcessingStrategyFactory, Producer,
     StrategyError, SubmitError, Topic,
@@ -191,9 +192,11 @@ impl SpansStrategyFactory {
             shards.to_vec(),
             self.slice_id,
         ))?;
-        let mut process = ProcessSpans::new(buffer, self.runtime.clone());
-        let process = RunTask::new(
-            move |batch: Message<Vec<SpanMessage>>| process.process(batch),
+        let mut process = ProcessSpans::new(buffer);
+        let process = RunTaskInThreads::new(
+            move |batch: Message<Vec<SpanMessage>>| process.task(batch),
+            process_spans::CONCURRENT_BATCHES,
+            self.runtime.clone(),
             flush,
         );
         let batch = Reduce::vec(settings.max_batch_size, settings.max_batch_time, process);
