@@ -159,6 +159,20 @@ impl RedisServer {
             .unwrap_or_else(|error| panic!("CLIENT PAUSE failed: {error}"));
     }
 
+    /// `CONFIG SET <name> <value>`, for limits changed while a test runs.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the server refuses the setting.
+    pub fn config_set(&self, name: &str, value: impl redis::ToRedisArgs) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(&mut self.connection())
+            .unwrap_or_else(|error| panic!("CONFIG SET {name} failed: {error}"));
+    }
+
     /// The value of `field` in the `INFO <section>` reply, if the server reports it.
     ///
     /// # Panics
@@ -690,6 +704,11 @@ mod tests {
         let keyspace = server.info_field("keyspace", "db0").unwrap();
         assert!(keyspace.starts_with("keys=1,"), "{keyspace}");
         assert_eq!(server.info_field("server", "no_such_field"), None);
+        server.config_set("maxmemory", 12_345_678);
+        assert_eq!(
+            server.info_field("memory", "maxmemory").as_deref(),
+            Some("12345678")
+        );
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! timestamp) and forwards the message unchanged to `CommitOffsets`: the spans are in Redis,
 //! so their offsets may be committed. Meanwhile it:
 //!
-//! - keeps the flusher clock: `drift = batch clock − wall clock`, so workers flush by the
-//!   stream's time and a lagging consumer does not flush segments early (spec 5.2);
+//! - keeps the flusher clock from the batches it accepts: `drift = batch clock − wall clock`,
+//!   so workers flush by the stream's time and a lagging consumer does not flush segments
+//!   early (spec 5.2); a batch it hands back does not move the clock, so flushing goes on
+//!   (and frees Redis memory) while input is held back;
 //! - spreads the assigned partitions (shards) round-robin over `min(workers, shards)` workers,
 //!   and waits at start until every worker has completed an iteration: a flusher that cannot
 //!   run must not let the consumer fill Redis;
@@ -340,16 +342,19 @@ impl<N: ProcessingStrategy<i64>> ProcessingStrategy<i64> for FlushSegments<N> {
             metrics::counter!(names::FLUSHER_BACKPRESSURE).increment(1);
             return Err(SubmitError::MessageRejected(message));
         }
-        // Updated before the memory check, as Sentry does: while Redis is full the drift keeps
-        // falling behind, so flushing (of possibly partial segments) pauses too.
-        self.context
-            .shared
-            .drift
-            .store(message.payload() - now, Ordering::SeqCst);
         if self.memory.as_ref().is_some_and(MemoryWatch::exceeded) {
             metrics::counter!(names::FLUSHER_HARD_BACKPRESSURE).increment(1);
             return Err(SubmitError::MessageRejected(message));
         }
+        // Only an accepted batch moves the flusher clock (Sentry moves it before the memory
+        // check). A batch handed back while Redis is full is offered again and again, and each
+        // time it would set the clock back to its own time: no segment would come due, nothing
+        // would be flushed, memory would never fall and consumption never resume. Left alone,
+        // the clock runs on with the wall clock and flushing frees the memory.
+        self.context
+            .shared
+            .drift
+            .store(message.payload() - now, Ordering::SeqCst);
         self.carried_over.forward(&mut self.next_step, message)?;
         Ok(())
     }
@@ -498,12 +503,7 @@ mod tests {
 
     fn watch_with_maxmemory(maxmemory: &str, max_ratio: f64) -> bool {
         let server = RedisServer::start();
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg(maxmemory)
-            .query(&mut server.connection())
-            .unwrap();
+        server.config_set("maxmemory", maxmemory);
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let connection = runtime
             .block_on(RedisConnection::connect(&[server.url()], false))
