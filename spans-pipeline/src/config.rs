@@ -171,11 +171,52 @@ impl fmt::Debug for Redacted<'_> {
 /// secret or a login configuration that may embed one.
 pub fn is_secret_setting(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    key.contains("password")
-        || key.contains("secret")
-        || key.ends_with("key.pem")
-        || key.ends_with("jaas.config")
-        || key == "sasl.oauthbearer.config"
+    SECRET_MARKERS.iter().any(|marker| key.contains(marker))
+}
+
+/// Parts of a setting's name that mark its value as a secret.
+const SECRET_MARKERS: [&str; 5] = [
+    "password",
+    "secret",
+    "key.pem",
+    "jaas.config",
+    "oauthbearer.config",
+];
+
+/// Whether `text` (a line of the file, or an error message) names a secret setting or holds a
+/// URL with credentials.
+fn mentions_secret(text: &str) -> bool {
+    is_secret_setting(text) || (text.contains("://") && text.contains('@'))
+}
+
+/// A TOML error as [`ConfigError::Invalid`]. TOML's messages quote the offending line of the
+/// file, or the offending value; when that line or message is about a secret, only where the
+/// problem is survives.
+fn invalid(error: &toml::de::Error, text: &str) -> ConfigError {
+    let full = error.to_string();
+    // Parse errors point into the file; errors of values (from overrides too) name a path.
+    let line = error.span().map(|span| {
+        let start = span.start.min(text.len());
+        let number = text[..start].matches('\n').count() + 1;
+        let before = text[..start].rsplit('\n').next().unwrap_or_default();
+        let after = text[start..].lines().next().unwrap_or_default();
+        (number, format!("{before}{after}"))
+    });
+    let secret = mentions_secret(&full)
+        || line
+            .as_ref()
+            .is_some_and(|(_, content)| mentions_secret(content));
+    if !secret {
+        return ConfigError::Invalid(full);
+    }
+    let place = match (&line, full.lines().find(|l| l.starts_with("in `"))) {
+        (Some((number, _)), _) => format!("at line {number}"),
+        (None, Some(path)) => path.to_owned(),
+        (None, None) => "somewhere".to_owned(),
+    };
+    ConfigError::Invalid(format!(
+        "a secret setting or a url with credentials is invalid {place} (value hidden)"
+    ))
 }
 
 /// `[redis]`. Credentials may also be given in the URLs; they are never logged.
@@ -500,7 +541,7 @@ impl Config {
             None => String::new(),
         };
         let mut table: toml::Table =
-            toml::from_str(&text).map_err(|error| ConfigError::Invalid(error.to_string()))?;
+            toml::from_str(&text).map_err(|error| invalid(&error, &text))?;
         for (name, value) in environment {
             if let Some(path) = name.strip_prefix(ENV_PREFIX) {
                 let path = path.to_ascii_lowercase().replace("__", ".");
@@ -508,14 +549,12 @@ impl Config {
             }
         }
         for entry in overrides {
-            let (path, value) = entry
-                .split_once('=')
-                .ok_or_else(|| ConfigError::Override(entry.clone()))?;
+            let (path, value) = entry.split_once('=').ok_or_else(|| bad_override(entry))?;
             apply(&mut table, path.trim(), value.trim())?;
         }
         let config: Self = toml::Value::Table(table)
             .try_into()
-            .map_err(|error: toml::de::Error| ConfigError::Invalid(error.to_string()))?;
+            .map_err(|error: toml::de::Error| invalid(&error, &text))?;
         config.validate()?;
         Ok(config)
     }
@@ -664,11 +703,20 @@ impl Config {
     }
 }
 
+/// [`ConfigError::Override`] for `entry`, shown up to its key when it is about a secret.
+fn bad_override(entry: &str) -> ConfigError {
+    if !mentions_secret(entry) {
+        return ConfigError::Override(entry.to_owned());
+    }
+    let key = entry.split(['=', ':', ' ']).next().unwrap_or_default();
+    ConfigError::Override(format!("{key}=(value hidden)"))
+}
+
 /// Sets the value at dotted `path` in `table`, creating sections on the way.
 fn apply(table: &mut toml::Table, path: &str, value: &str) -> Result<(), ConfigError> {
     let mut keys: Vec<&str> = path.split('.').collect();
     let Some(last) = keys.pop().filter(|key| !key.is_empty()) else {
-        return Err(ConfigError::Override(format!("{path}={value}")));
+        return Err(bad_override(&format!("{path}={value}")));
     };
     let mut current = table;
     for key in keys {
@@ -677,7 +725,7 @@ fn apply(table: &mut toml::Table, path: &str, value: &str) -> Result<(), ConfigE
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         current = entry
             .as_table_mut()
-            .ok_or_else(|| ConfigError::Override(format!("{path}={value}")))?;
+            .ok_or_else(|| bad_override(&format!("{path}={value}")))?;
     }
     current.insert(last.to_owned(), parse_value(value));
     Ok(())
@@ -906,6 +954,47 @@ producer_overrides = { "security.protocol" = "SSL", "ssl.key.password" = "key-pa
             assert!(printed.contains("redis.urls"), "{printed}");
             assert!(!printed.contains("hunter2"), "{printed}");
         }
+    }
+
+    #[test]
+    fn invalid_secrets_are_located_but_never_quoted() {
+        let cases = [
+            ("[redis]\npassword = hunter2\n", "at line 2"),
+            ("[redis]\npassword = 12345\n", "in `redis.password`"),
+            (
+                "[kafka]\nconsumer_overrides = { \"sasl.password\" = 12345 }\n",
+                "in `kafka.consumer_overrides.sasl.password`",
+            ),
+            (
+                "[kafka]\nconsumer_overrides = { \"sasl.password\" = \"hunter2 }\n",
+                "at line 2",
+            ),
+            (
+                "[redis]\nurls = \"redis://spans:hunter2@cache:6379\"\n",
+                "in `redis.urls`",
+            ),
+        ];
+        for (text, place) in cases {
+            let error = load(text, &[], &[]).unwrap_err().to_string();
+
+            assert!(
+                !error.contains("hunter2") && !error.contains("12345"),
+                "{error}"
+            );
+            assert!(error.contains(place), "{place}: {error}");
+        }
+        let error = load("", &[("SPANS_PIPELINE__REDIS__PASSWORD", "[1234]")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains("1234"), "{error}");
+        let error = load("", &[], &["redis.password:hunter2"]).unwrap_err();
+        assert!(matches!(error, ConfigError::Override(_)));
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        let error = load("[consumer]\nmax_batch_size = \"many\"\n", &[], &[]).unwrap_err();
+        assert!(
+            error.to_string().contains("many"),
+            "others keep their detail: {error}"
+        );
     }
 
     #[test]
