@@ -277,3 +277,34 @@ impl CommandBatch {
         self.commands.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn urls_that_do_not_work_are_refused_without_their_password() {
+        let cases = [
+            ("redis://spans:hunter2@127.0.0.1:notaport/", false),
+            ("redis://spans:hunter2@[::1/", false),
+            ("rediss://spans:hunter2@127.0.0.1:1/", false),
+            ("redis://spans:hunter2@127.0.0.1:1/", true),
+            ("http://spans:hunter2@127.0.0.1:1/", false),
+        ];
+        // Side by side: a refused connection is retried for some seconds.
+        let attempts = cases.map(|(url, cluster)| async move {
+            let urls = [url.to_owned()];
+            let connect = RedisConnection::connect(&urls, cluster);
+            (
+                url,
+                tokio::time::timeout(std::time::Duration::from_secs(60), connect).await,
+            )
+        });
+        for (url, outcome) in futures::future::join_all(attempts).await {
+            let error = outcome.unwrap().unwrap_err();
+
+            let printed = format!("{error} {error:?}");
+            assert!(!printed.contains("hunter2"), "{url}: {printed}");
+        }
+    }
+}
