@@ -59,7 +59,7 @@ async fn through_buffer(
     batches: &[&[Span<'_>]],
 ) -> Drained {
     redis.flush_all();
-    let mut buffer: SpansBuffer = buffer(redis, options, vec![0]).await;
+    let buffer: SpansBuffer = buffer(redis, options, vec![0]).await;
     for batch in batches {
         buffer.process_spans(batch, 0).await.unwrap();
     }

@@ -75,7 +75,7 @@ impl Workload {
 
     /// Writes the batches, flushes the root segments (locking them), writes one more span
     /// into a locked segment, then drains the buffer; returns the spans that came out.
-    async fn run(&self, buffer: &mut SpansBuffer) -> usize {
+    async fn run(&self, buffer: &SpansBuffer) -> usize {
         for batch in &self.batches {
             buffer.process_spans(&spans(batch), 0).await.unwrap();
         }
@@ -113,7 +113,7 @@ async fn the_buffer_runs_as_an_acl_user_on_a_standalone_server_and_a_cluster() {
             .unwrap();
         let workload = Workload::new();
 
-        let flushed = workload.run(&mut buffer_on(connection).await).await;
+        let flushed = workload.run(&buffer_on(connection).await).await;
 
         assert_eq!(
             flushed,
@@ -182,7 +182,7 @@ async fn the_buffer_runs_over_tls_with_and_without_a_client_certificate() {
         .unwrap();
         let workload = Workload::new();
 
-        let flushed = workload.run(&mut buffer_on(connection).await).await;
+        let flushed = workload.run(&buffer_on(connection).await).await;
 
         assert_eq!(flushed, workload.span_count(), "{case}");
         let tls_clients: usize = redis.servers().into_iter().map(tls_clients).sum();
@@ -349,7 +349,7 @@ async fn the_script_touches_only_keys_of_its_declared_hash_tag() {
         .await
         .unwrap();
     let workload = Workload::new();
-    let flushed = workload.run(&mut buffer_on(connection).await).await;
+    let flushed = workload.run(&buffer_on(connection).await).await;
     assert_eq!(flushed, workload.span_count());
     // Let the monitor catch up with the last commands, then stop it.
     tokio::time::sleep(Duration::from_millis(300)).await;
