@@ -526,6 +526,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
     fn drain(&mut self, deadline: Instant) -> Result<(), RunError> {
         if let Some(mut strategy) = self.strategy.take() {
             let started = self.clock.now();
+            guard("close", || strategy.close())?;
             loop {
                 match guard("join", || strategy.join(Some(deadline)))? {
                     Ok(done) => {
@@ -935,6 +936,20 @@ mod tests {
         run_until(&mut processor, |_| step.accepted() == 3);
 
         assert_eq!(fixture.committed(0), None);
+    }
+
+    #[test]
+    fn a_shutdown_closes_the_pipeline_before_joining_it() {
+        let fixture = Fixture::new(1, 3);
+        let step = RecordingStep::new();
+        let mut processor =
+            StreamProcessor::new(fixture.consumer(), recording(&step)).with_config(fast());
+        run_until(&mut processor, |_| step.accepted() == 3);
+
+        processor.shutdown().unwrap();
+
+        assert!(step.joined());
+        assert!(step.closed_before_join());
     }
 
     #[test]

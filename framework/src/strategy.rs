@@ -80,6 +80,15 @@ pub trait ProcessingStrategy<T>: Send {
     /// As for [`poll`](Self::poll).
     fn join(&mut self, deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError>;
 
+    /// Announces that nothing more will be submitted: the stream processor calls it right
+    /// before [`join`](Self::join) on a revocation or shutdown.
+    ///
+    /// A step whose rejections exist only to pause consumption (a lagging background worker,
+    /// a full store) may accept everything from now on, so the messages still in the pipeline
+    /// reach the end before the deadline instead of waiting it out. A step that wraps a next
+    /// step forwards the call; the default does nothing.
+    fn close(&mut self) {}
+
     /// Stops at once, abandoning work in progress (aborting tasks), and terminates the next step.
     fn terminate(&mut self);
 
@@ -104,6 +113,10 @@ where
 
     fn join(&mut self, deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
         (**self).join(deadline)
+    }
+
+    fn close(&mut self) {
+        (**self).close();
     }
 
     fn terminate(&mut self) {

@@ -35,6 +35,8 @@ struct State<T> {
     commit_on_poll: bool,
     uncommitted: CommitRequest,
     joined: bool,
+    closed: bool,
+    closed_before_join: bool,
     terminated: bool,
     polls: usize,
 }
@@ -82,6 +84,8 @@ impl<T> RecordingStep<T> {
                 commit_on_poll: false,
                 uncommitted: CommitRequest::new(),
                 joined: false,
+                closed: false,
+                closed_before_join: false,
                 terminated: false,
                 polls: 0,
             })),
@@ -151,6 +155,11 @@ impl<T> RecordingStep<T> {
         self.state.lock().joined
     }
 
+    /// Whether `close` was called before the first `join`.
+    pub fn closed_before_join(&self) -> bool {
+        self.state.lock().closed_before_join
+    }
+
     /// Whether `terminate` was called.
     pub fn terminated(&self) -> bool {
         self.state.lock().terminated
@@ -196,8 +205,15 @@ impl<T: Send> ProcessingStrategy<T> for RecordingStep<T> {
 
     fn join(&mut self, _deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
         let mut state = self.state.lock();
+        if !state.joined {
+            state.closed_before_join = state.closed;
+        }
         state.joined = true;
         Ok(Self::take_done(&mut state))
+    }
+
+    fn close(&mut self) {
+        self.state.lock().closed = true;
     }
 
     fn terminate(&mut self) {
@@ -270,6 +286,10 @@ where
 
     fn join(&mut self, deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
         self.next_step.join(deadline)
+    }
+
+    fn close(&mut self) {
+        self.next_step.close();
     }
 
     fn terminate(&mut self) {

@@ -169,6 +169,10 @@ impl<N: ProcessingStrategy<Item>> ProcessingStrategy<Item> for Shuffle<N> {
         Ok(rill::merge(self.pending_commit.take(), committed))
     }
 
+    fn close(&mut self) {
+        self.next_step.close();
+    }
+
     fn terminate(&mut self) {
         self.held.clear();
         self.next_step.terminate();

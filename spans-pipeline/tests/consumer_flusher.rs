@@ -39,6 +39,9 @@ enum Fault {
     WakeLate(Duration),
     /// Produces for real, but reports the delivery this much later.
     Slow(Duration),
+    /// Blocks the calling thread this long (where an abort cannot reach it), then refuses the
+    /// message.
+    Block(Duration),
 }
 
 /// The real Kafka producer, except for the first `faulty_sends` sends.
@@ -107,6 +110,13 @@ impl Producer<KafkaPayload> for FaultyProducer {
                         Err(_) => Err(DeliveryError::Canceled),
                     }
                 }))
+            }
+            Fault::Block(by) => {
+                std::thread::sleep(by);
+                Err(ProduceError::Failed {
+                    payload,
+                    source: "blocked, then refused".into(),
+                })
             }
             Fault::Slow(by) => {
                 let delivery = self.inner.produce(destination, payload)?;
@@ -320,6 +330,35 @@ fn a_hung_flush_worker_is_replaced_and_never_produces_beside_its_replacement() {
 }
 
 #[test]
+fn a_flush_worker_blocked_inside_produce_sends_nothing_more_once_it_wakes_up_replaced() {
+    let _serial = serial();
+    let block = Duration::from_secs(5);
+    let fixture = Fixture::new(RedisMode::Standalone, Fault::Block(block), 1);
+    let (kafka, producer) = (&fixture.kafka, &fixture.producer);
+    // Ten segments come due in one iteration; the worker blocks on the first message. On
+    // waking it is not aborted before it yields, and the same poll goes on to the other nine
+    // messages, which its replacement has flushed meanwhile.
+    let traces = Traces::new(0, 10, 2, 1);
+    traces.produce(kafka);
+
+    let consumer = fixture.start(&setup(producer));
+    wait_until_drained(kafka, &fixture.redis, &traces.per_partition(1));
+    assert!(
+        counter(
+            names::FLUSHER_UNHEALTHY,
+            &[("cause", "hang"), ("shard", "0")]
+        ) >= 1
+    );
+    let woke_at = producer.first_send().unwrap() + block;
+    wait_until("the blocked worker woke up", || {
+        Instant::now() > woke_at + Duration::from_millis(500)
+    });
+    consumer.stop();
+
+    assert_flushed_exactly_once(kafka, &traces);
+}
+
+#[test]
 fn a_flush_worker_stuck_on_redis_is_replaced_and_flushing_goes_on() {
     let _serial = serial();
     // No faulty sends: the real producer.
@@ -476,6 +515,56 @@ fn a_full_standalone_redis_pauses_consumption_until_memory_falls() {
 #[test]
 fn a_full_redis_cluster_pauses_consumption_until_memory_falls() {
     a_full_redis_pauses_consumption_until_memory_falls(RedisMode::Cluster);
+}
+
+/// Spans in the buffer: every span written has a field in its trace's redirect map.
+fn spans_in_redis(redis: &TestRedis) -> u64 {
+    redis
+        .keys_with_ttls()
+        .iter()
+        .filter(|key| key.key.starts_with(b"span-buf:ssr:"))
+        .map(|key| redis.query::<u64>(redis::cmd("HLEN").arg(&key.key)))
+        .sum()
+}
+
+#[test]
+fn a_stop_while_redis_is_full_commits_every_batch_already_written() {
+    let _serial = serial();
+    let fixture = Fixture::new(RedisMode::Standalone, Fault::Panic, 0);
+    let Fixture {
+        kafka,
+        redis,
+        producer,
+        ..
+    } = &fixture;
+    set_maxmemory(redis, |used| used * 3);
+    let mut setup = setup(producer);
+    setup.settings.flush.max_memory_ratio = 0.1;
+    // Nothing comes due while the test runs, so what was written stays in Redis.
+    setup.options.root_timeout_secs = 600;
+    setup.options.timeout_secs = 600;
+    let mut traces = Traces::new(0, 10, 4, 1);
+    traces.produce(kafka);
+
+    let consumer = fixture.start(&setup);
+    keep_producing_until_paused(kafka, &mut traces);
+    assert_eq!(
+        committed(kafka, 1),
+        [None],
+        "nothing is committed while paused"
+    );
+    // The batch written but held back by the full Redis is the pipeline's last: closing the
+    // pipeline lets it through, so the stop commits it instead of waiting out the join
+    // deadline and leaving it to be read and written again.
+    consumer.stop();
+
+    let written = spans_in_redis(redis);
+    assert!(written > 0);
+    assert_eq!(
+        committed(kafka, 1),
+        [Some(i64::try_from(written).unwrap())],
+        "every span written to redis is committed, and nothing more"
+    );
 }
 
 #[test]

@@ -83,6 +83,10 @@ impl<N: ProcessingStrategy<KafkaPayload>> ProcessingStrategy<KafkaPayload> for G
         self.next_step.join(deadline)
     }
 
+    fn close(&mut self) {
+        self.next_step.close();
+    }
+
     fn terminate(&mut self) {
         self.next_step.terminate();
     }

@@ -103,6 +103,10 @@ impl<T, N: ProcessingStrategy<T>> ProcessingStrategy<T> for HealthCheck<N> {
         self.next_step.join(deadline)
     }
 
+    fn close(&mut self) {
+        self.next_step.close();
+    }
+
     fn terminate(&mut self) {
         self.next_step.terminate();
     }

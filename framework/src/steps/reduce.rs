@@ -215,6 +215,10 @@ where
             .join_next(&mut self.next_step, deadline, &*self.clock)
     }
 
+    fn close(&mut self) {
+        self.next_step.close();
+    }
+
     fn terminate(&mut self) {
         self.batch = None;
         self.carried_over.clear();

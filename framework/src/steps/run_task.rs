@@ -88,6 +88,10 @@ where
             .join_next(&mut self.next_step, deadline, &*self.clock)
     }
 
+    fn close(&mut self) {
+        self.next_step.close();
+    }
+
     fn terminate(&mut self) {
         self.carried_over.clear();
         self.next_step.terminate();

@@ -181,6 +181,10 @@ where
             .join_next(&mut self.next_step, deadline, &*self.clock)
     }
 
+    fn close(&mut self) {
+        self.next_step.close();
+    }
+
     fn terminate(&mut self) {
         self.abort_all();
         self.carried_over.clear();

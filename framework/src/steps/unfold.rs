@@ -101,6 +101,10 @@ where
         self.forwarder.join(&mut self.next_step, deadline)
     }
 
+    fn close(&mut self) {
+        self.next_step.close();
+    }
+
     fn terminate(&mut self) {
         self.forwarder.terminate(&mut self.next_step);
     }

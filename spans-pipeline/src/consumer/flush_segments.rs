@@ -119,6 +119,8 @@ pub struct FlushSegments<N> {
     failure: Option<FlushError>,
     next_step: N,
     carried_over: CarriedOver<i64>,
+    /// Set by `close`: no more input comes, so backpressure is over.
+    closed: bool,
 }
 
 impl<N> std::fmt::Debug for FlushSegments<N> {
@@ -187,6 +189,7 @@ impl<N> FlushSegments<N> {
             failure: None,
             next_step,
             carried_over: CarriedOver::new(),
+            closed: false,
         };
         step.wait_until_started()?;
         Ok(step)
@@ -338,11 +341,14 @@ impl<N: ProcessingStrategy<i64>> ProcessingStrategy<i64> for FlushSegments<N> {
             return Err(SubmitError::MessageRejected(message));
         }
         let now = seconds(SystemTime::now());
-        if self.flusher_lagging(now) {
+        // After `close` the batches still arriving are the pipeline's last, already in Redis:
+        // holding them back would only make the join wait out its deadline and leave their
+        // offsets uncommitted.
+        if !self.closed && self.flusher_lagging(now) {
             metrics::counter!(names::FLUSHER_BACKPRESSURE).increment(1);
             return Err(SubmitError::MessageRejected(message));
         }
-        if self.memory.as_ref().is_some_and(MemoryWatch::exceeded) {
+        if !self.closed && self.memory.as_ref().is_some_and(MemoryWatch::exceeded) {
             metrics::counter!(names::FLUSHER_HARD_BACKPRESSURE).increment(1);
             return Err(SubmitError::MessageRejected(message));
         }
@@ -367,6 +373,11 @@ impl<N: ProcessingStrategy<i64>> ProcessingStrategy<i64> for FlushSegments<N> {
             .join_next(&mut self.next_step, deadline, &SystemClock);
         self.stop_workers_by(deadline);
         committed
+    }
+
+    fn close(&mut self) {
+        self.closed = true;
+        self.next_step.close();
     }
 
     fn terminate(&mut self) {
