@@ -236,7 +236,7 @@ async fn duplicate_span_ids_come_out_or_are_counted() {
 }
 
 #[tokio::test]
-async fn a_span_larger_than_a_segment_may_be_detaches_into_its_own_segment() {
+async fn a_span_over_the_segment_byte_limit_detaches_into_its_own_segment() {
     for_each_mode(|redis| async move {
         let padding = format!(r#","data":{{"blob":"{}"}}"#, "x".repeat(4_000));
         let messages = [
