@@ -12,6 +12,8 @@
 //!   fail the script outright; every buffer test runs on a cluster too.)
 //! - Secrets: with a Kafka SASL password and a Redis password in the configuration, neither
 //!   appears in `--check` output, debug logs, the metrics endpoint or a refused start's error.
+//! - The binary: `spans-pipeline run` reads its CA, client certificate and key from the
+//!   configuration and consumes over mutual TLS.
 
 #![allow(clippy::unwrap_used)]
 
@@ -470,6 +472,23 @@ fn run_command(config: &std::path::Path, kafka: &MockKafka) -> Command {
     command
 }
 
+/// Stops a consumer with SIGTERM, or SIGKILL (by its handle) if it is not gone within 30 s.
+fn stop(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn assert_no_secret(what: &str, text: &str) {
     for secret in [KAFKA_SECRET, REDIS_SECRET, "wrong-secret"] {
         assert!(!text.contains(secret), "{secret} in {what}:\n{text}");
@@ -523,16 +542,7 @@ fn secrets_stay_out_of_logs_errors_and_metrics() {
     let metrics = scrape(metrics_port);
     assert!(metrics.contains("200 OK"), "{metrics}");
     assert_no_secret("metrics", &metrics);
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(stop(&mut child).success());
     let logs = logs();
     assert!(logs.contains("Dead-lettering"), "{logs}");
     assert_no_secret("logs", &logs);
@@ -560,4 +570,68 @@ fn secrets_stay_out_of_logs_errors_and_metrics() {
     assert!(error.contains("cannot connect to redis"), "{error}");
     assert!(error.to_lowercase().contains("authentication"), "{error}");
     assert_no_secret("the error", &error);
+}
+
+#[test]
+fn the_consumer_reads_its_tls_files_from_the_configuration() {
+    let kafka = MockKafka::start(1).unwrap();
+    for topic in ["ingest-spans", "buffered-segments", "ingest-spans-dlq"] {
+        kafka.create_topic(topic, 1).unwrap();
+    }
+    // Mutual TLS, so the connection needs all three files.
+    let redis = TlsRedis::start(true).unwrap();
+    let (cert, key) = redis.certificates().client_files();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("spans.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[redis]
+urls = ["{}"]
+ca_file = "{}"
+client_cert_file = "{}"
+client_key_file = "{}"
+
+[consumer]
+max_batch_time = "50ms"
+
+[flusher]
+idle_sleep = "50ms"
+
+[buffer]
+root_timeout = "1s"
+"#,
+            redis.tls_urls()[0],
+            redis.certificates().ca_file().display(),
+            cert.display(),
+            key.display(),
+        ),
+    )
+    .unwrap();
+    let mut child = run_command(&config, &kafka)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+
+    let root = format!(
+        r#"{{"organization_id":1,"project_id":3,"trace_id":"{}","span_id":"{}","parent_span_id":null,"start_timestamp":1.0,"end_timestamp":2.0,"received":2.0,"retention_days":90,"status":"ok"}}"#,
+        "7".repeat(32),
+        "e".repeat(16),
+    );
+    kafka
+        .produce("ingest-spans", [root.as_bytes()], |_| 0)
+        .unwrap();
+    let output = kafka
+        .read_topic("buffered-segments", 1, Duration::from_secs(60))
+        .unwrap();
+    let tls_clients = tls_clients(redis.servers()[0]);
+    let status = stop(&mut child);
+
+    let segment = String::from_utf8_lossy(output[0].payload.as_deref().unwrap()).into_owned();
+    assert!(segment.contains(&"e".repeat(16)), "{segment}");
+    assert!(tls_clients > 0, "the consumer talks to redis over tls");
+    assert!(status.success(), "{status}");
 }
