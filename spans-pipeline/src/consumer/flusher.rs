@@ -9,8 +9,10 @@
 //!
 //! A worker is stopped at an iteration boundary (never between produce and cleanup) when the
 //! shared stop flag is set. A worker that was replaced (its health slot's generation moved on)
-//! stops before producing or cleaning up anything more, so a hung worker that wakes up never
-//! flushes beside its replacement.
+//! stops before producing or cleaning up anything more: it checks its generation before every
+//! message it sends and before cleanup, not only between iterations, because a worker stuck in
+//! a synchronous call cannot be aborted until it yields, and on waking it would otherwise send
+//! the rest of its iteration's messages within that same poll, beside its replacement.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -103,6 +105,20 @@ impl WorkerHealth {
     }
 }
 
+/// One worker's claim to its shards: its health slot and the generation it was started as.
+#[derive(Clone, Copy, Debug)]
+struct Tenure<'a> {
+    health: &'a WorkerHealth,
+    generation: u64,
+}
+
+impl Tenure<'_> {
+    /// Whether the worker has not been replaced.
+    fn holds(&self) -> bool {
+        self.health.is_current(self.generation)
+    }
+}
+
 /// Runs one worker until the stop flag is set or it is replaced.
 ///
 /// # Errors
@@ -127,8 +143,12 @@ pub(super) async fn run_worker(
         .iter()
         .map(|&shard| (shard, buffer.queue_key(shard)))
         .collect();
+    let tenure = Tenure {
+        health: &health,
+        generation,
+    };
     let mut gauged_at: Option<std::time::Instant> = None;
-    while !context.shared.stop.load(Ordering::SeqCst) && health.is_current(generation) {
+    while !context.shared.stop.load(Ordering::SeqCst) && tenure.holds() {
         if gauged_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
             record_stored_segments(&buffer, &queues).await;
             gauged_at = Some(std::time::Instant::now());
@@ -167,8 +187,9 @@ pub(super) async fn run_worker(
                     }
                 }
                 let anything = !flush.segments.is_empty();
-                if anything && health.is_current(generation) {
-                    produce_and_clean_up(&context, &buffer, &flush.segments, &shard_label).await;
+                if anything && tenure.holds() {
+                    produce_and_clean_up(&context, &buffer, &flush.segments, &shard_label, tenure)
+                        .await;
                 }
                 anything
             }
@@ -206,6 +227,7 @@ async fn record_stored_segments(buffer: &SpansBuffer, queues: &[(u16, String)]) 
 }
 
 /// Produces every message of `segments`, waits for the deliveries, then cleans all of them up.
+/// A worker replaced meanwhile stops sending and leaves the segments to its replacement.
 ///
 /// A segment whose messages cannot be delivered after the retries is given up: logged, counted
 /// (`spans.buffer.flusher.produce_failed_spans`) and cleaned up like the others, as Sentry does,
@@ -215,13 +237,23 @@ async fn produce_and_clean_up(
     buffer: &SpansBuffer,
     segments: &[FlushedSegment],
     shard_label: &str,
+    tenure: Tenure<'_>,
 ) {
     let started = std::time::Instant::now();
     let deliveries = segments
         .iter()
         .filter(|segment| !segment.spans.is_empty())
-        .map(|segment| deliver_segment(context, segment));
+        .map(|segment| deliver_segment(context, segment, tenure));
     let results = join_all(deliveries).await;
+    if !tenure.holds() {
+        // Left in Redis, the segments are flushed by the replacement; cleaning them up here
+        // could delete what it has not produced yet.
+        tracing::warn!(
+            shards = shard_label,
+            "A replaced flush worker stops mid-flush."
+        );
+        return;
+    }
     metrics::histogram!(names::FLUSHER_WAIT_PRODUCE_SECONDS)
         .record(started.elapsed().as_secs_f64());
     for (segment, result) in segments
@@ -280,18 +312,21 @@ enum DeliverError {
         #[source]
         source: rill::BoxError,
     },
+    #[error("the flush worker was replaced")]
+    Replaced,
 }
 
 /// Produces the messages of one segment; returns how many were delivered.
 async fn deliver_segment(
     context: &WorkerContext,
     segment: &FlushedSegment,
+    tenure: Tenure<'_>,
 ) -> Result<u64, DeliverError> {
     let messages = segment.to_messages(context.options.max_segment_bytes);
     let count = messages.len() as u64;
     let sends = messages
         .into_iter()
-        .map(|message| deliver(context, KafkaPayload::new(None, Some(message))));
+        .map(|message| deliver(context, KafkaPayload::new(None, Some(message)), tenure));
     for result in join_all(sends).await {
         result?;
     }
@@ -299,12 +334,19 @@ async fn deliver_segment(
 }
 
 /// Sends one message until it is delivered or the attempts run out. A full producer queue is
-/// waited out without counting as an attempt.
-async fn deliver(context: &WorkerContext, payload: KafkaPayload) -> Result<(), DeliverError> {
+/// waited out without counting as an attempt. Nothing is sent once the worker was replaced.
+async fn deliver(
+    context: &WorkerContext,
+    payload: KafkaPayload,
+    tenure: Tenure<'_>,
+) -> Result<(), DeliverError> {
     let destination = Destination::Topic(context.topic.clone());
     let mut backoff = context.produce.backoff;
     let mut attempt = 1;
     loop {
+        if !tenure.holds() {
+            return Err(DeliverError::Replaced);
+        }
         let failure = match context.producer.produce(&destination, payload.clone()) {
             Ok(delivery) => match delivery.await {
                 Ok(_) => return Ok(()),
