@@ -106,12 +106,20 @@ fn a_redis_down_for_fifteen_seconds_pauses_consumption_and_the_consumer_resumes_
     let runtime = runtime();
     let before = Traces::new(0, 40, 4, 1);
     before.produce(&kafka);
-    let consumer = setup().start(&kafka, &redis, &runtime);
+    // Segments wait 5 s for flushing, so the crash finds committed spans in Redis.
+    let mut setup = setup();
+    setup.options.root_timeout_secs = 5;
+    setup.options.timeout_secs = 10;
+    let consumer = setup.start(&kafka, &redis, &runtime);
     let written = before.per_partition(1)[0];
     wait_until("the spans before the crash are committed", || {
         committed(&kafka, 1) == [Some(written)]
     });
     let left_in_redis = redis.keys_with_ttls().len();
+    assert!(
+        left_in_redis > 0,
+        "nothing left in redis to survive the crash"
+    );
 
     server_mut(&mut redis).stop();
     let during = Traces::new(40, 20, 4, 1);
@@ -131,6 +139,12 @@ fn a_redis_down_for_fifteen_seconds_pauses_consumption_and_the_consumer_resumes_
     let recovered_after = restarted.elapsed();
     let stats = consumer.stop();
 
+    // The restarted server came back without the script (the cache is not persisted).
+    let reloads = server(&redis).error_count("NOSCRIPT");
+    assert!(
+        reloads > 0,
+        "the script was never refused after the restart"
+    );
     let counts = output_span_counts(&kafka);
     assert_all_flushed(&counts, &all.span_ids);
     // A flush cut off by the crash after producing is flushed again: only spans that were in
@@ -143,8 +157,8 @@ fn a_redis_down_for_fifteen_seconds_pauses_consumption_and_the_consumer_resumes_
         "{duplicated:?}"
     );
     println!(
-        "{left_in_redis} keys in redis at the crash, {} spans flushed twice, drained \
-         {recovered_after:?} after the restart; {stats:?}",
+        "{left_in_redis} keys in redis at the crash, {} spans flushed twice, {reloads} script \
+         calls refused after the restart, drained {recovered_after:?} after it; {stats:?}",
         duplicated.len()
     );
 }
