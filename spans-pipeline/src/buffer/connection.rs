@@ -136,24 +136,41 @@ impl RedisConnection {
         }
     }
 
-    /// Runs a batch; see the module docs. The result has one value per command, in order.
+    /// Runs a batch; see the module docs. The result has one value per entry, in order: the
+    /// reply of a command, or for [`CommandBatch::add_spread`] an array of the replies of the
+    /// commands it became.
     pub async fn execute(&self, batch: CommandBatch) -> RedisResult<Vec<Value>> {
-        if batch.commands.is_empty() {
+        if batch.entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (commands, shapes) = batch.expand(self.is_cluster());
+        let mut values = self.execute_commands(commands).await?.into_iter();
+        Ok(shapes
+            .into_iter()
+            .map(|shape| match shape {
+                Shape::Single => values.next().unwrap_or(Value::Nil),
+                Shape::Spread(count) => Value::Array(values.by_ref().take(count).collect()),
+            })
+            .collect())
+    }
+
+    async fn execute_commands(&self, commands: Vec<(Vec<u8>, Cmd)>) -> RedisResult<Vec<Value>> {
+        if commands.is_empty() {
             return Ok(Vec::new());
         }
         match self {
             Self::Standalone(conn) => {
-                let mut pipe = Pipeline::with_capacity(batch.commands.len());
+                let mut pipe = Pipeline::with_capacity(commands.len());
                 pipe.ignore_errors();
-                for (_, cmd) in batch.commands {
+                for (_, cmd) in commands {
                     pipe.add_command(cmd);
                 }
                 pipe.query_async(&mut conn.clone()).await
             }
             Self::Cluster(conn) => {
-                let total = batch.commands.len();
+                let total = commands.len();
                 let mut groups: HashMap<Vec<u8>, (Vec<usize>, Pipeline)> = HashMap::new();
-                for (index, (slot_key, cmd)) in batch.commands.into_iter().enumerate() {
+                for (index, (slot_key, cmd)) in commands.into_iter().enumerate() {
                     let (indices, pipe) = groups
                         .entry(keys::hash_slot_input(&slot_key).to_vec())
                         .or_insert_with(|| {
@@ -201,7 +218,7 @@ impl RedisConnection {
         }
         let mut merged = CommandBatch::new();
         for batch in batches {
-            merged.commands.extend(batch.commands);
+            merged.entries.extend(batch.entries);
         }
         let mut values = self.execute(merged).await?.into_iter();
         Ok(lengths
@@ -252,7 +269,25 @@ impl ConnectionLike for RedisConnection {
 /// Commands to send together, each with the key that routes it.
 #[derive(Debug, Default)]
 pub struct CommandBatch {
-    commands: Vec<(Vec<u8>, Cmd)>,
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug)]
+enum Entry {
+    /// One command routed by its key.
+    Single(Vec<u8>, Cmd),
+    /// One multi-key command over keys that may lie in different slots.
+    Spread {
+        name: &'static str,
+        keys: Vec<String>,
+        keys_per_command: usize,
+    },
+}
+
+/// How the replies of an entry are returned.
+enum Shape {
+    Single,
+    Spread(usize),
 }
 
 impl CommandBatch {
@@ -261,20 +296,78 @@ impl CommandBatch {
         Self::default()
     }
 
-    /// Adds `cmd`, routed by `key` (the command's first key).
+    /// Adds `cmd`, routed by `key` (the command's first key). Returns its reply's index.
     pub fn add(&mut self, key: impl Into<Vec<u8>>, cmd: Cmd) -> usize {
-        self.commands.push((key.into(), cmd));
-        self.commands.len() - 1
+        self.entries.push(Entry::Single(key.into(), cmd));
+        self.entries.len() - 1
     }
 
-    /// Number of commands.
+    /// Adds the multi-key command `name` (such as `UNLINK` or `SUNION`) over `keys`, which
+    /// may lie in different cluster slots: a standalone server gets it as few commands of up to
+    /// `keys_per_command` keys; a cluster gets one such command per hash tag, as a multi-key
+    /// command must stay within one slot. Its reply is an array of those commands' replies.
+    pub fn add_spread(
+        &mut self,
+        name: &'static str,
+        keys: Vec<String>,
+        keys_per_command: usize,
+    ) -> usize {
+        self.entries.push(Entry::Spread {
+            name,
+            keys,
+            keys_per_command: keys_per_command.max(1),
+        });
+        self.entries.len() - 1
+    }
+
+    /// Number of entries (replies).
     pub fn len(&self) -> usize {
-        self.commands.len()
+        self.entries.len()
     }
 
-    /// Whether there are no commands.
+    /// Whether there are no entries.
     pub fn is_empty(&self) -> bool {
-        self.commands.is_empty()
+        self.entries.is_empty()
+    }
+
+    /// The commands to send and how their replies fold back into one per entry.
+    fn expand(self, cluster: bool) -> (Vec<(Vec<u8>, Cmd)>, Vec<Shape>) {
+        let mut commands = Vec::with_capacity(self.entries.len());
+        let mut shapes = Vec::with_capacity(self.entries.len());
+        for entry in self.entries {
+            match entry {
+                Entry::Single(key, cmd) => {
+                    commands.push((key, cmd));
+                    shapes.push(Shape::Single);
+                }
+                Entry::Spread {
+                    name,
+                    keys,
+                    keys_per_command,
+                } => {
+                    let groups: Vec<Vec<String>> = if cluster {
+                        let mut by_tag: HashMap<Vec<u8>, Vec<String>> = HashMap::new();
+                        for key in keys {
+                            let tag = keys::hash_slot_input(key.as_bytes()).to_vec();
+                            by_tag.entry(tag).or_default().push(key);
+                        }
+                        by_tag.into_values().collect()
+                    } else {
+                        vec![keys]
+                    };
+                    let before = commands.len();
+                    for group in groups {
+                        for chunk in group.chunks(keys_per_command) {
+                            let mut cmd = redis::cmd(name);
+                            cmd.arg(chunk);
+                            commands.push((chunk[0].as_bytes().to_vec(), cmd));
+                        }
+                    }
+                    shapes.push(Shape::Spread(commands.len() - before));
+                }
+            }
+        }
+        (commands, shapes)
     }
 }
 

@@ -37,6 +37,9 @@ const REPLY_FIELDS: usize = 6;
 /// Most span ids in one script call when records of a trace are grouped.
 const MAX_SPANS_PER_CALL: usize = 1000;
 
+/// Payload keys per `UNLINK` in cleanup (standalone; a cluster needs one per key).
+const CLEANUP_KEYS_PER_UNLINK: usize = 1000;
+
 /// Span ids per `HDEL` and members per `ZREM` in cleanup.
 const CLEANUP_CHUNK: usize = 100;
 
@@ -576,6 +579,12 @@ impl SpansBufferStore {
         let mut replies = self.conn.execute(batch).await?.into_iter();
         let mut segments = Vec::with_capacity(candidates.len());
         let mut scans: Vec<(usize, String)> = Vec::new();
+        // Compressed members are whole subsegments, distinct per payload key, so each
+        // segment's payload keys can be read by a few `SUNION`s instead of one `SSCAN` each.
+        // Raw members are single spans, and a span delivered twice would be merged by a union.
+        let union = read_distributed && self.options.compression_level != -1;
+        let mut unions = CommandBatch::new();
+        let mut union_segments = Vec::new();
         for candidate in candidates {
             let index = segments.len();
             let segment = &candidate.segment_key;
@@ -583,13 +592,21 @@ impl SpansBufferStore {
             let salts = into_array("SMEMBERS", replies.next().unwrap_or(Value::Nil))?;
             for salt in &salts {
                 let key = keys::payload(segment.project_and_trace(), &as_string("SMEMBERS", salt)?);
-                if read_distributed {
+                if read_distributed && !union {
                     scans.push((index, key.clone()));
                 }
                 payload_keys.push(key);
             }
             if !read_distributed {
                 scans.push((index, segment.as_str().to_owned()));
+            }
+            if union && !payload_keys.is_empty() {
+                unions.add_spread(
+                    "SUNION",
+                    payload_keys.clone(),
+                    self.options.segment_page_size,
+                );
+                union_segments.push(index);
             }
             let span_count = as_optional_u64(replies.next().unwrap_or(Value::Nil))?;
             let byte_count = as_optional_u64(replies.next().unwrap_or(Value::Nil))?;
@@ -603,7 +620,19 @@ impl SpansBufferStore {
                 },
             });
         }
-        self.scan_payloads(scans, &mut segments).await?;
+        let mut decoder = PayloadDecoder::new().map_err(DecodeError)?;
+        for (index, reply) in union_segments
+            .into_iter()
+            .zip(self.conn.execute(unions).await?)
+        {
+            for members in into_array("SUNION", reply)? {
+                for member in into_array("SUNION", members)? {
+                    decoder.decode(as_bytes("SUNION", member)?, &mut segments[index].payloads)?;
+                }
+            }
+        }
+        self.scan_payloads(scans, &mut segments, &mut decoder)
+            .await?;
         Ok(segments)
     }
 
@@ -613,9 +642,9 @@ impl SpansBufferStore {
         &self,
         mut scans: Vec<(usize, String)>,
         segments: &mut [LoadedSegment],
+        decoder: &mut PayloadDecoder,
     ) -> Result<(), BufferError> {
         let page = self.options.segment_page_size.max(1);
-        let mut decoder = PayloadDecoder::new().map_err(DecodeError)?;
         let mut cursors: Vec<u64> = vec![0; scans.len()];
         while !scans.is_empty() {
             let mut batch = CommandBatch::new();
@@ -657,15 +686,25 @@ impl SpansBufferStore {
     ) -> Result<(), BufferError> {
         let mut batch = CommandBatch::new();
         let mut queue_removals: Vec<(String, Vec<&str>)> = Vec::new();
+        let mut payload_keys = Vec::new();
         for segment in segments {
             let key = &segment.segment_key;
-            for metadata in [
+            // Every key of the segment itself shares its `{pt}` hash tag: one command. The
+            // segment key is the legacy merged payload set.
+            let mut own_keys = vec![
                 keys::has_root_span(key),
                 keys::ingested_count(key),
                 keys::ingested_bytes(key),
-            ] {
-                batch.add(metadata.clone(), del(&metadata));
+                key.as_str().to_owned(),
+                keys::flush_lock(key),
+            ];
+            if !segment.payload_keys.is_empty() {
+                own_keys.push(keys::member_keys(key));
+                payload_keys.extend(segment.payload_keys.iter().cloned());
             }
+            let mut unlink = redis::cmd("UNLINK");
+            unlink.arg(&own_keys);
+            batch.add(key.as_str(), unlink);
             let redirects = keys::redirect_map(key.project_and_trace());
             let span_ids: Vec<&str> = segment
                 .spans
@@ -678,21 +717,6 @@ impl SpansBufferStore {
                 hdel.arg(&redirects).arg(chunk);
                 batch.add(redirects.clone(), hdel);
             }
-            if !segment.payload_keys.is_empty() {
-                let member_keys = keys::member_keys(key);
-                batch.add(member_keys.clone(), del(&member_keys));
-                for payload_key in &segment.payload_keys {
-                    let mut unlink = redis::cmd("UNLINK");
-                    unlink.arg(payload_key);
-                    batch.add(payload_key.clone(), unlink);
-                }
-            }
-            // The legacy merged payload set lives under the segment key itself.
-            let mut unlink = redis::cmd("UNLINK");
-            unlink.arg(key.as_str());
-            batch.add(key.as_str(), unlink);
-            let lock = keys::flush_lock(key);
-            batch.add(lock.clone(), del(&lock));
             for queue in &segment.queue_keys {
                 match queue_removals.iter_mut().find(|(q, _)| q == queue) {
                     Some((_, members)) => members.push(key.as_str()),
@@ -707,7 +731,18 @@ impl SpansBufferStore {
                 batch.add(queue.clone(), zrem);
             }
         }
-        check_replies("cleanup", &self.conn.execute(batch).await?)
+        if !payload_keys.is_empty() {
+            batch.add_spread("UNLINK", payload_keys, CLEANUP_KEYS_PER_UNLINK);
+        }
+        let replies = self.conn.execute(batch).await?;
+        check_replies("cleanup", &replies)?;
+        for reply in replies.iter().filter_map(|reply| match reply {
+            Value::Array(spread) => Some(spread),
+            _ => None,
+        }) {
+            check_replies("cleanup", reply)?;
+        }
+        Ok(())
     }
 
     /// The queue deadline of a segment (`ZSCORE`), if queued.
@@ -801,12 +836,6 @@ fn bool_arg(value: bool) -> &'static str {
 fn expire(key: &str, ttl: u64) -> Cmd {
     let mut cmd = redis::cmd("EXPIRE");
     cmd.arg(key).arg(ttl);
-    cmd
-}
-
-fn del(key: &str) -> Cmd {
-    let mut cmd = redis::cmd("DEL");
-    cmd.arg(key);
     cmd
 }
 
