@@ -34,7 +34,7 @@ struct QueueUpdate {
 /// Values per record in the script's reply.
 const REPLY_FIELDS: usize = 6;
 
-/// Most span ids in one script call when records of a trace are grouped.
+/// Most span ids in one script call when records (of one trace, or of several) share it.
 const MAX_SPANS_PER_CALL: usize = 1000;
 
 /// Payload keys per `UNLINK` in cleanup (standalone; a cluster needs one per key).
@@ -183,15 +183,20 @@ impl SpansBufferStore {
                 payloads: Vec::with_capacity(chunk.len() * 2),
                 scripts: Vec::new(),
             };
-            for call in script_calls(chunk, self.options.max_spans_per_evalsha) {
-                for &index in &call {
+            let calls = script_calls(
+                chunk,
+                self.options.max_spans_per_evalsha,
+                !self.conn.is_cluster(),
+            );
+            for call in calls {
+                for &index in call.iter().flatten() {
                     self.add_payload_writes(&chunk[index], encoder, &mut prepared.payloads)?;
                 }
                 let cmd = self.add_buffer_call(chunk, &call);
-                let indices = call.iter().map(|index| first + index).collect();
+                let indices = call.iter().flatten().map(|index| first + index).collect();
                 prepared
                     .scripts
-                    .push((chunk[call[0]].project_and_trace.clone(), cmd, indices));
+                    .push((chunk[call[0][0]].project_and_trace.clone(), cmd, indices));
             }
             first += chunk.len();
             chunks.push(prepared);
@@ -273,14 +278,20 @@ impl SpansBufferStore {
         Ok(())
     }
 
-    /// `EVALSHA add-buffer.lua 1 <pt>` followed by one 9-field record (plus span ids) per
-    /// subsegment of the call.
-    fn add_buffer_call(&self, subsegments: &[Subsegment<'_>], call: &[usize]) -> Cmd {
+    /// `EVALSHA add-buffer.lua <traces> <pt>...`, then (for several traces) each trace's
+    /// record count, then one 9-field record (plus span ids) per subsegment, grouped by trace.
+    fn add_buffer_call(&self, subsegments: &[Subsegment<'_>], call: &ScriptCall) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script::add_buffer().get_hash())
-            .arg(1)
-            .arg(&subsegments[call[0]].project_and_trace);
-        for &index in call {
+        cmd.arg(script::add_buffer().get_hash()).arg(call.len());
+        for group in call {
+            cmd.arg(&subsegments[group[0]].project_and_trace);
+        }
+        if call.len() > 1 {
+            for group in call {
+                cmd.arg(group.len());
+            }
+        }
+        for &index in call.iter().flatten() {
             let subsegment = &subsegments[index];
             cmd.arg(subsegment.spans.len())
                 .arg(&subsegment.parent_span_id)
@@ -418,10 +429,13 @@ impl SpansBufferStore {
         let mut batch = CommandBatch::new();
         let mut debug_deadlines = Vec::new();
         if !self.options.write_merged_payloads {
-            for stale in queues.iter().flat_map(|q| &q.removes) {
-                let mut unlink = redis::cmd("UNLINK");
-                unlink.arg(stale.as_str());
-                batch.add(stale.as_str(), unlink);
+            let stale: Vec<String> = queues
+                .iter()
+                .flat_map(|q| &q.removes)
+                .map(|segment| segment.as_str().to_owned())
+                .collect();
+            if !stale.is_empty() {
+                batch.add_spread("UNLINK", stale, CLEANUP_KEYS_PER_UNLINK);
             }
         }
         for QueueUpdate {
@@ -455,6 +469,7 @@ impl SpansBufferStore {
             }
         }
         let replies = self.conn.execute(batch).await?;
+        check_spread_replies("UNLINK", &replies)?;
         for (index, queue, segment, deadline) in debug_deadlines {
             let old_deadline = replies.get(index).and_then(|reply| as_f64(reply).ok());
             tracing::debug!(
@@ -736,13 +751,7 @@ impl SpansBufferStore {
         }
         let replies = self.conn.execute(batch).await?;
         check_replies("cleanup", &replies)?;
-        for reply in replies.iter().filter_map(|reply| match reply {
-            Value::Array(spread) => Some(spread),
-            _ => None,
-        }) {
-            check_replies("cleanup", reply)?;
-        }
-        Ok(())
+        check_spread_replies("cleanup", &replies)
     }
 
     /// The queue deadline of a segment (`ZSCORE`), if queued.
@@ -802,28 +811,54 @@ impl SpansBufferStore {
     }
 }
 
-/// Groups subsegments into script calls: one call per trace (its records applied in order),
-/// at most [`MAX_SPANS_PER_CALL`] span ids per call. With `max-spans-per-evalsha` set, every
+/// One script call: the subsegment indices of each trace it carries (one group per key), in
+/// batch order within a trace.
+type ScriptCall = Vec<Vec<usize>>;
+
+/// Cuts a batch's subsegments into script calls. With `max-spans-per-evalsha` set, every
 /// subsegment gets its own call, as in Sentry, so no call holds a shard longer than that
-/// option allows. Returns the subsegment indices of each call.
-fn script_calls(subsegments: &[Subsegment<'_>], max_spans_per_evalsha: usize) -> Vec<Vec<usize>> {
+/// option allows. Otherwise a trace's records share a call (at most [`MAX_SPANS_PER_CALL`]
+/// spans), and with `several_traces` (a standalone server, where keys need not share a slot)
+/// the traces of a batch share calls too, up to the same number of spans.
+fn script_calls(
+    subsegments: &[Subsegment<'_>],
+    max_spans_per_evalsha: usize,
+    several_traces: bool,
+) -> Vec<ScriptCall> {
     if max_spans_per_evalsha > 0 {
-        return (0..subsegments.len()).map(|index| vec![index]).collect();
+        return (0..subsegments.len())
+            .map(|index| vec![vec![index]])
+            .collect();
     }
-    let mut calls: Vec<(Vec<usize>, usize)> = Vec::new();
-    let mut open_call: HashMap<&str, usize> = HashMap::new();
+    // Per trace, in first-seen order: groups of records up to the span limit.
+    let mut groups: Vec<(Vec<usize>, usize)> = Vec::new();
+    let mut open_group: HashMap<&str, usize> = HashMap::new();
     for (index, subsegment) in subsegments.iter().enumerate() {
         let spans = subsegment.spans.len();
         let trace = subsegment.project_and_trace.as_str();
-        match open_call.get(trace) {
-            Some(&call) if calls[call].1 + spans <= MAX_SPANS_PER_CALL => {
-                calls[call].0.push(index);
-                calls[call].1 += spans;
+        match open_group.get(trace) {
+            Some(&group) if groups[group].1 + spans <= MAX_SPANS_PER_CALL => {
+                groups[group].0.push(index);
+                groups[group].1 += spans;
             }
             _ => {
-                open_call.insert(trace, calls.len());
-                calls.push((vec![index], spans));
+                open_group.insert(trace, groups.len());
+                groups.push((vec![index], spans));
             }
+        }
+    }
+    if !several_traces {
+        return groups.into_iter().map(|(group, _)| vec![group]).collect();
+    }
+    // Groups packed into calls in order, so a trace's second group runs after its first.
+    let mut calls: Vec<(ScriptCall, usize)> = Vec::new();
+    for (group, spans) in groups {
+        match calls.last_mut() {
+            Some((call, call_spans)) if *call_spans + spans <= MAX_SPANS_PER_CALL => {
+                call.push(group);
+                *call_spans += spans;
+            }
+            _ => calls.push((vec![group], spans)),
         }
     }
     calls.into_iter().map(|(call, _)| call).collect()
@@ -852,6 +887,16 @@ fn check_replies(command: &'static str, replies: &[Value]) -> Result<(), BufferE
         Some(error) => Err(BufferError::unexpected(command, error)),
         None => Ok(()),
     }
+}
+
+/// Errors inside the replies of spread commands (arrays of the replies of their parts).
+fn check_spread_replies(command: &'static str, replies: &[Value]) -> Result<(), BufferError> {
+    for reply in replies {
+        if let Value::Array(parts) = reply {
+            check_replies(command, parts)?;
+        }
+    }
+    Ok(())
 }
 
 fn into_array(command: &'static str, value: Value) -> Result<Vec<Value>, BufferError> {
@@ -1019,8 +1064,34 @@ mod tests {
             subsegment(&b, "s2"),
             subsegment(&c, "s3"),
         ];
-        assert_eq!(script_calls(&subsegments, 0), [vec![0, 2], vec![1]]);
-        assert_eq!(script_calls(&subsegments, 1), [vec![0], vec![1], vec![2]]);
+        assert_eq!(
+            script_calls(&subsegments, 0, false),
+            [vec![vec![0, 2]], vec![vec![1]]]
+        );
+        assert_eq!(
+            script_calls(&subsegments, 1, false),
+            [vec![vec![0]], vec![vec![1]], vec![vec![2]]]
+        );
+    }
+
+    #[test]
+    fn a_standalone_call_carries_several_traces_grouped_by_trace() {
+        let a = [span("t1", "a")];
+        let b = [span("t2", "b")];
+        let c = [span("t1", "c"), span("t1", "d")];
+        let subsegments = [
+            subsegment(&a, "s1"),
+            subsegment(&b, "s2"),
+            subsegment(&c, "s3"),
+        ];
+        assert_eq!(
+            script_calls(&subsegments, 0, true),
+            [vec![vec![0, 2], vec![1]]]
+        );
+        assert_eq!(
+            script_calls(&subsegments, 1, true),
+            [vec![vec![0]], vec![vec![1]], vec![vec![2]]]
+        );
     }
 
     #[test]
@@ -1028,7 +1099,12 @@ mod tests {
         let many: Vec<Span<'static>> = (0..MAX_SPANS_PER_CALL).map(|_| span("t", "x")).collect();
         let one = [span("t", "y")];
         let subsegments = [subsegment(&many, "s1"), subsegment(&one, "s2")];
-        assert_eq!(script_calls(&subsegments, 0), [vec![0], vec![1]]);
+        for several_traces in [false, true] {
+            assert_eq!(
+                script_calls(&subsegments, 0, several_traces),
+                [vec![vec![0]], vec![vec![1]]]
+            );
+        }
     }
 
     #[test]
