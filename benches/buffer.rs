@@ -111,7 +111,7 @@ fn process_spans(c: &mut Criterion) {
     let batches: Vec<Vec<Span<'_>>> = lines.chunks(BATCH).map(decode_batch).collect();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let redis = TestRedis::Standalone(RedisServer::start());
-    let mut buffer = runtime.block_on(new_buffer(&redis));
+    let buffer = runtime.block_on(new_buffer(&redis));
 
     let mut group = c.benchmark_group("spans_pipeline::buffer::SpansBuffer");
     group.throughput(Throughput::Elements(BATCH as u64));
@@ -146,7 +146,7 @@ fn flush_segments(c: &mut Criterion) {
     let batches: Vec<Vec<Span<'_>>> = lines.chunks(BATCH).map(decode_batch).collect();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let redis = TestRedis::Standalone(RedisServer::start());
-    let mut writer = runtime.block_on(new_buffer(&redis));
+    let writer = runtime.block_on(new_buffer(&redis));
     let flusher = runtime.block_on(new_buffer(&redis));
     let options = flusher.options().clone();
 

@@ -798,7 +798,7 @@ async fn schema_examples_round_trip_through_decode_and_flush() {
     for mode in TestRedis::MODES {
         for example in examples {
             let redis = start(mode);
-            let mut buffer = buffer(&redis, BufferOptions::default(), vec![0]).await;
+            let buffer = buffer(&redis, BufferOptions::default(), vec![0]).await;
             let span = spans_pipeline::span::Span::decode(example.as_bytes(), 0).unwrap();
             buffer.process_spans(&[span], 0).await.unwrap();
             let flush = buffer.flush_segments(61).await.unwrap();
@@ -898,7 +898,7 @@ async fn backpressure_flag_is_set_when_a_queue_fills_its_limit() {
 async fn observability_counts_one_process_and_one_flush() {
     for mode in TestRedis::MODES {
         let redis = start(mode);
-        let mut buffer = buffer(&redis, BufferOptions::default(), vec![0]).await;
+        let buffer = buffer(&redis, BufferOptions::default(), vec![0]).await;
         let input = [SpanSpec::child('a', 'b'), SpanSpec::root('b')];
         let stats = buffer.process_spans(&spans(&input), 0).await.unwrap();
         assert_eq!(stats.spans, 2);
@@ -926,7 +926,7 @@ async fn pipeline_batch_size_and_debug_traces_do_not_change_results() {
             debug_traces: vec![support::trace()],
             ..BufferOptions::default()
         };
-        let mut buffer = buffer(&redis, options, vec![0]).await;
+        let buffer = buffer(&redis, options, vec![0]).await;
         let input = [
             SpanSpec::child('a', 'b'),
             SpanSpec::child('c', 'x'),
@@ -959,7 +959,7 @@ async fn uncompressed_payloads_are_stored_as_raw_members() {
             compression_level: -1,
             ..BufferOptions::default()
         };
-        let mut buffer = buffer(&redis, options, vec![0]).await;
+        let buffer = buffer(&redis, options, vec![0]).await;
         let input = [SpanSpec::child('a', 'b'), SpanSpec::child('c', 'b')];
         buffer.process_spans(&spans(&input), 0).await.unwrap();
         let payload_keys: Vec<String> = redis

@@ -97,7 +97,7 @@ async fn check(redis: &TestRedis, forest: &Forest) {
         max_spans_per_evalsha: forest.max_spans_per_evalsha,
         ..BufferOptions::default()
     };
-    let mut buffer = buffer(redis, options, vec![0]).await;
+    let buffer = buffer(redis, options, vec![0]).await;
     let (all, expected) = forest.spans();
     for (now, batch) in forest.batches(&all).iter().enumerate() {
         buffer
