@@ -6,8 +6,9 @@
 //! spans past the group's last committed offset (read again after the restart) and spans of
 //! segments that were produced but not yet cleaned out of Redis (flushed again). The kill test
 //! computes that window at the moment of the kill and checks every duplicate against it. A
-//! graceful rebalance has no such window: every span is flushed once, each segment whole in
-//! one message.
+//! graceful rebalance may duplicate only what was produced while it was under way (a commit
+//! the group refused meanwhile), and never splits a segment: each comes out whole in one
+//! message.
 
 #![allow(clippy::unwrap_used)]
 
@@ -266,6 +267,7 @@ fn a_consumer_joining_and_leaving_during_slow_flushes_loses_nothing_and_splits_n
     wait_until("the first flush is under way", || {
         producer.sends.load(Ordering::SeqCst) > 0
     });
+    let rebalances_from = next;
     let second = setup.start(&kafka, &redis, &runtime);
     wait_until("both consumers share the partitions", || {
         let shared = first.assignment().len() == 1 && second.assignment().len() == 1;
@@ -288,14 +290,32 @@ fn a_consumer_joining_and_leaving_during_slow_flushes_loses_nothing_and_splits_n
         }
         whole
     });
+    let rebalances = rebalances_from..next;
     produce_wave(&kafka, &mut all, &mut next, 20);
     wait_until_drained(&kafka, &redis, &all.per_partition(PARTITIONS));
     first.stop();
 
     let counts = output_span_counts(&kafka);
     assert_all_flushed(&counts, &all.span_ids);
+    // A commit refused while the group rebalances can leave spans that were already flushed
+    // to be read again by the next owner: whole segments flushed twice, and only of traces
+    // produced while the rebalances were under way.
     let duplicated: Vec<_> = counts.iter().filter(|(_, count)| **count > 1).collect();
-    assert!(duplicated.is_empty(), "flushed twice: {duplicated:?}");
+    let outside: Vec<_> = duplicated
+        .iter()
+        .filter(|(span_id, _)| {
+            !rebalances.contains(&(u64::from_str_radix(span_id, 16).unwrap() / 1000))
+        })
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "flushed twice outside the rebalances: {outside:?}"
+    );
+    println!(
+        "{} spans in, {} flushed twice (traces {rebalances:?} produced during the rebalances)",
+        all.span_ids.len(),
+        duplicated.len()
+    );
     for message in kafka.read_all(OUTPUT, support::WAIT).unwrap() {
         let mut segments: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for span in output_spans(&message) {

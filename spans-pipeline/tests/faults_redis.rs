@@ -95,7 +95,7 @@ fn a_redis_paused_for_twenty_seconds_holds_commits_back_and_the_consumer_recover
 }
 
 #[test]
-fn a_redis_down_for_fifteen_seconds_pauses_consumption_and_the_consumer_resumes_when_it_is_back() {
+fn a_redis_down_for_fifteen_seconds_holds_commits_back_and_the_consumer_resumes_when_it_is_back() {
     let kafka = support::kafka(1);
     // Every write is on disk before Redis acknowledges it, so the spans committed before the
     // crash survive it.
