@@ -142,9 +142,18 @@ impl<'a> SpanFields<'a> {
                 reason: "contains a brace".to_owned(),
             });
         }
+        let span_id = self.span_id.ok_or(SpanError::MissingField("span_id"))?;
+        // An empty id names no node: it could not be told apart in the redirect map, and the
+        // flush, which names spans by id, would never clean it up.
+        if span_id.is_empty() {
+            return Err(SpanError::InvalidField {
+                field: "span_id",
+                reason: "is empty".to_owned(),
+            });
+        }
         Ok(Span {
             trace_id,
-            span_id: self.span_id.ok_or(SpanError::MissingField("span_id"))?,
+            span_id,
             is_segment_span: parent_span_id.is_none() || self.is_segment,
             parent_span_id,
             segment_id: self.segment_id.or(self.legacy_segment_id),
@@ -487,6 +496,21 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn rejects_an_empty_span_id() {
+        let error = Span::decode(with("span_id", "\"\"").as_bytes(), 0).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                SpanError::InvalidField {
+                    field: "span_id",
+                    ..
+                }
+            ),
+            "{error}"
+        );
     }
 
     #[test]
