@@ -1,6 +1,7 @@
 //! Redis faults under a running consumer: a server that stalls every client for twenty
-//! seconds, a server that crashes and comes back on the same port, a script cache flushed
-//! while spans are written, and a server with a real `maxmemory`. In each the consumer must
+//! seconds, a server that crashes and comes back on the same port, a server that refuses every
+//! write for ten seconds, a script cache flushed while spans are written, and a server with a
+//! real `maxmemory`. In each the consumer must
 //! keep running, commit no offset past spans that are not in Redis, recover by itself, and
 //! flush every span.
 //!
@@ -161,6 +162,53 @@ fn a_redis_down_for_fifteen_seconds_holds_commits_back_and_the_consumer_resumes_
          calls refused after the restart, drained {recovered_after:?} after it; {stats:?}",
         duplicated.len()
     );
+}
+
+#[test]
+fn a_redis_refusing_writes_is_retried_with_backoff_and_the_consumer_resumes_once_it_accepts_them() {
+    let kafka = support::kafka(1);
+    let redis = TestRedis::start(RedisMode::Standalone);
+    let runtime = runtime();
+    let before = Traces::new(0, 10, 4, 1);
+    before.produce(&kafka);
+    // No hard backpressure (the default): the writes themselves fail.
+    let consumer = setup().start(&kafka, &redis, &runtime);
+    wait_until_drained(&kafka, &redis, &before.per_partition(1));
+
+    // Every write is refused with OOM from now on.
+    server(&redis).config_set("maxmemory", 1);
+    // Six batches: more than the pipeline holds (two batches being written, one being
+    // gathered), so that the rest backs up to the consumer and it pauses.
+    let during = Traces::new(10, 120, 4, 1);
+    during.produce(&kafka);
+    let refusing = Duration::from_secs(10);
+    assert_committed_stays(
+        &kafka,
+        before.per_partition(1)[0],
+        Instant::now() + refusing,
+        "committed spans that redis refused",
+    );
+    let refused = server(&redis).error_count("OOM");
+    server(&redis).config_set("maxmemory", 0);
+    let mut all = before;
+    all.extend(during);
+    wait_until_drained(&kafka, &redis, &all.per_partition(1));
+    let stats = consumer.stop();
+
+    assert!(refused > 0, "redis never refused a write");
+    // Retried back to back, a batch of 100 spans (a few hundred commands, each refused) would
+    // be refused hundreds of thousands of times in 10 s; backing off from 100 ms to 5 s, a
+    // handful of times.
+    assert!(
+        refused < 20 * 500,
+        "retried without backing off: {refused} refusals"
+    );
+    assert!(stats.rejections > 0, "{stats:?}");
+    assert!(stats.pauses >= 1, "{stats:?}");
+    let counts = output_span_counts(&kafka);
+    assert_all_flushed(&counts, &all.span_ids);
+    assert!(duplicates(&counts).is_empty(), "{:?}", duplicates(&counts));
+    println!("{refused} commands refused with OOM in {refusing:?}; {stats:?}");
 }
 
 fn a_script_cache_flushed_while_spans_are_written_is_reloaded_and_nothing_is_lost(mode: RedisMode) {
