@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: deps demo test check-fmt fmt lint unit doc bench bench-build
+.PHONY: deps demo test check-fmt fmt lint unit doc bench bench-build soak test-tansu
 
 ## Installs (as root) or names the system packages the build and tests need.
 deps:
@@ -36,3 +36,13 @@ bench: deps
 
 bench-build:
 	$(CARGO) bench -p benches --no-run
+
+## The soak test (release build, about 3 minutes): two minutes of load through the `run` binary;
+## memory flat, Redis empty at the end, every span out exactly once. Not part of `test`.
+soak: deps
+	$(CARGO) test --release -p spans-pipeline --test soak -- --ignored --nocapture
+
+## The end-to-end pipeline tests on tansu, a second Kafka broker; installs it when missing (about
+## 15 minutes the first time). Not part of `test`.
+test-tansu: deps
+	CARGO="$(CARGO)" scripts/test-tansu.sh
