@@ -40,13 +40,6 @@ fn server(redis: &TestRedis) -> &RedisServer {
     }
 }
 
-fn server_mut(redis: &mut TestRedis) -> &mut RedisServer {
-    match redis {
-        TestRedis::Standalone(server) => server,
-        TestRedis::Cluster(_) => panic!("a standalone server was expected"),
-    }
-}
-
 /// Span ids flushed more than once, with their counts.
 fn duplicates(counts: &BTreeMap<String, usize>) -> BTreeMap<&String, &usize> {
     counts.iter().filter(|(_, count)| **count > 1).collect()
@@ -100,7 +93,7 @@ fn a_redis_down_for_fifteen_seconds_holds_commits_back_and_the_consumer_resumes_
     let kafka = support::kafka(1);
     // Every write is on disk before Redis acknowledges it, so the spans committed before the
     // crash survive it.
-    let mut redis = TestRedis::Standalone(
+    let redis = TestRedis::Standalone(
         RedisServer::try_start_with_args(&["--appendonly", "yes", "--appendfsync", "always"])
             .unwrap(),
     );
@@ -122,7 +115,7 @@ fn a_redis_down_for_fifteen_seconds_holds_commits_back_and_the_consumer_resumes_
         "nothing left in redis to survive the crash"
     );
 
-    server_mut(&mut redis).stop();
+    server(&redis).stop();
     let during = Traces::new(40, 20, 4, 1);
     during.produce(&kafka);
     assert_committed_stays(
@@ -131,7 +124,7 @@ fn a_redis_down_for_fifteen_seconds_holds_commits_back_and_the_consumer_resumes_
         Instant::now() + Duration::from_secs(15),
         "committed while redis was down",
     );
-    server_mut(&mut redis).restart().unwrap();
+    server(&redis).restart().unwrap();
     let restarted = Instant::now();
     let produced_while_down = during.span_ids.clone();
     let mut all = before;
@@ -162,6 +155,46 @@ fn a_redis_down_for_fifteen_seconds_holds_commits_back_and_the_consumer_resumes_
          calls refused after the restart, drained {recovered_after:?} after it; {stats:?}",
         duplicated.len()
     );
+}
+
+#[test]
+fn a_redis_cluster_node_down_for_fifteen_seconds_holds_commits_back_and_the_consumer_resumes_when_it_is_back()
+ {
+    let kafka = support::kafka(1);
+    let redis = TestRedis::start(RedisMode::Cluster);
+    let runtime = runtime();
+    let before = Traces::new(0, 20, 4, 1);
+    before.produce(&kafka);
+    let consumer = setup().start(&kafka, &redis, &runtime);
+    // The node has no persistence: it goes once everything is flushed, so that it loses
+    // nothing by coming back empty.
+    wait_until_drained(&kafka, &redis, &before.per_partition(1));
+    let written = before.per_partition(1)[0];
+
+    let node = redis.servers()[0];
+    node.stop();
+    let during = Traces::new(20, 20, 4, 1);
+    during.produce(&kafka);
+    // Past the cluster's node timeout (5 s) the other masters mark the node failed and the
+    // whole cluster refuses commands.
+    assert_committed_stays(
+        &kafka,
+        written,
+        Instant::now() + Duration::from_secs(15),
+        "committed while a cluster node was down",
+    );
+    node.restart().unwrap();
+    let restarted = Instant::now();
+    let mut all = before;
+    all.extend(during);
+    wait_until_drained(&kafka, &redis, &all.per_partition(1));
+    let recovered_after = restarted.elapsed();
+    let stats = consumer.stop();
+
+    let counts = output_span_counts(&kafka);
+    assert_all_flushed(&counts, &all.span_ids);
+    assert!(duplicates(&counts).is_empty(), "{:?}", duplicates(&counts));
+    println!("drained {recovered_after:?} after the node came back; {stats:?}");
 }
 
 #[test]

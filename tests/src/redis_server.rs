@@ -69,7 +69,8 @@ impl KeyTtl {
 /// A standalone `redis-server` on a free loopback port, killed when dropped.
 #[derive(Debug)]
 pub struct RedisServer {
-    process: Child,
+    /// Behind a lock so that a node of the shared cluster can be stopped and restarted too.
+    process: Mutex<Child>,
     port: u16,
     dir: TempDir,
     extra_args: Vec<String>,
@@ -107,8 +108,8 @@ impl RedisServer {
         let dir = TempDir::new().map_err(RedisServerError::Prepare)?;
         let port = free_port()?;
         let process = spawn_redis(port, dir.path(), extra_args)?;
-        let mut server = Self {
-            process,
+        let server = Self {
+            process: Mutex::new(process),
             port,
             dir,
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
@@ -119,16 +120,20 @@ impl RedisServer {
 
     /// Kills the server (`SIGKILL`, as a crash would) and waits until it is gone; its port and
     /// data directory are kept for [`RedisServer::restart`]. Does nothing if it is stopped.
-    pub fn stop(&mut self) {
-        if matches!(self.process.try_wait(), Ok(None)) {
-            let _ = self.process.kill();
+    ///
+    /// A node of a cluster keeps its `nodes.conf` there, so it rejoins with its slots when
+    /// restarted.
+    pub fn stop(&self) {
+        let mut process = self.process();
+        if matches!(process.try_wait(), Ok(None)) {
+            let _ = process.kill();
         }
-        let _ = self.process.wait();
+        let _ = process.wait();
     }
 
     /// Whether the server process is running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.process.try_wait(), Ok(None))
+    pub fn is_running(&self) -> bool {
+        matches!(self.process().try_wait(), Ok(None))
     }
 
     /// Starts the server again on the same port and data directory, with the same arguments,
@@ -138,11 +143,17 @@ impl RedisServer {
     ///
     /// The server could not be spawned, or did not answer in time (for example because another
     /// process took the port while it was down).
-    pub fn restart(&mut self) -> Result<(), RedisServerError> {
+    pub fn restart(&self) -> Result<(), RedisServerError> {
         self.stop();
         let args: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
-        self.process = spawn_redis(self.port, self.dir.path(), &args)?;
+        *self.process() = spawn_redis(self.port, self.dir.path(), &args)?;
         self.wait_for_ping()
+    }
+
+    fn process(&self) -> MutexGuard<'_, Child> {
+        self.process
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `CLIENT PAUSE <duration> ALL`: every client's commands wait until `duration` passed.
@@ -220,11 +231,15 @@ impl RedisServer {
         keys_with_ttls_of(&mut self.connection())
     }
 
-    fn wait_for_ping(&mut self) -> Result<(), RedisServerError> {
+    fn wait_for_ping(&self) -> Result<(), RedisServerError> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let mut last_error = String::from("no answer");
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.process.try_wait() {
+            let (exited, pid) = {
+                let mut process = self.process();
+                (process.try_wait(), process.id())
+            };
+            if let Ok(Some(status)) = exited {
                 return Err(RedisServerError::NotReady {
                     port: self.port,
                     reason: format!("exited with {status}"),
@@ -236,7 +251,7 @@ impl RedisServer {
                 let mut conn = client.get_connection_with_timeout(Duration::from_millis(200))?;
                 redis::cmd("INFO").arg("server").query::<String>(&mut conn)
             }) {
-                Ok(info) if server_pid(&info) == Some(self.process.id()) => return Ok(()),
+                Ok(info) if server_pid(&info) == Some(pid) => return Ok(()),
                 Ok(_) => {
                     return Err(RedisServerError::NotReady {
                         port: self.port,
@@ -256,8 +271,12 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
+        let process = self
+            .process
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = process.kill();
+        let _ = process.wait();
     }
 }
 
@@ -661,7 +680,7 @@ mod tests {
 
     #[test]
     fn a_restarted_server_keeps_its_port_and_with_append_only_its_data() {
-        let mut server =
+        let server =
             RedisServer::try_start_with_args(&["--appendonly", "yes", "--appendfsync", "always"])
                 .unwrap();
         let url = server.url();
