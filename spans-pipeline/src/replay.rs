@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::buffer::{BufferError, BufferOptions, ProcessStats, RedisConnection, SpansBuffer};
+use crate::buffer::{
+    BufferError, BufferOptions, ProcessStats, RedisConnection, SpansBuffer, WriteOrder,
+};
 use crate::span::Span;
 
 /// Clock used to flush everything: far beyond any deadline in the workload.
@@ -184,9 +186,11 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
     }
 
     // Timed: decoding, preparing and writing. Each batch is prepared while the previous one
-    // is being written, as the consumer does; writes stay in order.
+    // is being written, as the consumer does; writes stay in order (a ticket per batch), and
+    // each starts the moment the one before it completes.
     let cpu_before = redis_cpu_secs(&nodes)?;
     let started = Instant::now();
+    let order = Arc::new(WriteOrder::new());
     let mut writing: Option<JoinHandle<Result<ProcessStats, BufferError>>> = None;
     for batch in lines.chunks(args.batch_size.max(1)) {
         let mut spans = Vec::with_capacity(batch.len());
@@ -208,13 +212,18 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
             0
         };
         let prepared = buffer.prepare(&spans)?;
-        if let Some(previous) = writing.take() {
+        let ticket = order.ticket();
+        let (writer, writer_order) = (Arc::clone(&buffer), Arc::clone(&order));
+        let write = tokio::spawn(async move {
+            writer_order.wait_for_turn(&ticket).await;
+            let result = writer.write(&prepared, now).await;
+            writer_order.finish(ticket);
+            result
+        });
+        // At most two batches ahead: the one being written and this one.
+        if let Some(previous) = writing.replace(write) {
             report.add_ingested(&previous.await.map_err(BufferError::Interrupted)??);
         }
-        let writer = Arc::clone(&buffer);
-        writing = Some(tokio::spawn(
-            async move { writer.write(&prepared, now).await },
-        ));
     }
     if let Some(last) = writing {
         report.add_ingested(&last.await.map_err(BufferError::Interrupted)??);

@@ -25,6 +25,7 @@ pub mod segment;
 pub mod stats;
 pub mod store;
 pub mod subsegment;
+pub mod write_order;
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -40,6 +41,7 @@ pub use segment::{
 pub use stats::FlushStats;
 pub use store::{PreparedWrite, SpansBufferStore};
 pub use subsegment::Subsegment;
+pub use write_order::{Ticket, WriteOrder};
 
 use crate::metrics as names;
 use crate::span::Span;

@@ -192,7 +192,7 @@ impl SpansStrategyFactory {
             shards.to_vec(),
             self.slice_id,
         ))?;
-        let mut process = ProcessSpans::new(buffer);
+        let process = ProcessSpans::new(buffer);
         let process = RunTaskInThreads::new(
             move |batch: Message<Vec<SpanMessage>>| process.task(batch),
             process_spans::CONCURRENT_BATCHES,

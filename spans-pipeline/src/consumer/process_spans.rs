@@ -8,7 +8,7 @@
 //! Sentry's consumer encodes a batch and then waits for Redis, so the two take turns. Here each
 //! batch is a task of a `RunTaskInThreads` step with two in flight: the next batch is decoded,
 //! grouped and compressed while the previous one is written. Writes still happen one batch at
-//! a time, in consumption order ([`WriteOrder`]), because a segment's queue deadline must be
+//! a time, in consumption order (a [`WriteOrder`] ticket per batch), because a segment's queue deadline must be
 //! the one of its latest batch.
 //!
 //! When Redis fails, the task keeps its batch and retries with backoff (doubling from 100 ms to
@@ -23,11 +23,10 @@ use std::time::Duration;
 
 use rill::Message;
 use rill::steps::TaskError;
-use tokio::sync::watch;
 
 use super::decode::{SpanMessage, seconds};
 use super::error_chain::ErrorChain;
-use crate::buffer::{PreparedBatch, SpansBuffer};
+use crate::buffer::{PreparedBatch, SpansBuffer, WriteOrder};
 use crate::metrics as names;
 use crate::span::Span;
 
@@ -37,37 +36,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Batches a `ProcessSpans` step works on at once: one being written, one being prepared.
 pub(super) const CONCURRENT_BATCHES: usize = 2;
 
-/// Makes batches write one after the other in submission order, whatever order their
-/// preparation finishes in: each batch holds a ticket and writes when the counter reaches it.
-#[derive(Debug)]
-struct WriteOrder {
-    next_to_write: watch::Sender<u64>,
-}
-
-impl WriteOrder {
-    fn new() -> Self {
-        Self {
-            next_to_write: watch::Sender::new(0),
-        }
-    }
-
-    async fn wait_for_turn(&self, ticket: u64) {
-        let mut turn = self.next_to_write.subscribe();
-        // The sender lives in `self`, so the wait ends only with the turn.
-        let _ = turn.wait_for(|&next| next == ticket).await;
-    }
-
-    fn finish(&self, ticket: u64) {
-        self.next_to_write.send_replace(ticket + 1);
-    }
-}
-
 /// The buffer-writing task of the consumer's `RunTaskInThreads` over batches.
 #[derive(Debug)]
 pub struct ProcessSpans {
     buffer: Arc<SpansBuffer>,
     order: Arc<WriteOrder>,
-    next_ticket: u64,
 }
 
 impl ProcessSpans {
@@ -76,7 +49,6 @@ impl ProcessSpans {
         Self {
             buffer: Arc::new(buffer),
             order: Arc::new(WriteOrder::new()),
-            next_ticket: 0,
         }
     }
 
@@ -89,17 +61,16 @@ impl ProcessSpans {
     /// [`TaskError::Failed`] when the batch cannot be encoded (compression failed); the
     /// pipeline stops rather than skip spans.
     pub fn task(
-        &mut self,
+        &self,
         batch: Message<Vec<SpanMessage>>,
     ) -> impl Future<Output = Result<Message<i64>, TaskError>> + Send + use<> {
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
+        let ticket = self.order.ticket();
         let buffer = Arc::clone(&self.buffer);
         let order = Arc::clone(&self.order);
         async move {
             let now = clock(batch.payload());
             let prepared = prepare(&buffer, batch.payload());
-            order.wait_for_turn(ticket).await;
+            order.wait_for_turn(&ticket).await;
             let result = match prepared {
                 Ok(prepared) => {
                     write_until_done(&buffer, &prepared, now).await;
