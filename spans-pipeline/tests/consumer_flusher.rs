@@ -251,6 +251,21 @@ fn keep_producing_until_paused(kafka: &MockKafka, traces: &mut Traces) {
     });
 }
 
+/// Asserts that the worker of shard 0 was replaced as hung at least once.
+fn assert_replaced_as_hung() {
+    assert!(
+        counter(
+            names::FLUSHER_UNHEALTHY,
+            &[("cause", "hang"), ("shard", "0")]
+        ) >= 1
+    );
+}
+
+/// Waits until half a second after `at`, when a delayed fault has surely played out.
+fn wait_until_past(what: &str, at: Instant) {
+    wait_until(what, || Instant::now() > at + Duration::from_millis(500));
+}
+
 fn assert_flushed_exactly_once(kafka: &MockKafka, traces: &Traces) {
     let counts = output_span_counts(kafka);
     assert_all_flushed(&counts, &traces.span_ids);
@@ -311,18 +326,13 @@ fn a_hung_flush_worker_is_replaced_and_never_produces_beside_its_replacement() {
     let (kafka, producer) = (&fixture.kafka, &fixture.producer);
 
     let (consumer, traces) = fixture.one_trace_drained();
-    assert!(
-        counter(
-            names::FLUSHER_UNHEALTHY,
-            &[("cause", "hang"), ("shard", "0")]
-        ) >= 1
-    );
+    assert_replaced_as_hung();
     // The hung delivery would wake up now and produce the segment a second time, had its
     // worker been left running.
-    let wake_at = producer.first_send().unwrap() + wake_after;
-    wait_until("the hung delivery would have woken", || {
-        Instant::now() > wake_at + Duration::from_millis(500)
-    });
+    wait_until_past(
+        "the hung delivery would have woken",
+        producer.first_send().unwrap() + wake_after,
+    );
     consumer.stop();
 
     assert!(!producer.woke(), "the hung worker kept running");
@@ -343,16 +353,11 @@ fn a_flush_worker_blocked_inside_produce_sends_nothing_more_once_it_wakes_up_rep
 
     let consumer = fixture.start(&setup(producer));
     wait_until_drained(kafka, &fixture.redis, &traces.per_partition(1));
-    assert!(
-        counter(
-            names::FLUSHER_UNHEALTHY,
-            &[("cause", "hang"), ("shard", "0")]
-        ) >= 1
+    assert_replaced_as_hung();
+    wait_until_past(
+        "the blocked worker woke up",
+        producer.first_send().unwrap() + block,
     );
-    let woke_at = producer.first_send().unwrap() + block;
-    wait_until("the blocked worker woke up", || {
-        Instant::now() > woke_at + Duration::from_millis(500)
-    });
     consumer.stop();
 
     assert_flushed_exactly_once(kafka, &traces);
