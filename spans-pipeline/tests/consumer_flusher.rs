@@ -478,21 +478,24 @@ fn set_maxmemory(redis: &TestRedis, limit: impl Fn(u64) -> u64) {
     }
 }
 
-fn a_full_redis_pauses_consumption_until_memory_falls(mode: RedisMode) {
-    let _serial = serial();
-    // No faulty sends: the real producer.
-    let fixture = Fixture::new(mode, Fault::Panic, 0);
+/// Starts a consumer (set up by `adjust`) on a Redis whose memory is over the hard
+/// backpressure limit, and feeds it until it pauses; nothing is committed by then.
+fn start_on_a_full_redis(
+    fixture: &Fixture,
+    adjust: impl FnOnce(&mut ConsumerSetup),
+) -> (support::Consumer, Traces) {
     let Fixture {
         kafka,
         redis,
         producer,
         ..
-    } = &fixture;
+    } = fixture;
     // Used is about a third of the limit on every node: writes still succeed, but the ratio
     // summed over the nodes is over 0.1.
     set_maxmemory(redis, |used| used * 3);
     let mut setup = setup(producer);
     setup.settings.flush.max_memory_ratio = 0.1;
+    adjust(&mut setup);
     let mut traces = Traces::new(0, 10, 4, 1);
     traces.produce(kafka);
 
@@ -503,6 +506,15 @@ fn a_full_redis_pauses_consumption_until_memory_falls(mode: RedisMode) {
         "paused by redis memory"
     );
     assert_eq!(committed(kafka, 1), [None], "nothing is committed");
+    (consumer, traces)
+}
+
+fn a_full_redis_pauses_consumption_until_memory_falls(mode: RedisMode) {
+    let _serial = serial();
+    // No faulty sends: the real producer.
+    let fixture = Fixture::new(mode, Fault::Panic, 0);
+    let (kafka, redis) = (&fixture.kafka, &fixture.redis);
+    let (consumer, traces) = start_on_a_full_redis(&fixture, |_| {});
     set_maxmemory(redis, |_| 0);
     wait_until_drained(kafka, redis, &traces.per_partition(1));
     let stats = consumer.stop();
@@ -536,28 +548,12 @@ fn spans_in_redis(redis: &TestRedis) -> u64 {
 fn a_stop_while_redis_is_full_commits_every_batch_already_written() {
     let _serial = serial();
     let fixture = Fixture::new(RedisMode::Standalone, Fault::Panic, 0);
-    let Fixture {
-        kafka,
-        redis,
-        producer,
-        ..
-    } = &fixture;
-    set_maxmemory(redis, |used| used * 3);
-    let mut setup = setup(producer);
-    setup.settings.flush.max_memory_ratio = 0.1;
-    // Nothing comes due while the test runs, so what was written stays in Redis.
-    setup.options.root_timeout_secs = 600;
-    setup.options.timeout_secs = 600;
-    let mut traces = Traces::new(0, 10, 4, 1);
-    traces.produce(kafka);
-
-    let consumer = fixture.start(&setup);
-    keep_producing_until_paused(kafka, &mut traces);
-    assert_eq!(
-        committed(kafka, 1),
-        [None],
-        "nothing is committed while paused"
-    );
+    let (kafka, redis) = (&fixture.kafka, &fixture.redis);
+    let (consumer, _) = start_on_a_full_redis(&fixture, |setup| {
+        // Nothing comes due while the test runs, so what was written stays in Redis.
+        setup.options.root_timeout_secs = 600;
+        setup.options.timeout_secs = 600;
+    });
     // The batch written but held back by the full Redis is the pipeline's last: closing the
     // pipeline lets it through, so the stop commits it instead of waiting out the join
     // deadline and leaving it to be read and written again.

@@ -1055,7 +1055,7 @@ mod tests {
     }
 
     #[test]
-    fn groups_the_records_of_a_trace_into_one_call_unless_calls_are_bounded() {
+    fn groups_records_by_trace_into_calls_unless_calls_are_bounded() {
         let a = [span("t1", "a")];
         let b = [span("t2", "b")];
         let c = [span("t1", "c"), span("t1", "d")];
@@ -1064,34 +1064,22 @@ mod tests {
             subsegment(&b, "s2"),
             subsegment(&c, "s3"),
         ];
+        // A cluster: one trace per call. A standalone server: traces share a call, each
+        // trace's records one group, in batch order.
         assert_eq!(
             script_calls(&subsegments, 0, false),
             [vec![vec![0, 2]], vec![vec![1]]]
         );
         assert_eq!(
-            script_calls(&subsegments, 1, false),
-            [vec![vec![0]], vec![vec![1]], vec![vec![2]]]
-        );
-    }
-
-    #[test]
-    fn a_standalone_call_carries_several_traces_grouped_by_trace() {
-        let a = [span("t1", "a")];
-        let b = [span("t2", "b")];
-        let c = [span("t1", "c"), span("t1", "d")];
-        let subsegments = [
-            subsegment(&a, "s1"),
-            subsegment(&b, "s2"),
-            subsegment(&c, "s3"),
-        ];
-        assert_eq!(
             script_calls(&subsegments, 0, true),
             [vec![vec![0, 2], vec![1]]]
         );
-        assert_eq!(
-            script_calls(&subsegments, 1, true),
-            [vec![vec![0]], vec![vec![1]], vec![vec![2]]]
-        );
+        for several_traces in [false, true] {
+            assert_eq!(
+                script_calls(&subsegments, 1, several_traces),
+                [vec![vec![0]], vec![vec![1]], vec![vec![2]]]
+            );
+        }
     }
 
     #[test]
