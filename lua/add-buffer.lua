@@ -302,7 +302,6 @@ local function apply_group(pt, position, count, reply)
     local written_flags = {}
     local flag_ttls = {}
 
-
     -- Salts to add per member-keys index, in first-seen order.
     local pending_salts = {}
     local pending_order = {}
