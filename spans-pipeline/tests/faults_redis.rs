@@ -340,10 +340,11 @@ fn a_redis_with_a_real_maxmemory_pauses_consumption_before_it_refuses_a_write_an
     server.config_set("maxmemory", maxmemory);
     let runtime = runtime();
     let mut setup = setup();
-    // Uncompressed and held for three seconds before flushing, so memory builds up quickly.
+    // Uncompressed and held for five seconds before flushing, so memory builds up well past
+    // the limit even on a slow machine.
     setup.options.compression_level = -1;
-    setup.options.root_timeout_secs = 3;
-    setup.options.timeout_secs = 6;
+    setup.options.root_timeout_secs = 5;
+    setup.options.timeout_secs = 10;
     setup.settings.flush.max_memory_ratio = MAX_RATIO;
     let consumer = setup.start(&kafka, &redis, &runtime);
 
