@@ -53,6 +53,8 @@ fn committed(kafka: &MockKafka) -> i64 {
         .sum()
 }
 
+/// Whether every key still there is a redirect map (an empty scan counts: `DBSIZE` can count
+/// keys whose TTL ran out before Redis reclaims them).
 fn only_redirect_maps_left(redis: &RedisServer) -> bool {
     redis
         .keys_with_ttls()
