@@ -346,10 +346,9 @@ async fn reloads_the_script_after_the_server_forgets_it() {
     for_each_mode(|redis: TestRedis| async move {
         let conn = connect(&redis).await;
         let options = BufferOptions::default();
-        let buffer =
-            spans_pipeline::buffer::SpansBuffer::new(conn.clone(), options, vec![0], None)
-                .await
-                .unwrap();
+        let buffer = spans_pipeline::buffer::SpansBuffer::new(conn.clone(), options, vec![0], None)
+            .await
+            .unwrap();
         for mut node in redis.node_connections() {
             let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut node).unwrap();
         }
