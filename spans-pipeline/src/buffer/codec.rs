@@ -114,9 +114,24 @@ impl PayloadDecoder {
 
 /// Appends the payloads stored in one set member to `out` (see [`PayloadDecoder::decode`]).
 pub fn decode_member(member: &[u8], out: &mut Vec<Vec<u8>>) -> Result<(), DecodeError> {
-    PayloadDecoder::new()
-        .map_err(DecodeError)?
-        .decode(member.to_vec(), out)
+    decode_member_into(member.to_vec(), out)
+}
+
+thread_local! {
+    /// One decompression context per thread, made on first use.
+    static DECODER: std::cell::RefCell<Option<PayloadDecoder>> = const { std::cell::RefCell::new(None) };
+}
+
+/// As [`decode_member`], taking the member, with the calling thread's decompression context.
+pub fn decode_member_into(member: Vec<u8>, out: &mut Vec<Vec<u8>>) -> Result<(), DecodeError> {
+    DECODER.with(|decoder| {
+        let mut decoder = decoder.borrow_mut();
+        let decoder = match decoder.as_mut() {
+            Some(decoder) => decoder,
+            None => decoder.insert(PayloadDecoder::new().map_err(DecodeError)?),
+        };
+        decoder.decode(member, out)
+    })
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod error;
 pub mod keys;
 pub mod options;
 pub mod output;
+mod parallel;
 pub mod script;
 pub mod segment;
 pub mod stats;
@@ -345,55 +346,17 @@ fn dedupe_candidates(
     (candidates, seen)
 }
 
-/// Spans in one flush from which building the output is shared with other threads: below
-/// it, starting a thread costs more than it saves.
-const PARALLEL_BUILD_MIN_SPANS: usize = 2_000;
+/// Spans per thread below which a flush's output is built on the calling thread alone.
+const SPANS_PER_BUILD_THREAD: usize = 1_000;
 
-/// Most threads that build one flush's output.
-const MAX_BUILD_THREADS: usize = 4;
-
-/// Builds the output of every loaded segment, in order.
-///
-/// Patching spans is the flush's main CPU cost and Redis waits meanwhile, so a large flush
-/// is split by span count across a few scoped threads (the calling one included).
+/// Builds the output of every loaded segment, in order, on several threads when it is large.
 fn build_flushed_segments(loaded: Vec<LoadedSegment>) -> Vec<FlushedSegment> {
-    let spans: usize = loaded.iter().map(|segment| segment.payloads.len()).sum();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .min(MAX_BUILD_THREADS)
-        .min(spans / (PARALLEL_BUILD_MIN_SPANS / 2).max(1));
-    if threads < 2 {
-        return loaded.into_iter().map(build_flushed_segment).collect();
-    }
-    let share = spans.div_ceil(threads);
-    let mut parts: Vec<Vec<LoadedSegment>> = Vec::with_capacity(threads);
-    let mut part = Vec::new();
-    let mut part_spans = 0;
-    for segment in loaded {
-        if part_spans >= share {
-            parts.push(std::mem::take(&mut part));
-            part_spans = 0;
-        }
-        part_spans += segment.payloads.len();
-        part.push(segment);
-    }
-    parts.push(part);
-    let build = |part: Vec<LoadedSegment>| -> Vec<FlushedSegment> {
-        part.into_iter().map(build_flushed_segment).collect()
-    };
-    std::thread::scope(|scope| {
-        let mut parts = parts.into_iter();
-        let first = parts.next().unwrap_or_default();
-        let others: Vec<_> = parts.map(|part| scope.spawn(move || build(part))).collect();
-        let mut segments = build(first);
-        for handle in others {
-            match handle.join() {
-                Ok(built) => segments.extend(built),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        segments
-    })
+    parallel::map_ordered(
+        loaded,
+        |segment| segment.payloads.len(),
+        SPANS_PER_BUILD_THREAD,
+        build_flushed_segment,
+    )
 }
 
 /// Writes `is_segment` and `sentry.segment.id` into each loaded span.

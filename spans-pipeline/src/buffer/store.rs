@@ -11,11 +11,12 @@ use std::sync::{Mutex, PoisonError};
 
 use redis::{Cmd, Value};
 
-use crate::buffer::codec::{DecodeError, PayloadDecoder, PayloadEncoder};
+use crate::buffer::codec::{self, DecodeError, PayloadEncoder};
 use crate::buffer::connection::{CommandBatch, RedisConnection};
 use crate::buffer::error::BufferError;
 use crate::buffer::keys::{self, SegmentKey};
 use crate::buffer::options::BufferOptions;
+use crate::buffer::parallel;
 use crate::buffer::script;
 use crate::buffer::segment::{
     FlushCandidate, FlushedSegment, IngestMetadata, InsertedSubsegment, LoadedSegment, ScriptSample,
@@ -36,6 +37,9 @@ const REPLY_FIELDS: usize = 6;
 
 /// Most span ids in one script call when records (of one trace, or of several) share it.
 const MAX_SPANS_PER_CALL: usize = 1000;
+
+/// Compressed bytes per thread below which a load decompresses on the calling thread alone.
+const COMPRESSED_BYTES_PER_DECODE_THREAD: usize = 256 * 1024;
 
 /// Payload keys per `UNLINK` in cleanup (standalone; a cluster needs one per key).
 const CLEANUP_KEYS_PER_UNLINK: usize = 1000;
@@ -635,19 +639,37 @@ impl SpansBufferStore {
                 },
             });
         }
-        let mut decoder = PayloadDecoder::new().map_err(DecodeError)?;
+        let mut members: Vec<(usize, Vec<Vec<u8>>)> = Vec::with_capacity(union_segments.len());
         for (index, reply) in union_segments
             .into_iter()
             .zip(self.conn.execute(unions).await?)
         {
-            for members in into_array("SUNION", reply)? {
-                for member in into_array("SUNION", members)? {
-                    decoder.decode(as_bytes("SUNION", member)?, &mut segments[index].payloads)?;
+            let mut segment_members = Vec::new();
+            for part in into_array("SUNION", reply)? {
+                for member in into_array("SUNION", part)? {
+                    segment_members.push(as_bytes("SUNION", member)?);
                 }
             }
+            members.push((index, segment_members));
         }
-        self.scan_payloads(scans, &mut segments, &mut decoder)
-            .await?;
+        // Decompressing is most of a load's CPU: shared across threads for a large flush.
+        let decoded = parallel::map_ordered(
+            members,
+            |(_, members)| members.iter().map(Vec::len).sum(),
+            COMPRESSED_BYTES_PER_DECODE_THREAD,
+            |(index, members)| {
+                let mut payloads = Vec::with_capacity(members.len());
+                for member in members {
+                    codec::decode_member_into(member, &mut payloads)?;
+                }
+                Ok::<_, DecodeError>((index, payloads))
+            },
+        );
+        for result in decoded {
+            let (index, payloads) = result?;
+            segments[index].payloads = payloads;
+        }
+        self.scan_payloads(scans, &mut segments).await?;
         Ok(segments)
     }
 
@@ -657,7 +679,6 @@ impl SpansBufferStore {
         &self,
         mut scans: Vec<(usize, String)>,
         segments: &mut [LoadedSegment],
-        decoder: &mut PayloadDecoder,
     ) -> Result<(), BufferError> {
         let page = self.options.segment_page_size.max(1);
         let mut cursors: Vec<u64> = vec![0; scans.len()];
@@ -680,7 +701,10 @@ impl SpansBufferStore {
                         reply: "cursor".to_owned(),
                     })?;
                 for member in into_array("SSCAN", parts.next().unwrap_or(Value::Nil))? {
-                    decoder.decode(as_bytes("SSCAN", member)?, &mut segments[index].payloads)?;
+                    codec::decode_member_into(
+                        as_bytes("SSCAN", member)?,
+                        &mut segments[index].payloads,
+                    )?;
                 }
                 if cursor != 0 {
                     next_scans.push((index, key));
