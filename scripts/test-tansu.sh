@@ -2,8 +2,8 @@
 # Runs the end-to-end pipeline tests against tansu, a Kafka-compatible broker written in Rust,
 # instead of librdkafka's mock cluster: the same tests, with RILL_TEST_KAFKA=tansu, each test
 # starting a tansu process of its own (memory storage, loopback only). Installs tansu when
-# missing; the first install compiles for about 15 minutes. Tests that need the mock cluster's
-# fault injection, or the cooperative-sticky assignor (its groups stall on tansu), are skipped
+# missing; the first install compiles for 15 to 35 minutes. Tests that need the mock cluster's
+# fault injection, or group behaviour tansu does not have (see docs/reliability.md), are skipped
 # here with the reason printed; `make test` runs them on the mock cluster.
 set -euo pipefail
 
@@ -62,7 +62,8 @@ skip() {
 }
 skip broker_errors_and_a_broker_restart_are_survived "needs the mock cluster's fault injection"
 skip request_errors_and_a_broker_down_and_back_lose_no_span "needs the mock cluster's fault injection"
-skip cooperative_group_loses_nothing_as_members_come_and_go "cooperative-sticky stalls on tansu"
+skip eager_group_loses_nothing_as_members_come_and_go \
+    "a member that leaves while another joins keeps its partitions on tansu; docs/reliability.md"
 
 failed=()
 run() {
