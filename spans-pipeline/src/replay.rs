@@ -8,7 +8,7 @@
 //! batch's smallest Kafka timestamp. The flush then runs with a clock far in the future until
 //! the queue is empty.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +18,8 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::buffer::{
-    BufferError, BufferOptions, ProcessStats, RedisConnection, SpansBuffer, WriteOrder,
+    BufferError, BufferOptions, PreparedBatch, ProcessStats, RedisConnection, SpansBuffer, Ticket,
+    WriteOrder,
 };
 use crate::span::Span;
 
@@ -137,6 +138,26 @@ pub struct ReplayReport {
     pub flush: PhaseReport,
 }
 
+/// Writes a batch's subsegments, then its queue deadlines, each when its turn comes.
+async fn write_in_order(
+    buffer: Arc<SpansBuffer>,
+    prepared: PreparedBatch,
+    now: i64,
+    (scripts, queues): (Arc<WriteOrder>, Arc<WriteOrder>),
+    (script_ticket, queue_ticket): (Ticket, Ticket),
+) -> Result<ProcessStats, BufferError> {
+    scripts.wait_for_turn(&script_ticket).await;
+    let written = buffer.write_subsegments(&prepared).await;
+    scripts.finish(script_ticket);
+    queues.wait_for_turn(&queue_ticket).await;
+    let stats = match written {
+        Ok(written) => buffer.queue_segments(&written, now).await,
+        Err(error) => Err(error),
+    };
+    queues.finish(queue_ticket);
+    stats
+}
+
 impl ReplayReport {
     fn add_ingested(&mut self, stats: &ProcessStats) {
         self.spans_in += stats.spans;
@@ -190,8 +211,9 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
     // each starts the moment the one before it completes.
     let cpu_before = redis_cpu_secs(&nodes)?;
     let started = Instant::now();
-    let order = Arc::new(WriteOrder::new());
-    let mut writing: Option<JoinHandle<Result<ProcessStats, BufferError>>> = None;
+    let scripts = Arc::new(WriteOrder::new());
+    let queues = Arc::new(WriteOrder::new());
+    let mut writing: VecDeque<JoinHandle<Result<ProcessStats, BufferError>>> = VecDeque::new();
     for batch in lines.chunks(args.batch_size.max(1)) {
         let mut spans = Vec::with_capacity(batch.len());
         let mut min_received = f64::INFINITY;
@@ -212,21 +234,26 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
             0
         };
         let prepared = buffer.prepare(&spans)?;
-        let ticket = order.ticket();
-        let (writer, writer_order) = (Arc::clone(&buffer), Arc::clone(&order));
-        let write = tokio::spawn(async move {
-            writer_order.wait_for_turn(&ticket).await;
-            let result = writer.write(&prepared, now).await;
-            writer_order.finish(ticket);
-            result
-        });
-        // At most two batches ahead: the one being written and this one.
-        if let Some(previous) = writing.replace(write) {
-            report.add_ingested(&previous.await.map_err(BufferError::Interrupted)??);
+        // Tickets are taken here, in batch order, not in the task.
+        let tickets = (scripts.ticket(), queues.ticket());
+        let write = tokio::spawn(write_in_order(
+            Arc::clone(&buffer),
+            prepared,
+            now,
+            (Arc::clone(&scripts), Arc::clone(&queues)),
+            tickets,
+        ));
+        // At most two batches ahead of this one: the one writing its subsegments and the one
+        // writing its queue deadlines.
+        writing.push_back(write);
+        if writing.len() > 2
+            && let Some(oldest) = writing.pop_front()
+        {
+            report.add_ingested(&oldest.await.map_err(BufferError::Interrupted)??);
         }
     }
-    if let Some(last) = writing {
-        report.add_ingested(&last.await.map_err(BufferError::Interrupted)??);
+    for write in writing {
+        report.add_ingested(&write.await.map_err(BufferError::Interrupted)??);
     }
     let ingest_wall = started.elapsed();
     let cpu_after_ingest = redis_cpu_secs(&nodes)?;

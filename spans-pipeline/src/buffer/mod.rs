@@ -79,6 +79,15 @@ impl PreparedBatch {
     }
 }
 
+/// A batch whose subsegments are in Redis, from [`SpansBuffer::write_subsegments`], waiting
+/// for [`SpansBuffer::queue_segments`].
+#[derive(Clone, Debug)]
+pub struct WrittenBatch {
+    inserted: Vec<InsertedSubsegment>,
+    spans: usize,
+    root_spans: usize,
+}
+
 /// The result of one flush: segments to produce (then pass to `done_flush_segments`), spans
 /// lost per project, whether a shard hit its limit, and the flush's statistics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -174,7 +183,8 @@ impl SpansBuffer {
     }
 
     /// Writes a prepared batch and pushes its segments' flush deadlines (`now` as in
-    /// [`SpansBuffer::process_spans`]).
+    /// [`SpansBuffer::process_spans`]): [`SpansBuffer::write_subsegments`] then
+    /// [`SpansBuffer::queue_segments`].
     ///
     /// Batches must be written in the order their spans were consumed, each after the previous
     /// one completed: a segment's deadline is the one of its latest batch, and a segment merged
@@ -185,20 +195,47 @@ impl SpansBuffer {
         batch: &PreparedBatch,
         now: i64,
     ) -> Result<ProcessStats, BufferError> {
-        let inserted = self.store.write(&batch.write).await?;
-        self.store
-            .update_queue(&inserted, now, self.slice_id)
-            .await?;
+        let written = self.write_subsegments(batch).await?;
+        self.queue_segments(&written, now).await
+    }
 
+    /// The first half of [`SpansBuffer::write`]: payloads and script calls.
+    ///
+    /// A caller overlapping batches may start the next batch's `write_subsegments` as soon as
+    /// this one returned, before this batch's [`SpansBuffer::queue_segments`]: a later batch's
+    /// scripts may run before an earlier batch's queue update, as long as the queue updates
+    /// run in batch order (the later one then removes what it merged away, and sets the latest
+    /// deadlines). Redis then works on the next batch while this one's replies are read.
+    pub async fn write_subsegments(
+        &self,
+        batch: &PreparedBatch,
+    ) -> Result<WrittenBatch, BufferError> {
+        Ok(WrittenBatch {
+            inserted: self.store.write(&batch.write).await?,
+            spans: batch.spans,
+            root_spans: batch.root_spans,
+        })
+    }
+
+    /// The second half of [`SpansBuffer::write`]: each segment's flush deadline. Call in batch
+    /// order.
+    pub async fn queue_segments(
+        &self,
+        batch: &WrittenBatch,
+        now: i64,
+    ) -> Result<ProcessStats, BufferError> {
+        self.store
+            .update_queue(&batch.inserted, now, self.slice_id)
+            .await?;
         let stats = ProcessStats {
             spans: batch.spans,
             root_spans: batch.root_spans,
-            subsegments: batch.write.len(),
-            detached: inserted.iter().filter(|i| i.is_detached()).count(),
+            subsegments: batch.inserted.len(),
+            detached: batch.inserted.iter().filter(|i| i.is_detached()).count(),
         };
         record_process_metrics(
             &stats,
-            &inserted,
+            &batch.inserted,
             self.options().evalsha_latency_threshold_ms,
         );
         Ok(stats)

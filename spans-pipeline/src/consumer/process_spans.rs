@@ -6,13 +6,14 @@
 //! are in Redis, which is what lets `CommitOffsets` commit them.
 //!
 //! Sentry's consumer encodes a batch and then waits for Redis, so the two take turns. Here each
-//! batch is a task of a `RunTaskInThreads` step with two in flight: the next batch is decoded,
-//! grouped and compressed while the previous one is written. Writes still happen one batch at
-//! a time, in consumption order (a [`WriteOrder`] ticket per batch), because a segment's queue deadline must be
-//! the one of its latest batch.
+//! batch is a task of a `RunTaskInThreads` step with three in flight: one batch is decoded,
+//! grouped and compressed while the one before has its payloads and scripts written and the
+//! one before that its queue deadlines. Each of the two writes happens one batch at a time, in
+//! consumption order (a [`WriteOrder`] ticket per batch and write), because a segment's queue
+//! deadline must be the one of its latest batch; see `SpansBuffer::write_subsegments`.
 //!
 //! When Redis fails, the task keeps its batch and retries with backoff (doubling from 100 ms to
-//! 5 s), so a dead Redis is not hammered; with both tasks waiting the step rejects new batches,
+//! 5 s), so a dead Redis is not hammered; with every task waiting the step rejects new batches,
 //! the stream processor pauses consumption, nothing is committed past unwritten spans, and the
 //! consumer recovers by itself when Redis does. Writing a batch twice is harmless: payload keys
 //! are named by a hash of their span ids.
@@ -26,21 +27,25 @@ use rill::steps::TaskError;
 
 use super::decode::{SpanMessage, seconds};
 use super::error_chain::ErrorChain;
-use crate::buffer::{PreparedBatch, SpansBuffer, WriteOrder};
+use crate::buffer::{BufferError, PreparedBatch, SpansBuffer, WriteOrder};
 use crate::metrics as names;
 use crate::span::Span;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Batches a `ProcessSpans` step works on at once: one being written, one being prepared.
-pub(super) const CONCURRENT_BATCHES: usize = 2;
+/// Batches a `ProcessSpans` step works on at once: one being prepared, one writing its
+/// subsegments, one its queue deadlines.
+pub(super) const CONCURRENT_BATCHES: usize = 3;
 
 /// The buffer-writing task of the consumer's `RunTaskInThreads` over batches.
 #[derive(Debug)]
 pub struct ProcessSpans {
     buffer: Arc<SpansBuffer>,
-    order: Arc<WriteOrder>,
+    /// Order of the subsegment writes.
+    scripts: Arc<WriteOrder>,
+    /// Order of the queue updates.
+    queues: Arc<WriteOrder>,
 }
 
 impl ProcessSpans {
@@ -48,13 +53,14 @@ impl ProcessSpans {
     pub fn new(buffer: SpansBuffer) -> Self {
         Self {
             buffer: Arc::new(buffer),
-            order: Arc::new(WriteOrder::new()),
+            scripts: Arc::new(WriteOrder::new()),
+            queues: Arc::new(WriteOrder::new()),
         }
     }
 
-    /// The task for one batch: prepare it, wait for the previous batch to be written, write it
-    /// (retrying until Redis takes it), and resolve to the batch's clock (the smallest broker
-    /// timestamp, in seconds). Call in submission order.
+    /// The task for one batch: prepare it, write its subsegments and then its queue deadlines,
+    /// each after the previous batch's (retrying until Redis takes them), and resolve to the
+    /// batch's clock (the smallest broker timestamp, in seconds). Call in submission order.
     ///
     /// # Errors
     ///
@@ -64,22 +70,27 @@ impl ProcessSpans {
         &self,
         batch: Message<Vec<SpanMessage>>,
     ) -> impl Future<Output = Result<Message<i64>, TaskError>> + Send + use<> {
-        let ticket = self.order.ticket();
+        let (script_ticket, queue_ticket) = (self.scripts.ticket(), self.queues.ticket());
         let buffer = Arc::clone(&self.buffer);
-        let order = Arc::clone(&self.order);
+        let (scripts, queues) = (Arc::clone(&self.scripts), Arc::clone(&self.queues));
         async move {
             let now = clock(batch.payload());
             let prepared = prepare(&buffer, batch.payload());
-            order.wait_for_turn(&ticket).await;
-            let result = match prepared {
-                Ok(prepared) => {
-                    write_until_done(&buffer, &prepared, now).await;
-                    Ok(batch.map(|_| now))
-                }
-                Err(error) => Err(TaskError::Failed(Box::new(error))),
+            scripts.wait_for_turn(&script_ticket).await;
+            let written = match &prepared {
+                Ok(prepared) => Some(until_done(|| buffer.write_subsegments(prepared)).await),
+                Err(_) => None,
             };
-            order.finish(ticket);
-            result
+            scripts.finish(script_ticket);
+            queues.wait_for_turn(&queue_ticket).await;
+            if let Some(written) = &written {
+                until_done(|| buffer.queue_segments(written, now)).await;
+            }
+            queues.finish(queue_ticket);
+            match prepared {
+                Ok(_) => Ok(batch.map(|_| now)),
+                Err(error) => Err(TaskError::Failed(Box::new(error))),
+            }
         }
     }
 }
@@ -93,10 +104,7 @@ fn clock(batch: &[SpanMessage]) -> i64 {
         .unwrap_or_else(|| seconds(std::time::SystemTime::now()))
 }
 
-fn prepare(
-    buffer: &SpansBuffer,
-    batch: &[SpanMessage],
-) -> Result<PreparedBatch, crate::buffer::BufferError> {
+fn prepare(buffer: &SpansBuffer, batch: &[SpanMessage]) -> Result<PreparedBatch, BufferError> {
     let spans: Vec<Span<'_>> = batch
         .iter()
         .filter_map(|message| {
@@ -113,13 +121,22 @@ fn prepare(
     buffer.prepare(&spans)
 }
 
-/// Writes until Redis accepts the batch, backing off between attempts.
-async fn write_until_done(buffer: &SpansBuffer, prepared: &PreparedBatch, now: i64) {
+/// Runs `attempt` until Redis accepts it, backing off between attempts.
+async fn until_done<T, F, Fut>(mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, BufferError>>,
+{
     let mut backoff = FIRST_BACKOFF;
-    while let Err(error) = buffer.write(prepared, now).await {
-        tracing::warn!(error = %ErrorChain(&error), retry_in = ?backoff, "Writing spans to Redis failed; retrying.");
-        metrics::counter!(names::PROCESS_FAILURES).increment(1);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+    loop {
+        match attempt().await {
+            Ok(done) => return done,
+            Err(error) => {
+                tracing::warn!(error = %ErrorChain(&error), retry_in = ?backoff, "Writing spans to Redis failed; retrying.");
+                metrics::counter!(names::PROCESS_FAILURES).increment(1);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
     }
 }
