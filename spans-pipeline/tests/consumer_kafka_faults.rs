@@ -14,6 +14,7 @@
 #[path = "support/consumer.rs"]
 mod support;
 
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use integration_tests::redis_server::{RedisMode, TestRedis};
@@ -98,11 +99,18 @@ fn request_errors_and_a_broker_down_and_back_lose_no_span() {
     std::thread::sleep(BROKER_DOWN);
     kafka.broker_up(1).unwrap();
 
-    wait_until_drained(
-        &kafka,
-        &redis,
-        &offsets(&[&before, &during_errors, &while_down]),
-    );
+    let drained = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        wait_until_drained(
+            &kafka,
+            &redis,
+            &offsets(&[&before, &during_errors, &while_down]),
+        );
+    }));
+    if drained.is_err() {
+        // Say whether the consumer died (and of what) or is still running but stuck.
+        let (result, stats) = consumer.wait_for_exit();
+        panic!("not drained after the outage; the consumer ended with {result:?}, {stats:?}");
+    }
     // `stop` fails the test if the consumer had stopped with an error.
     let stats = consumer.stop();
 
