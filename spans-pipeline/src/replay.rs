@@ -138,7 +138,8 @@ pub struct ReplayReport {
     pub flush: PhaseReport,
 }
 
-/// Writes a batch's subsegments, then its queue deadlines, each when its turn comes.
+/// Writes a batch's payloads at once, then its scripts and its queue deadlines, each when its
+/// turn comes.
 async fn write_in_order(
     buffer: Arc<SpansBuffer>,
     prepared: PreparedBatch,
@@ -146,8 +147,12 @@ async fn write_in_order(
     (scripts, queues): (Arc<WriteOrder>, Arc<WriteOrder>),
     (script_ticket, queue_ticket): (Ticket, Ticket),
 ) -> Result<ProcessStats, BufferError> {
+    let payloads = buffer.write_payloads(&prepared).await;
     scripts.wait_for_turn(&script_ticket).await;
-    let written = buffer.write_subsegments(&prepared).await;
+    let written = match payloads {
+        Ok(()) => buffer.write_scripts(&prepared).await,
+        Err(error) => Err(error),
+    };
     scripts.finish(script_ticket);
     queues.wait_for_turn(&queue_ticket).await;
     let stats = match written {

@@ -79,7 +79,7 @@ impl PreparedBatch {
     }
 }
 
-/// A batch whose subsegments are in Redis, from [`SpansBuffer::write_subsegments`], waiting
+/// A batch whose subsegments are in Redis, from [`SpansBuffer::write_scripts`], waiting
 /// for [`SpansBuffer::queue_segments`].
 #[derive(Clone, Debug)]
 pub struct WrittenBatch {
@@ -183,8 +183,8 @@ impl SpansBuffer {
     }
 
     /// Writes a prepared batch and pushes its segments' flush deadlines (`now` as in
-    /// [`SpansBuffer::process_spans`]): [`SpansBuffer::write_subsegments`] then
-    /// [`SpansBuffer::queue_segments`].
+    /// [`SpansBuffer::process_spans`]): [`SpansBuffer::write_payloads`],
+    /// [`SpansBuffer::write_scripts`], then [`SpansBuffer::queue_segments`].
     ///
     /// Batches must be written in the order their spans were consumed, each after the previous
     /// one completed: a segment's deadline is the one of its latest batch, and a segment merged
@@ -195,29 +195,36 @@ impl SpansBuffer {
         batch: &PreparedBatch,
         now: i64,
     ) -> Result<ProcessStats, BufferError> {
-        let written = self.write_subsegments(batch).await?;
+        self.write_payloads(batch).await?;
+        let written = self.write_scripts(batch).await?;
         self.queue_segments(&written, now).await
     }
 
-    /// The first half of [`SpansBuffer::write`]: payloads and script calls.
+    /// The first part of [`SpansBuffer::write`]: the payloads. They need no order with other
+    /// batches (their keys are named by this batch's salts), so a caller overlapping batches
+    /// may send them as soon as the batch is prepared; Redis then has them to work on while
+    /// the client reads the replies of the batch before.
+    pub async fn write_payloads(&self, batch: &PreparedBatch) -> Result<(), BufferError> {
+        self.store.write_payloads(&batch.write).await
+    }
+
+    /// The second part of [`SpansBuffer::write`]: the script calls, after this batch's
+    /// payloads and in batch order.
     ///
-    /// A caller overlapping batches may start the next batch's `write_subsegments` as soon as
-    /// this one returned, before this batch's [`SpansBuffer::queue_segments`]: a later batch's
+    /// A caller overlapping batches may start the next batch's `write_scripts` as soon as this
+    /// one returned, before this batch's [`SpansBuffer::queue_segments`]: a later batch's
     /// scripts may run before an earlier batch's queue update, as long as the queue updates
     /// run in batch order (the later one then removes what it merged away, and sets the latest
-    /// deadlines). Redis then works on the next batch while this one's replies are read.
-    pub async fn write_subsegments(
-        &self,
-        batch: &PreparedBatch,
-    ) -> Result<WrittenBatch, BufferError> {
+    /// deadlines).
+    pub async fn write_scripts(&self, batch: &PreparedBatch) -> Result<WrittenBatch, BufferError> {
         Ok(WrittenBatch {
-            inserted: self.store.write(&batch.write).await?,
+            inserted: self.store.write_scripts(&batch.write).await?,
             spans: batch.spans,
             root_spans: batch.root_spans,
         })
     }
 
-    /// The second half of [`SpansBuffer::write`]: each segment's flush deadline. Call in batch
+    /// The last part of [`SpansBuffer::write`]: each segment's flush deadline. Call in batch
     /// order.
     pub async fn queue_segments(
         &self,

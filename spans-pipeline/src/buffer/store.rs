@@ -208,32 +208,47 @@ impl SpansBufferStore {
         Ok(chunks)
     }
 
-    /// Writes a prepared batch: each chunk's payloads, then its script calls; returns where
-    /// each subsegment went, in order.
+    /// Writes a prepared batch: its payloads, then its script calls; returns where each
+    /// subsegment went, in order.
     pub async fn write(
         &self,
         prepared: &PreparedWrite,
     ) -> Result<Vec<InsertedSubsegment>, BufferError> {
-        let mut inserted: Vec<Option<InsertedSubsegment>> = vec![None; prepared.len()];
+        self.write_payloads(prepared).await?;
+        self.write_scripts(prepared).await
+    }
+
+    /// The payload writes of a prepared batch (`SADD` + `EXPIRE` per subsegment).
+    ///
+    /// They touch only keys named by the batch's own salts, so they need no order with other
+    /// batches' writes; only this batch's scripts must wait for them.
+    pub async fn write_payloads(&self, prepared: &PreparedWrite) -> Result<(), BufferError> {
         for chunk in &prepared.chunks {
             let mut payloads = CommandBatch::new();
             for (key, cmd) in &chunk.payloads {
                 payloads.add(key.as_str(), cmd.clone());
             }
+            let replies = self.conn.execute(payloads).await?;
+            if let Some(error) = replies.iter().find(|v| is_error(v)) {
+                return Err(BufferError::unexpected("SADD", error));
+            }
+        }
+        Ok(())
+    }
+
+    /// The script calls of a prepared batch whose payloads are written; returns where each
+    /// subsegment went, in order.
+    pub async fn write_scripts(
+        &self,
+        prepared: &PreparedWrite,
+    ) -> Result<Vec<InsertedSubsegment>, BufferError> {
+        let mut inserted: Vec<Option<InsertedSubsegment>> = vec![None; prepared.len()];
+        for chunk in &prepared.chunks {
             let mut scripts = CommandBatch::new();
             for (key, cmd, _) in &chunk.scripts {
                 scripts.add(key.as_str(), cmd.clone());
             }
-            let mut results = self
-                .conn
-                .execute_in_order(vec![payloads, scripts])
-                .await?
-                .into_iter();
-            let payload_replies = results.next().unwrap_or_default();
-            if let Some(error) = payload_replies.iter().find(|v| is_error(v)) {
-                return Err(BufferError::unexpected("SADD", error));
-            }
-            let mut replies = results.next().unwrap_or_default();
+            let mut replies = self.conn.execute(scripts).await?;
             self.retry_noscript(chunk, &mut replies).await?;
             for ((_, _, call), reply) in chunk.scripts.iter().zip(&replies) {
                 let Value::Array(items) = reply else {

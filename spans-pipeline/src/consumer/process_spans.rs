@@ -7,10 +7,11 @@
 //!
 //! Sentry's consumer encodes a batch and then waits for Redis, so the two take turns. Here each
 //! batch is a task of a `RunTaskInThreads` step with three in flight: one batch is decoded,
-//! grouped and compressed while the one before has its payloads and scripts written and the
-//! one before that its queue deadlines. Each of the two writes happens one batch at a time, in
-//! consumption order (a [`WriteOrder`] ticket per batch and write), because a segment's queue
-//! deadline must be the one of its latest batch; see `SpansBuffer::write_subsegments`.
+//! grouped, compressed and its payloads sent while the one before runs its scripts and the
+//! one before that writes its queue deadlines. Scripts and queue updates each happen one batch
+//! at a time, in consumption order (a [`WriteOrder`] ticket per batch and write), because a
+//! segment's queue deadline must be the one of its latest batch; see
+//! `SpansBuffer::write_scripts`.
 //!
 //! When Redis fails, the task keeps its batch and retries with backoff (doubling from 100 ms to
 //! 5 s), so a dead Redis is not hammered; with every task waiting the step rejects new batches,
@@ -58,8 +59,9 @@ impl ProcessSpans {
         }
     }
 
-    /// The task for one batch: prepare it, write its subsegments and then its queue deadlines,
-    /// each after the previous batch's (retrying until Redis takes them), and resolve to the
+    /// The task for one batch: prepare it, write its payloads, then its script calls and its
+    /// queue deadlines, each after the previous batch's (retrying until Redis takes them), and
+    /// resolve to the
     /// batch's clock (the smallest broker timestamp, in seconds). Call in submission order.
     ///
     /// # Errors
@@ -76,9 +78,12 @@ impl ProcessSpans {
         async move {
             let now = clock(batch.payload());
             let prepared = prepare(&buffer, batch.payload());
+            if let Ok(prepared) = &prepared {
+                until_done(|| buffer.write_payloads(prepared)).await;
+            }
             scripts.wait_for_turn(&script_ticket).await;
             let written = match &prepared {
-                Ok(prepared) => Some(until_done(|| buffer.write_subsegments(prepared)).await),
+                Ok(prepared) => Some(until_done(|| buffer.write_scripts(prepared)).await),
                 Err(_) => None,
             };
             scripts.finish(script_ticket);
