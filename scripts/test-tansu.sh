@@ -62,6 +62,8 @@ skip() {
 }
 skip broker_errors_and_a_broker_restart_are_survived "needs the mock cluster's fault injection"
 skip request_errors_and_a_broker_down_and_back_lose_no_span "needs the mock cluster's fault injection"
+skip a_commit_due_while_the_broker_is_down_does_not_stop_the_consumer \
+    "needs the mock cluster's fault injection"
 skip eager_group_loses_nothing_as_members_come_and_go \
     "a member that leaves while another joins keeps its partitions on tansu; docs/reliability.md"
 

@@ -4,6 +4,10 @@
 //! nothing is given up (the outcomes topic stays empty), every span comes out, and Redis ends
 //! empty.
 //!
+//! A commit that falls due while the broker is away is held by librdkafka for one session
+//! timeout and then refused with its local "waiting for coordinator" error; the consumer retries
+//! it instead of stopping (it used to stop with `CommitFailed`).
+//!
 //! Both faults make the member miss its group session (1.5 s in these tests), so the group
 //! rebalances and the spans after the last successful commit are read again: at least once, the
 //! duplicates counted. Spans that were committed and flushed before the first fault come out
@@ -17,11 +21,12 @@ mod support;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
+use integration_tests::kafka::MockKafka;
 use integration_tests::redis_server::{RedisMode, TestRedis};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use support::{
-    ConsumerSetup, Traces, assert_all_flushed, committed, output_span_counts, runtime, wait_until,
-    wait_until_drained,
+    Consumer, ConsumerSetup, Traces, assert_all_flushed, committed, output_span_counts, runtime,
+    wait_until, wait_until_drained,
 };
 
 const PARTITIONS: i32 = 2;
@@ -39,6 +44,24 @@ fn offsets(phases: &[&Traces]) -> Vec<i64> {
         }
     }
     sums
+}
+
+/// Waits until everything up to `offsets` is committed and flushed; if that never happens, fails
+/// saying whether the consumer ended, and with which error, or is still running but stuck.
+fn drained_or_say_why(
+    consumer: Consumer,
+    kafka: &MockKafka,
+    redis: &TestRedis,
+    offsets: &[i64],
+) -> Consumer {
+    let drained = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        wait_until_drained(kafka, redis, offsets);
+    }));
+    if drained.is_err() {
+        let (result, stats) = consumer.wait_for_exit();
+        panic!("not drained after the outage; the consumer ended with {result:?}, {stats:?}");
+    }
+    consumer
 }
 
 #[test]
@@ -99,18 +122,12 @@ fn request_errors_and_a_broker_down_and_back_lose_no_span() {
     std::thread::sleep(BROKER_DOWN);
     kafka.broker_up(1).unwrap();
 
-    let drained = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        wait_until_drained(
-            &kafka,
-            &redis,
-            &offsets(&[&before, &during_errors, &while_down]),
-        );
-    }));
-    if drained.is_err() {
-        // Say whether the consumer died (and of what) or is still running but stuck.
-        let (result, stats) = consumer.wait_for_exit();
-        panic!("not drained after the outage; the consumer ended with {result:?}, {stats:?}");
-    }
+    let consumer = drained_or_say_why(
+        consumer,
+        &kafka,
+        &redis,
+        &offsets(&[&before, &during_errors, &while_down]),
+    );
     // `stop` fails the test if the consumer had stopped with an error.
     let stats = consumer.stop();
 
@@ -139,4 +156,28 @@ fn request_errors_and_a_broker_down_and_back_lose_no_span() {
         kafka.read_all(OUTCOMES, support::WAIT).unwrap().is_empty(),
         "no segment was given up"
     );
+}
+
+#[test]
+fn a_commit_due_while_the_broker_is_down_does_not_stop_the_consumer() {
+    let kafka = support::kafka(PARTITIONS);
+    let redis = TestRedis::start(RedisMode::Standalone);
+    let runtime = runtime();
+    let mut setup = ConsumerSetup::default();
+    // The first commit comes due about 2 s after the spans are read: in the outage.
+    setup.settings.commit_interval = Duration::from_secs(2);
+    let traces = Traces::new(0, 20, 4, PARTITIONS);
+    traces.produce(&kafka);
+
+    let consumer = setup.start(&kafka, &redis, &runtime);
+    wait_until("the spans are in redis", || {
+        !redis.keys_with_ttls().is_empty()
+    });
+    kafka.broker_down(1).unwrap();
+    std::thread::sleep(BROKER_DOWN);
+    kafka.broker_up(1).unwrap();
+
+    let consumer = drained_or_say_why(consumer, &kafka, &redis, &offsets(&[&traces]));
+    consumer.stop();
+    assert_all_flushed(&output_span_counts(&kafka), &traces.span_ids);
 }

@@ -527,6 +527,7 @@ fn is_stale_membership(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::UnknownMemberId
                 | RDKafkaErrorCode::RebalanceInProgress
                 | RDKafkaErrorCode::FencedInstanceId
+                | RDKafkaErrorCode::AssignmentLost
         )
     )
 }
@@ -546,10 +547,30 @@ fn is_retriable(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::NetworkException
                 | RDKafkaErrorCode::CoordinatorLoadInProgress
                 | RDKafkaErrorCode::CoordinatorNotAvailable
+                // librdkafka holds a commit made while no coordinator is known for one session
+                // timeout, then fails it with this local error: a broker outage, not a bug.
+                | RDKafkaErrorCode::WaitingForCoordinator
                 | RDKafkaErrorCode::NotCoordinator
                 | RDKafkaErrorCode::LeaderNotAvailable
                 | RDKafkaErrorCode::NotLeaderForPartition
                 | RDKafkaErrorCode::UnknownTopicOrPartition
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_that_outlived_a_broker_outage_is_retried_not_fatal() {
+        let waiting = KafkaError::ConsumerCommit(RDKafkaErrorCode::WaitingForCoordinator);
+        let lost = KafkaError::ConsumerCommit(RDKafkaErrorCode::AssignmentLost);
+
+        assert!(is_retriable(&waiting));
+        assert!(is_stale_membership(&lost));
+        assert!(!is_retriable(&KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::InvalidCommitOffsetSize
+        )));
+    }
 }
