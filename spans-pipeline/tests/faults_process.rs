@@ -12,19 +12,21 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/process.rs"]
+mod process;
 #[path = "support/consumer.rs"]
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use integration_tests::kafka::MockKafka;
 use integration_tests::redis_server::{RedisMode, RedisServer, TestRedis};
+use process::{RunProcess, run_command};
 use rill::backends::kafka::{KafkaPayload, KafkaProducer, KafkaProducerConfig};
 use rill::{DeliveryFuture, Destination, ProduceError, Producer};
 use sonic_rs::JsonValueTrait;
@@ -47,29 +49,12 @@ fn root_of(span_id: &str) -> String {
 }
 
 /// Starts `spans-pipeline run` on `kafka` and `redis` with the configuration at `config`.
-fn start_binary(config: &Path, kafka: &MockKafka, redis: &RedisServer) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_spans-pipeline"))
-        .args(["run", "--config"])
-        .arg(config)
-        .args(["--bootstrap-servers", kafka.bootstrap_servers()])
-        .args(["--redis-url", &redis.url()])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-/// Sends `SIGTERM` and waits (bounded) for a clean exit.
-fn stop_gracefully(child: &mut Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    wait_until("the consumer stops", || child.try_wait().unwrap().is_some());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}");
+fn start_binary(config: &Path, kafka: &MockKafka, redis: &RedisServer) -> RunProcess {
+    RunProcess::start(
+        run_command(config, kafka.bootstrap_servers())
+            .args(["--redis-url", &redis.url()])
+            .env("RUST_LOG", "error"),
+    )
 }
 
 /// A fast consumer: small batches, commits every 200 ms, short segment timeouts, and flush
@@ -155,8 +140,7 @@ fn a_consumer_killed_mid_stream_and_restarted_flushes_every_span_duplicating_onl
         );
     }
     produce_wave(&kafka, &mut all, &mut next, 10);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
     let produced_at_kill = all.per_partition(PARTITIONS);
     let committed_at_kill: Vec<i64> = support::committed(&kafka, PARTITIONS)
         .into_iter()
@@ -176,7 +160,8 @@ fn a_consumer_killed_mid_stream_and_restarted_flushes_every_span_duplicating_onl
     }
     let drained = TestRedis::Standalone(redis);
     wait_until_drained(&kafka, &drained, &all.per_partition(PARTITIONS));
-    stop_gracefully(&mut child);
+    let status = child.stop();
+    assert!(status.success(), "{status}");
 
     // The at-least-once window at the kill: spans produced by then but at or past the
     // committed offset of their partition, and spans of segments still queued in Redis.

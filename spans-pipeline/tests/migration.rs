@@ -36,10 +36,10 @@ fn phase(number: usize) -> BufferOptions {
 /// A segment built over two batches (the second merges the first's segment into the root),
 /// each written by a buffer in its own phase, then flushed in the second phase.
 async fn segment_across_phases(redis: &TestRedis, first: usize, second: usize) {
-    let mut before: SpansBuffer = buffer(redis, phase(first), vec![0]).await;
+    let before: SpansBuffer = buffer(redis, phase(first), vec![0]).await;
     let batch = [SpanSpec::child('c', 'b'), SpanSpec::child('d', 'c')];
     before.process_spans(&spans(&batch), 0).await.unwrap();
-    let mut after = buffer(redis, phase(second), vec![0]).await;
+    let after = buffer(redis, phase(second), vec![0]).await;
     let batch = [SpanSpec::child('b', 'a'), SpanSpec::root('a')];
     after.process_spans(&spans(&batch), 1).await.unwrap();
     assert_ttls(redis);
@@ -77,7 +77,7 @@ async fn every_phase_and_transition_flushes_each_span_once() {
 async fn legacy_phase_writes_only_the_merged_set() {
     for mode in TestRedis::MODES {
         let redis = start(mode);
-        let mut buffer = buffer(&redis, phase(0), vec![0]).await;
+        let buffer = buffer(&redis, phase(0), vec![0]).await;
         let batch = [SpanSpec::child('a', 'b'), SpanSpec::root('b')];
         buffer.process_spans(&spans(&batch), 0).await.unwrap();
         let keys: Vec<String> = redis.keys_with_ttls().iter().map(|k| k.key_str()).collect();
@@ -97,7 +97,7 @@ async fn dual_write_phases_write_both_layouts() {
     for mode in TestRedis::MODES {
         for number in [1, 2] {
             let redis = start(mode);
-            let mut buffer = buffer(&redis, phase(number), vec![0]).await;
+            let buffer = buffer(&redis, phase(number), vec![0]).await;
             let batch = [SpanSpec::child('a', 'b'), SpanSpec::root('b')];
             buffer.process_spans(&spans(&batch), 0).await.unwrap();
             let keys: Vec<String> = redis.keys_with_ttls().iter().map(|k| k.key_str()).collect();

@@ -5,9 +5,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/process.rs"]
+mod process;
+
 use std::io::Write as _;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration_tests::kafka::MockKafka;
 use integration_tests::redis_server::RedisServer;
@@ -19,25 +21,6 @@ fn span(trace: &str, span_id: &str, parent: Option<&str>, project: u64) -> Strin
     format!(
         r#"{{"organization_id":1,"project_id":{project},"trace_id":"{trace}","span_id":"{span_id}","parent_span_id":{parent},"start_timestamp":1.0,"end_timestamp":2.0,"received":2.0,"retention_days":90,"status":"ok"}}"#
     )
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_for_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the consumer did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -84,16 +67,10 @@ health_file = "{}"
         .unwrap();
     };
     write_config("");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spans-pipeline"))
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .args(["--bootstrap-servers", kafka.bootstrap_servers()])
-        .args(["--redis-url", &redis.url()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child = process::RunProcess::start(
+        process::run_command(&config_path, kafka.bootstrap_servers())
+            .args(["--redis-url", &redis.url()]),
+    );
 
     let trace = "3".repeat(32);
     let first = [span(&trace, &"a".repeat(16), None, 7)];
@@ -111,7 +88,7 @@ health_file = "{}"
 
     // Project 7 is now killed: its next span is consumed (and committed) but never flushed.
     write_config("7");
-    signal(&child, "HUP");
+    child.signal("HUP");
     std::thread::sleep(Duration::from_millis(500));
     let second = [
         span(&"4".repeat(32), &"b".repeat(16), None, 7),
@@ -124,8 +101,7 @@ health_file = "{}"
     let last = String::from_utf8_lossy(output[1].payload.as_deref().unwrap()).into_owned();
     assert!(last.contains(&"c".repeat(16)), "{last}");
 
-    signal(&child, "TERM");
-    let status = wait_for_exit(&mut child);
+    let status = child.stop();
     assert!(status.success(), "{status}");
     assert_eq!(
         kafka

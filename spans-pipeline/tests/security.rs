@@ -17,9 +17,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/process.rs"]
+mod process;
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 use integration_tests::kafka::MockKafka;
 use integration_tests::redis_server::RedisServer;
 use integration_tests::secure_redis::{AclRedis, TlsRedis, USER};
+use process::RunProcess;
 use redis::{ClientTlsConfig, TlsCertificates};
 use spans_pipeline::buffer::{BufferOptions, RedisConnection, SpansBuffer};
 use support::{SpanSpec, flush_until_empty, spans};
@@ -470,31 +473,12 @@ fn scrape(port: u16) -> String {
     response
 }
 
+/// `spans-pipeline run` on `kafka` with every log level on, so no secret can hide in a level
+/// the test did not look at.
 fn run_command(config: &std::path::Path, kafka: &MockKafka) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_spans-pipeline"));
+    let mut command = process::run_command(config, kafka.bootstrap_servers());
+    command.env("RUST_LOG", "trace");
     command
-        .args(["run", "--config"])
-        .arg(config)
-        .args(["--bootstrap-servers", kafka.bootstrap_servers()])
-        .env("RUST_LOG", "trace");
-    command
-}
-
-/// Stops a consumer with SIGTERM, or SIGKILL (by its handle) if it is not gone within 30 s.
-fn stop(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn assert_no_secret(what: &str, text: &str) {
@@ -527,11 +511,9 @@ fn secrets_stay_out_of_logs_errors_and_metrics() {
 
     // Start-up, a dead-lettered message and a graceful stop, with every log level on.
     let log_path = dir.path().join("stderr.log");
-    let mut child = run_command(&config, &kafka)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = RunProcess::start(
+        run_command(&config, &kafka).stderr(std::fs::File::create(&log_path).unwrap()),
+    );
     let logs = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !logs().contains("Consuming.") {
@@ -542,15 +524,11 @@ fn secrets_stay_out_of_logs_errors_and_metrics() {
         .produce("ingest-spans", [b"not a span".as_slice()], |_| 0)
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the consumer stopped:\n{}",
-        logs()
-    );
+    assert!(child.is_running(), "the consumer stopped:\n{}", logs());
     let metrics = scrape(metrics_port);
     assert!(metrics.contains("200 OK"), "{metrics}");
     assert_no_secret("metrics", &metrics);
-    assert!(stop(&mut child).success());
+    assert!(child.stop().success());
     let logs = logs();
     assert!(logs.contains("Dead-lettering"), "{logs}");
     assert_no_secret("logs", &logs);
@@ -617,12 +595,7 @@ root_timeout = "1s"
         ),
     )
     .unwrap();
-    let mut child = run_command(&config, &kafka)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child = RunProcess::start(run_command(&config, &kafka).env("RUST_LOG", "warn"));
 
     let root = format!(
         r#"{{"organization_id":1,"project_id":3,"trace_id":"{}","span_id":"{}","parent_span_id":null,"start_timestamp":1.0,"end_timestamp":2.0,"received":2.0,"retention_days":90,"status":"ok"}}"#,
@@ -636,7 +609,7 @@ root_timeout = "1s"
         .read_topic("buffered-segments", 1, Duration::from_secs(60))
         .unwrap();
     let tls_clients = tls_clients(redis.servers()[0]);
-    let status = stop(&mut child);
+    let status = child.stop();
 
     let segment = String::from_utf8_lossy(output[0].payload.as_deref().unwrap()).into_owned();
     assert!(segment.contains(&"e".repeat(16)), "{segment}");

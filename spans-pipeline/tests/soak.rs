@@ -13,12 +13,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/process.rs"]
+mod process;
 #[path = "support/consumer.rs"]
 mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::kafka::MockKafka;
 use integration_tests::redis_server::RedisServer;
+use process::{RunProcess, run_command};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
@@ -60,7 +62,7 @@ fn two_minutes_of_load_keep_memory_flat_and_lose_nothing() {
     kafka.create_topic(DLQ, 1).unwrap();
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let consumer = RunningConsumer::start(&kafka, &redis, dir.path());
+    let mut consumer = start_consumer(&kafka, &redis, dir.path());
     let reader = OutputReader::start(&kafka);
     let sampler = RssSampler::start(consumer.pid());
 
@@ -81,7 +83,8 @@ fn two_minutes_of_load_keep_memory_flat_and_lose_nothing() {
         redis.keys_with_ttls().is_empty()
     });
     let drain_time = started.elapsed() - load_time;
-    consumer.stop();
+    let status = consumer.stop();
+    assert!(status.success(), "the consumer exited with {status}");
     let output = reader.stop();
 
     let spans = input.span_ids.len();
@@ -230,19 +233,14 @@ fn wait_until_everything_is_out(reader: &OutputReader, input: &Input, timeout: D
     }
 }
 
-/// The `spans-pipeline run` binary as a child process, killed on drop if the test fails.
-struct RunningConsumer {
-    child: Option<Child>,
-}
-
-impl RunningConsumer {
-    fn start(kafka: &MockKafka, redis: &RedisServer, dir: &std::path::Path) -> Self {
-        let config_path = dir.join("soak.toml");
-        let mut file = std::fs::File::create(&config_path).unwrap();
-        // Short flush timeouts, so segments flush all through the load.
-        write!(
-            file,
-            r#"
+/// Writes the soak's consumer configuration (short flush timeouts, so segments flush all
+/// through the load) and starts `spans-pipeline run` with it.
+fn start_consumer(kafka: &MockKafka, redis: &RedisServer, dir: &std::path::Path) -> RunProcess {
+    let config_path = dir.join("soak.toml");
+    let mut file = std::fs::File::create(&config_path).unwrap();
+    write!(
+        file,
+        r#"
 [kafka]
 group_id = "{GROUP}"
 consumer_overrides = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000" }}
@@ -260,46 +258,11 @@ idle_sleep = "100ms"
 root_timeout = "1s"
 timeout = "3s"
 "#
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_spans-pipeline"))
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .args(["--bootstrap-servers", kafka.bootstrap_servers()])
-            .args(["--redis-url", &redis.url()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        Self { child: Some(child) }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    /// SIGTERM, then waits (bounded) for a clean exit.
-    fn stop(mut self) {
-        let mut child = self.child.take().unwrap();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        wait_until("the consumer exits", || child.try_wait().unwrap().is_some());
-        let status = child.wait().unwrap();
-        assert!(status.success(), "the consumer exited with {status}");
-    }
-}
-
-impl Drop for RunningConsumer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+    )
+    .unwrap();
+    RunProcess::start(
+        run_command(&config_path, kafka.bootstrap_servers()).args(["--redis-url", &redis.url()]),
+    )
 }
 
 /// The consumer's resident memory, sampled once a second.

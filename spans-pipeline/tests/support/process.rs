@@ -1,0 +1,93 @@
+//! The `spans-pipeline run` binary as a child process of a test, the way operators run it:
+//! configured by a TOML file and flags, against the test's Kafka and Redis on loopback,
+//! signalled, stopped gracefully, and killed if a failing test leaves it running.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a consumer may take to stop after `SIGTERM`.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `spans-pipeline run --config <config> --bootstrap-servers <servers>`, logging warnings;
+/// callers add flags (`--redis-url`, `--set`), change `RUST_LOG`, and choose where stderr
+/// goes (inherited by default) or capture everything with `output()`.
+pub fn run_command(config: &Path, bootstrap_servers: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spans-pipeline"));
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--bootstrap-servers", bootstrap_servers])
+        .env("RUST_LOG", "warn");
+    command
+}
+
+/// A running consumer process; killed when dropped while still running.
+#[derive(Debug)]
+pub struct RunProcess {
+    child: Child,
+}
+
+impl RunProcess {
+    /// Spawns `command` (see [`run_command`]) with its stdout discarded.
+    pub fn start(command: &mut Command) -> Self {
+        Self {
+            child: command.stdout(Stdio::null()).spawn().unwrap(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends the signal `name` (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// `SIGKILL`, as a crash: nothing is drained or committed.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// `SIGTERM`, then waits for the exit (bounded); returns how it ended.
+    pub fn stop(&mut self) -> ExitStatus {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            return status;
+        }
+        self.signal("TERM");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the consumer did not stop within {STOP_TIMEOUT:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RunProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
