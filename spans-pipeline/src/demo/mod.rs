@@ -50,6 +50,10 @@ const MAX_LAG_PER_PARTITION: u64 = 2_500;
 /// below the cap, so the reader never finds data already dropped.
 const OUTPUT_PARTITIONS: i32 = 32;
 
+/// Longest wait, once every span is out, for Redis to empty: the demo's flush timeouts (3 s)
+/// plus a flush iteration and its cleanup, with room to spare.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the demo runs.
 #[derive(Clone, Debug)]
 pub struct DemoSettings {
@@ -231,15 +235,12 @@ pub fn run(settings: &DemoSettings) -> Result<DemoReport, DemoError> {
     }
     let elapsed = started.elapsed();
 
-    processor_handle.signal_shutdown();
-    let processor = processor_thread
-        .join()
-        .map_err(|_| DemoError::Other("consumer thread panicked".to_owned()))??;
-    let output = reader.stop();
-
+    // Every span is out; let the flushers finish their cleanup, and flush the empty queue
+    // entries a late deadline update can leave (docs/decisions.md), before looking at Redis.
     let store = runtime.block_on(SpansBufferStore::new(connection, BufferOptions::default()));
-    let redis_keys_left = match store {
-        Ok(store) => runtime.block_on(async {
+    let store = store.map_err(|error| DemoError::Other(error.to_string()))?;
+    let keys_left = || {
+        runtime.block_on(async {
             let mut count = 0;
             for reply in store
                 .connection()
@@ -249,9 +250,20 @@ pub fn run(settings: &DemoSettings) -> Result<DemoReport, DemoError> {
                 count += redis::from_redis_value::<u64>(reply).map_err(redis::RedisError::from)?;
             }
             Ok::<_, redis::RedisError>(count)
-        })?,
-        Err(error) => return Err(DemoError::Other(error.to_string())),
+        })
     };
+    let settle_deadline = Instant::now() + SETTLE_TIMEOUT;
+    while keys_left()? > 0 && Instant::now() < settle_deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    processor_handle.signal_shutdown();
+    let processor = processor_thread
+        .join()
+        .map_err(|_| DemoError::Other("consumer thread panicked".to_owned()))??;
+    let output = reader.stop();
+
+    let redis_keys_left = keys_left()?;
     Ok(report(
         &load,
         malformed,
