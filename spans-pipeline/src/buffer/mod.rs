@@ -72,13 +72,6 @@ pub struct PreparedBatch {
     root_spans: usize,
 }
 
-impl PreparedBatch {
-    /// Spans in the batch.
-    pub fn spans(&self) -> usize {
-        self.spans
-    }
-}
-
 /// A batch whose subsegments are in Redis, from [`SpansBuffer::write_scripts`], waiting
 /// for [`SpansBuffer::queue_segments`].
 #[derive(Clone, Debug)]

@@ -208,16 +208,6 @@ impl SpansBufferStore {
         Ok(chunks)
     }
 
-    /// Writes a prepared batch: its payloads, then its script calls; returns where each
-    /// subsegment went, in order.
-    pub async fn write(
-        &self,
-        prepared: &PreparedWrite,
-    ) -> Result<Vec<InsertedSubsegment>, BufferError> {
-        self.write_payloads(prepared).await?;
-        self.write_scripts(prepared).await
-    }
-
     /// The payload writes of a prepared batch (`SADD` + `EXPIRE` per subsegment).
     ///
     /// They touch only keys named by the batch's own salts, so they need no order with other
