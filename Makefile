@@ -2,11 +2,15 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: deps demo test check-fmt fmt lint unit doc bench bench-build soak test-tansu
+.PHONY: deps deps-extra demo test msrv check-fmt fmt lint unit doc bench bench-build soak test-tansu
 
 ## Installs (as root) or names the system packages the build and tests need.
 deps:
 	@scripts/ensure-system-deps.sh
+
+## The same, plus what the comparison benches and the tansu run need.
+deps-extra:
+	@scripts/ensure-system-deps.sh extra
 
 ## Runs the main job on an embedded default and prints a summary.
 demo: deps
@@ -30,12 +34,19 @@ unit:
 doc:
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
 
-## Criterion benches (quote medians; the machines are shared and noisy).
-bench: deps
-	$(CARGO) bench -p benches
+## Builds every target with the oldest Rust the workspace declares (`rust-version`).
+MSRV := $(shell sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+msrv: deps
+	rustup toolchain install $(MSRV) --profile minimal
+	$(CARGO) +$(MSRV) check --workspace --all-targets
 
-bench-build:
-	$(CARGO) bench -p benches --no-run
+## Criterion benches (quote medians; the machines are shared and noisy), with the side-by-side
+## comparison against sentry_arroyo (the `arroyo` feature, which builds a second librdkafka).
+bench: deps-extra
+	$(CARGO) bench -p benches --features arroyo
+
+bench-build: deps-extra
+	$(CARGO) bench -p benches --features arroyo --no-run
 
 ## The soak test (release build, about 3 minutes): two minutes of load through the `run` binary;
 ## memory flat, Redis empty at the end, every span out exactly once. Not part of `test`.
@@ -44,5 +55,5 @@ soak: deps
 
 ## The end-to-end pipeline tests on tansu, a second Kafka broker; installs it when missing (about
 ## 15 minutes the first time). Not part of `test`.
-test-tansu: deps
+test-tansu: deps-extra
 	CARGO="$(CARGO)" scripts/test-tansu.sh

@@ -1,11 +1,8 @@
-//! The spans buffer's hot paths on the reference workload (`gen_workload.py`, seed 42): decode,
+//! The spans buffer's hot paths on the reference workload (`spans_pipeline::workload`, seed 42): decode,
 //! grouping, compression, `process_spans` of a 2000-span batch and a flush of 500 segments on
 //! a real local `redis-server`.
-//!
-//! The workload is generated once into `target/bench-data/` with python3.
 
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -14,6 +11,7 @@ use spans_pipeline::buffer::codec::PayloadEncoder;
 use spans_pipeline::buffer::subsegment::build_subsegments;
 use spans_pipeline::buffer::{BufferOptions, RedisConnection, SpansBuffer};
 use spans_pipeline::span::Span;
+use spans_pipeline::workload::{WorkloadShape, generate};
 
 /// Spans in the generated workload.
 const WORKLOAD_SPANS: usize = 20_000;
@@ -23,33 +21,13 @@ const BATCH: usize = 2000;
 const FLUSH_SEGMENTS: usize = 500;
 
 fn workload() -> Vec<Vec<u8>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data");
-    let file = dir.join(format!("workload-{WORKLOAD_SPANS}-42.jsonl"));
-    if !file.exists() {
-        std::fs::create_dir_all(&dir).expect("create bench data dir");
-        let generator =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/gen_workload.py");
-        let status = std::process::Command::new("python3")
-            .arg(generator)
-            .args([
-                "--spans",
-                &WORKLOAD_SPANS.to_string(),
-                "--seed",
-                "42",
-                "--out",
-            ])
-            .arg(&file)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run gen_workload.py");
-        assert!(status.success(), "gen_workload.py failed");
-    }
-    std::fs::read(&file)
-        .expect("read workload")
-        .split(|&b| b == b'\n')
-        .filter(|line| !line.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect()
+    generate(&WorkloadShape {
+        spans: WORKLOAD_SPANS,
+        ..WorkloadShape::default()
+    })
+    .into_iter()
+    .map(|span| span.payload)
+    .collect()
 }
 
 fn decode_batch(lines: &[Vec<u8>]) -> Vec<Span<'_>> {

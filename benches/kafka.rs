@@ -152,6 +152,7 @@ fn run_rill() -> Duration {
 }
 
 /// One run of the same pipeline on sentry_arroyo; returns the measured time.
+#[cfg(feature = "arroyo")]
 fn run_arroyo() -> Duration {
     use sentry_arroyo::backends::kafka::InitialOffset;
     use sentry_arroyo::backends::kafka::config::KafkaConfig;
@@ -247,6 +248,7 @@ fn consume_produce_commit(c: &mut Criterion) {
     group.bench_function("rill", |b| {
         b.iter_custom(|iterations| (0..iterations).map(|_| run_rill()).sum())
     });
+    #[cfg(feature = "arroyo")]
     group.bench_function("sentry_arroyo", |b| {
         b.iter_custom(|iterations| (0..iterations).map(|_| run_arroyo()).sum())
     });

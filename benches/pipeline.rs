@@ -1,7 +1,7 @@
 //! The whole spans consumer end to end: spans/s and Redis CPU per 100k spans.
 //!
-//! Each iteration pre-loads `SPANS` spans (the shape of `shared/bench/gen_workload.py`, made
-//! by the demo's generator) into librdkafka's mock cluster, then runs the full pipeline
+//! Each iteration pre-loads `SPANS` spans of the reference workload shape
+//! (`spans_pipeline::workload`) into librdkafka's mock cluster, then runs the full pipeline
 //! (decode → batch → ProcessSpans → FlushSegments → CommitOffsets) on a fresh local
 //! `redis-server` and measures:
 //! - **ingest**: from the first message consumed to every offset committed (spans in Redis);
@@ -27,8 +27,8 @@ use spans_pipeline::buffer::{BufferOptions, RedisConnection};
 use spans_pipeline::consumer::{
     ConsumerSettings, FlushSettings, KillSwitchHandle, SpansStrategyFactory,
 };
-use spans_pipeline::demo::{WorkloadShape, generate};
 use spans_pipeline::replay::{keys_left, redis_cpu_secs};
+use spans_pipeline::workload::{WorkloadShape, generate};
 
 const SPANS: usize = 40_000;
 const PARTITIONS: i32 = 16;
@@ -77,7 +77,7 @@ fn describe_keys(redis: &RedisServer) -> String {
 }
 
 /// One run; returns the ingest time.
-fn run_once(load: &[spans_pipeline::demo::GeneratedSpan]) -> Duration {
+fn run_once(load: &[spans_pipeline::workload::GeneratedSpan]) -> Duration {
     let kafka = MockKafka::start(1).expect("mock cluster");
     kafka.create_topic(INPUT, PARTITIONS).expect("input topic");
     kafka.create_topic(OUTPUT, 32).expect("output topic");
@@ -208,6 +208,7 @@ fn whole_pipeline(c: &mut Criterion) {
         spans: SPANS,
         rate: 20_000.0,
         seed: 42,
+        ..WorkloadShape::default()
     });
     let mut group = c.benchmark_group("spans_pipeline::consumer");
     group.throughput(Throughput::Elements(SPANS as u64));

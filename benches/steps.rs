@@ -205,7 +205,13 @@ fn chain(c: &mut Criterion) {
         );
     });
     group.finish();
+    #[cfg(feature = "arroyo")]
+    arroyo_chain(c);
+}
 
+/// The same chain on `sentry_arroyo` (the `arroyo` feature: `make bench` turns it on).
+#[cfg(feature = "arroyo")]
+fn arroyo_chain(c: &mut Criterion) {
     use sentry_arroyo::processing::strategies::ProcessingStrategy as _;
     use sentry_arroyo::processing::strategies::SubmitError as ArroyoSubmitError;
     use sentry_arroyo::processing::strategies::commit_offsets::CommitOffsets as ArroyoCommit;

@@ -196,9 +196,13 @@ fn shutdown_with_tasks_and_deliveries_in_flight_finishes_them_and_commits() {
         std::thread::sleep(Duration::from_millis(1));
     }
     producer.hold_deliveries();
-    std::thread::sleep(Duration::from_millis(20));
+    while producer.held() == 0 {
+        assert!(Instant::now() < deadline, "no delivery held back");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The stop is signalled while deliveries are held back; whether the processor sees it
+    // before or after their release, what it accepted must end finished and committed.
     handle.signal_shutdown();
-    std::thread::sleep(Duration::from_millis(20));
     producer.release_deliveries();
     let (result, stats) = runner.join().unwrap();
     result.unwrap();

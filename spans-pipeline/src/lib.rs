@@ -8,7 +8,8 @@
 //! - [`config`]: the configuration of `spans-pipeline run` (TOML, environment, flags);
 //! - [`run`]: the consumer as a service (metrics, health, signals, reload);
 //! - [`demo`]: the whole pipeline on an embedded mock Kafka and a local Redis;
-//! - [`replay`]: feeds a recorded workload through the buffer and reports throughput.
+//! - [`replay`]: feeds a recorded workload through the buffer and reports throughput;
+//! - [`workload`]: the reference workload, deterministic from a seed.
 
 pub mod buffer;
 pub mod config;
@@ -18,3 +19,4 @@ pub mod metrics;
 pub mod replay;
 pub mod run;
 pub mod span;
+pub mod workload;

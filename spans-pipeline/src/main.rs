@@ -29,6 +29,9 @@ enum Command {
     /// Run the whole consumer on an embedded default (an in-process mock Kafka cluster, a local
     /// redis-server, a synthetic trace load) and print a summary.
     Demo(DemoArgs),
+    /// Write the reference workload (deterministic from its seed) as a JSONL file of
+    /// `ingest-spans` message values, for `replay` and the benches.
+    GenWorkload(spans_pipeline::workload::GenWorkloadArgs),
 }
 
 /// Options of `spans-pipeline run`. Settings come from the TOML file, then
@@ -143,6 +146,24 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             let report = runtime.block_on(spans_pipeline::replay::run(&args))?;
             println!("{}", sonic_rs::to_string_pretty(&report)?);
+        }
+        Command::GenWorkload(args) => {
+            let shape = args.shape().map_err(anyhow::Error::msg)?;
+            let spans = spans_pipeline::workload::generate(&shape);
+            let file = std::fs::File::create(&args.out).map_err(|error| {
+                anyhow::anyhow!("cannot create {}: {error}", args.out.display())
+            })?;
+            let summary =
+                spans_pipeline::workload::write_jsonl(&spans, std::io::BufWriter::new(file))?;
+            eprintln!(
+                "wrote {} spans in {} traces to {} ({} payload bytes, mean {:.1}); blake2b-256 {}",
+                summary.spans,
+                summary.traces,
+                args.out.display(),
+                summary.bytes,
+                summary.bytes as f64 / summary.spans.max(1) as f64,
+                summary.digest
+            );
         }
         Command::Demo(args) => {
             let report = spans_pipeline::demo::run(&spans_pipeline::demo::DemoSettings {

@@ -10,22 +10,19 @@ use std::path::{Path, PathBuf};
 
 use integration_tests::redis_server::TestRedis;
 use spans_pipeline::replay::{ReplayArgs, run};
+use spans_pipeline::workload::{self, WorkloadShape};
 use support::start;
 
-const WORKLOAD: &str = "../../shared/bench/gen_workload.py";
-
+/// Writes the reference workload of `spans` spans (seed 7) as the JSONL file replay reads.
 fn generate(dir: &Path, spans: usize) -> PathBuf {
     let out = dir.join("workload.jsonl");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(WORKLOAD);
-    let status = std::process::Command::new("python3")
-        .arg(script)
-        .args(["--spans", &spans.to_string(), "--seed", "7", "--out"])
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let load = workload::generate(&WorkloadShape {
+        spans,
+        seed: 7,
+        ..WorkloadShape::default()
+    });
+    let file = std::fs::File::create(&out).unwrap();
+    workload::write_jsonl(&load, std::io::BufWriter::new(file)).unwrap();
     out
 }
 

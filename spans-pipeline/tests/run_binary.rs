@@ -67,9 +67,12 @@ health_file = "{}"
         .unwrap();
     };
     write_config("");
+    let log = dir.path().join("stderr.log");
     let mut child = process::RunProcess::start(
         process::run_command(&config_path, kafka.bootstrap_servers())
-            .args(["--redis-url", &redis.url()]),
+            .args(["--redis-url", &redis.url()])
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap()),
     );
 
     let trace = "3".repeat(32);
@@ -89,7 +92,7 @@ health_file = "{}"
     // Project 7 is now killed: its next span is consumed (and committed) but never flushed.
     write_config("7");
     child.signal("HUP");
-    std::thread::sleep(Duration::from_millis(500));
+    process::wait_for_log(&log, "Kill-switch reloaded.");
     let second = [
         span(&"4".repeat(32), &"b".repeat(16), None, 7),
         span(&"5".repeat(32), &"c".repeat(16), None, 8),

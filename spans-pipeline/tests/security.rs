@@ -22,14 +22,12 @@ mod process;
 mod support;
 
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use integration_tests::kafka::MockKafka;
 use integration_tests::redis_server::RedisServer;
 use integration_tests::secure_redis::{AclRedis, TlsRedis, USER};
-use process::RunProcess;
+use process::{RunProcess, wait_for_log};
 use redis::{ClientTlsConfig, TlsCertificates};
 use spans_pipeline::buffer::{BufferOptions, RedisConnection, SpansBuffer};
 use support::{SpanSpec, flush_until_empty, spans};
@@ -311,27 +309,42 @@ fn parse_monitor_line(line: &str) -> Option<Monitored> {
     Some(Monitored { from_lua, args })
 }
 
-/// Collects `MONITOR` output of `server` on a thread until `stop` is set.
-fn monitor(server: &RedisServer, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<String>> {
+/// The argument of the `ECHO` that ends a [`monitor`]: MONITOR reports commands in the order
+/// the server ran them, so once it shows this one it has shown every command before it.
+const END_OF_MONITOR: &str = "end-of-monitor";
+
+/// Collects `MONITOR` output of `server` on a thread until it sees [`end_monitor`]'s command
+/// (bounded by a deadline).
+fn monitor(server: &RedisServer) -> std::thread::JoinHandle<Vec<String>> {
     let mut conn = server.connection();
     let _: () = redis::cmd("MONITOR").query(&mut conn).unwrap();
     conn.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
     std::thread::spawn(move || {
         let mut lines = Vec::new();
         loop {
             match conn.recv_response() {
+                Ok(redis::Value::SimpleString(line)) if line.contains(END_OF_MONITOR) => {
+                    return lines;
+                }
                 Ok(redis::Value::SimpleString(line)) => lines.push(line),
                 Ok(other) => panic!("unexpected monitor reply {other:?}"),
                 Err(error) if error.is_timeout() => {
-                    if stop.load(Ordering::Relaxed) {
-                        return lines;
-                    }
+                    assert!(Instant::now() < deadline, "the monitor never saw its end");
                 }
                 Err(error) => panic!("monitor failed: {error}"),
             }
         }
     })
+}
+
+/// Ends a [`monitor`] of `server` after every command sent so far.
+fn end_monitor(server: &RedisServer) {
+    let _: String = redis::cmd("ECHO")
+        .arg(END_OF_MONITOR)
+        .query(&mut server.connection())
+        .unwrap();
 }
 
 /// The keys of a command, as the server itself reads them (`COMMAND GETKEYS`).
@@ -348,17 +361,14 @@ fn keys_of(conn: &mut redis::Connection, args: &[Vec<u8>]) -> Vec<Vec<u8>> {
 #[tokio::test]
 async fn the_script_touches_only_keys_of_its_declared_hash_tag() {
     let server = RedisServer::start();
-    let stop = Arc::new(AtomicBool::new(false));
-    let monitoring = monitor(&server, Arc::clone(&stop));
+    let monitoring = monitor(&server);
     let connection = RedisConnection::connect(&[server.url()], false)
         .await
         .unwrap();
     let workload = Workload::new();
     let flushed = workload.run(&buffer_on(connection).await).await;
     assert_eq!(flushed, workload.span_count());
-    // Let the monitor catch up with the last commands, then stop it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
+    end_monitor(&server);
     let lines = monitoring.join().unwrap();
 
     // MONITOR shows a script call, then the commands it ran.
@@ -515,15 +525,11 @@ fn secrets_stay_out_of_logs_errors_and_metrics() {
         run_command(&config, &kafka).stderr(std::fs::File::create(&log_path).unwrap()),
     );
     let logs = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !logs().contains("Consuming.") {
-        assert!(Instant::now() < deadline, "no start-up:\n{}", logs());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_log(&log_path, "Consuming.");
     kafka
         .produce("ingest-spans", [b"not a span".as_slice()], |_| 0)
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for_log(&log_path, "Dead-lettering");
     assert!(child.is_running(), "the consumer stopped:\n{}", logs());
     let metrics = scrape(metrics_port);
     assert!(metrics.contains("200 OK"), "{metrics}");

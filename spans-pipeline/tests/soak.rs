@@ -33,7 +33,7 @@ use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use sonic_rs::{JsonContainerTrait, JsonValueTrait};
-use spans_pipeline::demo::{WorkloadShape, generate};
+use spans_pipeline::workload::{WorkloadShape, generate};
 use support::{DLQ, GROUP, INPUT, OUTPUT, committed, wait_until};
 
 /// How long spans are produced.
@@ -165,6 +165,7 @@ fn produce_load(kafka: &MockKafka) -> Input {
             spans: RATE,
             rate: RATE as f64,
             seed: 4242 + second,
+            ..WorkloadShape::default()
         });
         for (index, span) in load.iter().enumerate() {
             let due = start

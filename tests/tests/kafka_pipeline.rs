@@ -34,6 +34,8 @@ const WAIT: Duration = Duration::from_secs(60);
 const INPUT: &str = "numbers";
 const OUTPUT: &str = "labelled";
 const DLQ: &str = "dead-letters";
+/// How long the broker-outage test keeps its broker down.
+const BROKER_OUTAGE: Duration = Duration::from_secs(2);
 
 /// Turns `value` at `partition`/`offset` into its labelled form; non-numbers are invalid.
 fn label(
@@ -426,7 +428,8 @@ fn broker_errors_and_a_broker_restart_are_survived() {
     setup.wait_until_committed(&[100, 100]);
 
     setup.kafka.broker_down(1).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // The fault itself: the broker stays down this long.
+    std::thread::sleep(BROKER_OUTAGE);
     setup.kafka.broker_up(1).unwrap();
     setup.produce(&numbers(200..300), 2);
     setup.wait_until_committed(&[150, 150]);

@@ -8,7 +8,6 @@
 //! throughput. A few malformed messages are mixed in to show the dead-letter queue at work.
 
 mod local_redis;
-mod workload;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,10 +29,10 @@ use rill::dlq::DlqPolicy;
 use rill::processor::{ProcessorConfig, StreamProcessor};
 
 pub use local_redis::{LocalRedis, LocalRedisError};
-pub use workload::{GeneratedSpan, WorkloadShape, generate};
 
 use crate::buffer::{BufferOptions, RedisConnection, SpansBufferStore};
 use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitchHandle, SpansStrategyFactory};
+use crate::workload::{GeneratedSpan, WorkloadShape, generate};
 
 const INPUT: &str = "ingest-spans";
 const OUTPUT: &str = "buffered-segments";
@@ -207,6 +206,7 @@ pub fn run(settings: &DemoSettings) -> Result<DemoReport, DemoError> {
         spans: settings.spans,
         rate: settings.rate,
         seed: settings.seed,
+        ..WorkloadShape::default()
     });
     eprintln!(
         "demo: {} spans in {} traces at {:.0} spans/s; kafka (mock) {bootstrap}; redis {redis_url}",

@@ -24,6 +24,26 @@ pub fn run_command(config: &Path, bootstrap_servers: &str) -> Command {
     command
 }
 
+/// How long [`wait_for_log`] waits for a line.
+const LOG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until the log file at `path` (a child's stderr) contains `needle`, bounded by a
+/// deadline; returns the log read then.
+pub fn wait_for_log(path: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + LOG_TIMEOUT;
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log within {LOG_TIMEOUT:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A running consumer process; killed when dropped while still running.
 #[derive(Debug)]
 pub struct RunProcess {
