@@ -8,7 +8,8 @@
 mod support;
 
 use integration_tests::redis_server::{RedisMode, TestRedis};
-use spans_pipeline::buffer::{BufferOptions, SpansBuffer};
+use sonic_rs::JsonValueTrait;
+use spans_pipeline::buffer::{BufferOptions, INVALID_PAYLOAD, SegmentKey, SpansBuffer, keys};
 use support::{
     SegmentView, SpanSpec, assert_clean, assert_ttls, buffer, expected, flush_and_done, id,
     permutations, segment_key, spans, start, view,
@@ -104,6 +105,52 @@ async fn basic_flushes_one_segment_for_every_order() {
             assert_eq!(flush_and_done(&buffer, 30).await, SegmentView::new());
             assert_clean(&redis);
         }
+    }
+}
+
+#[tokio::test]
+async fn payload_members_that_are_not_spans_are_dropped_and_counted_as_lost() {
+    for mode in TestRedis::MODES {
+        let redis = start(mode);
+        let mut buffer = buffer(&redis, BufferOptions::default(), vec![0]).await;
+        process(
+            &mut buffer,
+            &[SpanSpec::child('b', 'a'), SpanSpec::root('a')],
+            5,
+        )
+        .await;
+        // Next to the real subsegment, members that are not zstd frames of spans: text, a JSON
+        // array, a truncated object, a frame that does not decompress.
+        let root = SegmentKey::parse(segment_key(1, &id('a'))).unwrap();
+        let salts: Vec<String> = redis.query(redis::cmd("SMEMBERS").arg(keys::member_keys(&root)));
+        let payload_key = keys::payload(root.project_and_trace(), &salts[0]);
+        let garbage: [&[u8]; 4] = [
+            b"not json",
+            b"[1,2]",
+            br#"{"span_id":"cccccccccccccccc""#,
+            &[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3],
+        ];
+        for member in garbage {
+            let _: () = redis.query(redis::cmd("SADD").arg(&payload_key).arg(member));
+        }
+
+        let flush = buffer.flush_segments(100).await.unwrap();
+        assert_eq!(
+            view(&flush.segments),
+            SegmentView::from([(
+                segment_key(1, &id('a')),
+                expected(&[('a', true), ('b', false)], &id('a'))
+            )]),
+            "{mode:?}"
+        );
+        for span in flush.segments.iter().flat_map(|segment| &segment.spans) {
+            let value: sonic_rs::Value = sonic_rs::from_slice(&span.payload).unwrap();
+            assert!(value.is_object(), "{mode:?}");
+        }
+        let lost: Vec<(u64, &str)> = flush.lost.iter().map(|l| (l.quantity, l.reason)).collect();
+        assert_eq!(lost, [(4, INVALID_PAYLOAD)], "{mode:?}");
+        buffer.done_flush_segments(&flush.segments).await.unwrap();
+        assert_clean(&redis);
     }
 }
 

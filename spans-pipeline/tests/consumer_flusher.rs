@@ -422,6 +422,38 @@ fn a_flush_worker_that_keeps_dying_fails_the_consumer() {
 }
 
 #[test]
+fn a_flush_worker_whose_flushes_keep_failing_is_replaced_then_fails_the_consumer() {
+    let _serial = serial();
+    // No faulty sends: the flushes themselves fail.
+    let fixture = Fixture::new(RedisMode::Standalone, Fault::Panic, 0);
+    let mut setup = setup(&fixture.producer);
+    setup.settings.flush.max_restarts = 2;
+    let traces = Traces::new(0, 1, 2, 1);
+    traces.produce(&fixture.kafka);
+    let consumer = fixture.start(&setup);
+    wait_until_drained(&fixture.kafka, &fixture.redis, &traces.per_partition(1));
+
+    // The shard's queue becomes a string: every read of it is refused with WRONGTYPE, the
+    // same way at every retry.
+    let _: () = fixture
+        .redis
+        .query(redis::cmd("SET").arg("span-buf:q:0").arg("not a queue"));
+    let (result, _) = consumer.wait_for_exit();
+
+    let Err(RunError::Strategy(error)) = result else {
+        panic!("expected the flusher to fail the consumer, got {result:?}");
+    };
+    assert!(
+        matches!(
+            error.downcast_ref::<FlushError>(),
+            Some(FlushError::TooManyRestarts { restarts: 2, .. })
+        ),
+        "{error}"
+    );
+    assert!(counter(names::FLUSHER_ERRORS, &[("phase", "flush")]) >= 3);
+}
+
+#[test]
 fn a_lagging_flusher_pauses_consumption_until_it_catches_up() {
     let _serial = serial();
     let fixture = Fixture::new(

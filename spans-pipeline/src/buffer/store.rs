@@ -11,7 +11,7 @@ use std::sync::{Mutex, PoisonError};
 
 use redis::{Cmd, Value};
 
-use crate::buffer::codec::{self, DecodeError, PayloadEncoder};
+use crate::buffer::codec::{self, PayloadEncoder};
 use crate::buffer::connection::{CommandBatch, RedisConnection};
 use crate::buffer::error::BufferError;
 use crate::buffer::keys::{self, SegmentKey};
@@ -22,6 +22,7 @@ use crate::buffer::segment::{
     FlushCandidate, FlushedSegment, IngestMetadata, InsertedSubsegment, LoadedSegment, ScriptSample,
 };
 use crate::buffer::subsegment::Subsegment;
+use crate::metrics as names;
 
 /// The queue changes of one batch for one queue.
 struct QueueUpdate {
@@ -522,31 +523,55 @@ impl SpansBufferStore {
             batch.add(queue.clone(), range);
         }
         let replies = self.conn.execute(batch).await?;
-        queues
-            .iter()
-            .zip(replies)
-            .map(|((shard, queue), reply)| {
-                let items = into_array("ZRANGEBYSCORE", reply)?;
-                items
-                    .chunks(2)
-                    .map(|pair| {
-                        let member = as_string("ZRANGEBYSCORE", &pair[0])?;
-                        let score = pair.get(1).map_or(Ok(0.0), as_f64)?;
-                        Ok(FlushCandidate {
-                            shard: *shard,
-                            queue_key: queue.clone(),
-                            segment_key: SegmentKey::parse(member.clone()).ok_or_else(|| {
-                                BufferError::UnexpectedReply {
-                                    command: "ZRANGEBYSCORE",
-                                    reply: member,
-                                }
-                            })?,
-                            deadline: score as i64,
-                        })
-                    })
-                    .collect()
-            })
-            .collect()
+        let mut per_queue = Vec::with_capacity(queues.len());
+        let mut bad_entries: Vec<(&str, Vec<u8>)> = Vec::new();
+        for ((shard, queue), reply) in queues.iter().zip(replies) {
+            let mut candidates = Vec::new();
+            for pair in into_array("ZRANGEBYSCORE", reply)?.chunks(2) {
+                let member = as_bytes("ZRANGEBYSCORE", pair[0].clone())?;
+                let score = pair.get(1).map_or(Ok(0.0), as_f64)?;
+                match std::str::from_utf8(&member)
+                    .ok()
+                    .and_then(SegmentKey::parse)
+                {
+                    Some(segment_key) => candidates.push(FlushCandidate {
+                        shard: *shard,
+                        queue_key: queue.clone(),
+                        segment_key,
+                        deadline: score as i64,
+                    }),
+                    None => bad_entries.push((queue, member)),
+                }
+            }
+            per_queue.push(candidates);
+        }
+        self.set_aside_bad_queue_entries(bad_entries).await?;
+        Ok(per_queue)
+    }
+
+    /// Removes queue members that no flush can read (not UTF-8, or not a segment key): left
+    /// in place they would come back at every flush and, read as an error, stop every shard
+    /// of the worker. Each is logged with its queue and counted; nothing else refers to them.
+    async fn set_aside_bad_queue_entries(
+        &self,
+        entries: Vec<(&str, Vec<u8>)>,
+    ) -> Result<(), BufferError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = CommandBatch::new();
+        for (queue, member) in &entries {
+            tracing::error!(
+                queue_key = queue,
+                member = %member.escape_ascii(),
+                "Removing a flush queue entry that is not a segment key."
+            );
+            metrics::counter!(names::BAD_QUEUE_ENTRIES, "queue" => queue.to_string()).increment(1);
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(*queue).arg(member.as_slice());
+            batch.add(*queue, zrem);
+        }
+        check_replies("ZREM", &self.conn.execute(batch).await?)
     }
 
     /// Takes the flush lock of each candidate (`SET NX EX`); returns the candidates whose
@@ -642,9 +667,11 @@ impl SpansBufferStore {
                     span_count,
                     byte_count,
                 },
+                corrupt_members: 0,
             });
         }
-        let mut members: Vec<(usize, Vec<Vec<u8>>)> = Vec::with_capacity(union_segments.len());
+        let mut members: Vec<(usize, SegmentKey, Vec<Vec<u8>>)> =
+            Vec::with_capacity(union_segments.len());
         for (index, reply) in union_segments
             .into_iter()
             .zip(self.conn.execute(unions).await?)
@@ -655,24 +682,29 @@ impl SpansBufferStore {
                     segment_members.push(as_bytes("SUNION", member)?);
                 }
             }
-            members.push((index, segment_members));
+            members.push((
+                index,
+                segments[index].candidate.segment_key.clone(),
+                segment_members,
+            ));
         }
         // Decompressing is most of a load's CPU: shared across threads for a large flush.
         let decoded = parallel::map_ordered(
             members,
-            |(_, members)| members.iter().map(Vec::len).sum(),
+            |(_, _, members)| members.iter().map(Vec::len).sum(),
             COMPRESSED_BYTES_PER_DECODE_THREAD,
-            |(index, members)| {
+            |(index, key, members)| {
                 let mut payloads = Vec::with_capacity(members.len());
+                let mut corrupt = 0;
                 for member in members {
-                    codec::decode_member_into(member, &mut payloads)?;
+                    corrupt += u64::from(!decode_member_of(&key, member, &mut payloads));
                 }
-                Ok::<_, DecodeError>((index, payloads))
+                (index, payloads, corrupt)
             },
         );
-        for result in decoded {
-            let (index, payloads) = result?;
+        for (index, payloads, corrupt) in decoded {
             segments[index].payloads = payloads;
+            segments[index].corrupt_members += corrupt;
         }
         self.scan_payloads(scans, &mut segments).await?;
         Ok(segments)
@@ -706,10 +738,13 @@ impl SpansBufferStore {
                         reply: "cursor".to_owned(),
                     })?;
                 for member in into_array("SSCAN", parts.next().unwrap_or(Value::Nil))? {
-                    codec::decode_member_into(
+                    let segment = &mut segments[index];
+                    let decoded = decode_member_of(
+                        &segment.candidate.segment_key,
                         as_bytes("SSCAN", member)?,
-                        &mut segments[index].payloads,
-                    )?;
+                        &mut segment.payloads,
+                    );
+                    segment.corrupt_members += u64::from(!decoded);
                 }
                 if cursor != 0 {
                     next_scans.push((index, key));
@@ -837,6 +872,27 @@ impl SpansBufferStore {
             .into_iter()
             .map(|v| as_optional_u64(v).map(Option::unwrap_or_default))
             .collect()
+    }
+}
+
+/// Appends the payloads of one stored member of `segment` to `out`. A member that looks like a
+/// zstd frame but does not decompress is logged with its segment and counted, and adds
+/// nothing: failing the whole flush instead would stop every segment of the worker's shards
+/// at every retry. Returns whether the member decoded.
+fn decode_member_of(segment: &SegmentKey, member: Vec<u8>, out: &mut Vec<Vec<u8>>) -> bool {
+    let bytes = member.len();
+    match codec::decode_member_into(member, out) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(
+                segment_key = %segment,
+                bytes,
+                error = ?error,
+                "Dropping a stored payload member that does not decompress."
+            );
+            metrics::counter!(names::INVALID_PAYLOADS).increment(1);
+            false
+        }
     }
 }
 
