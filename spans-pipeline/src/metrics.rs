@@ -52,6 +52,9 @@ pub const BAD_QUEUE_ENTRIES: &str = "spans.buffer.flusher.bad_queue_entries";
 /// Stored payloads dropped at flush because they are not spans (not a JSON object, or a
 /// zstd frame that does not decompress).
 pub const INVALID_PAYLOADS: &str = "spans.buffer.flusher.invalid_payloads";
+/// Flushed segments left in Redis at cleanup because their flush lock expired or was taken
+/// over (they are flushed again: duplicates, not losses).
+pub const FLUSH_LOCKS_LOST: &str = "spans.buffer.flusher.flush_locks_lost";
 /// Flush worker errors (tag `phase`: `flush`, `done`).
 pub const FLUSHER_ERRORS: &str = "spans.buffer.flusher.errors";
 /// Redis used/available memory ratio, summed over every master.

@@ -125,7 +125,7 @@ async fn acquire_flush_locks_keeps_unlocked_candidates() {
         let lock = keys::flush_lock(&first.segment_key);
         let _: () = redis.query(redis::cmd("SET").arg(&lock).arg(1).arg("EX").arg(30));
         let (acquired, contended) = store
-            .acquire_flush_locks(vec![first, candidate("second", 1)])
+            .acquire_flush_locks(vec![first, candidate("second", 1)], "token")
             .await
             .unwrap();
         assert_eq!(acquired, [candidate("second", 1)]);
@@ -140,7 +140,7 @@ async fn acquire_flush_locks_returns_all_candidates_when_disabled() {
     for_each_mode(|redis: TestRedis| async move {
         let store = store(&redis, BufferOptions::default()).await;
         let all = vec![candidate("a", 1), candidate("b", 1)];
-        let (acquired, contended) = store.acquire_flush_locks(all.clone()).await.unwrap();
+        let (acquired, contended) = store.acquire_flush_locks(all.clone(), "").await.unwrap();
         assert_eq!(acquired, all);
         assert_eq!(contended, 0);
         assert!(redis.keys_with_ttls().is_empty());
@@ -355,6 +355,7 @@ async fn cleanup_flushed_segments_removes_segment_data() {
                 payload: b"{}".to_vec(),
             }],
             payload_keys: vec![payload_key],
+            lock_token: None,
         };
         store.cleanup_flushed_segments(&[flushed]).await.unwrap();
         assert!(

@@ -275,7 +275,13 @@ impl SpansBuffer {
         stats.candidates = candidates.len();
 
         let started = Instant::now();
-        let (candidates, contention) = self.store.acquire_flush_locks(candidates).await?;
+        // One token per flush: its cleanup acts only on the locks that still hold it.
+        let lock_token =
+            (options.flush_lock_ttl_secs > 0).then(|| uuid::Uuid::new_v4().simple().to_string());
+        let (candidates, contention) = self
+            .store
+            .acquire_flush_locks(candidates, lock_token.as_deref().unwrap_or_default())
+            .await?;
         stats.lock_contention = contention;
         let loaded = self.store.load_segments(candidates).await?;
         stats.load_data_latency = started.elapsed();
@@ -288,6 +294,7 @@ impl SpansBuffer {
         let built = build_flushed_segments(loaded);
         let mut segments = Vec::with_capacity(built.len());
         for (mut flushed, invalid) in built {
+            flushed.lock_token.clone_from(&lock_token);
             if invalid > 0 {
                 add_lost(&mut lost, flushed.project_id, INVALID_PAYLOAD, invalid);
                 stats.dropped_spans += invalid;
@@ -362,7 +369,21 @@ impl SpansBuffer {
         if segments.is_empty() {
             return Ok(());
         }
-        self.store.cleanup_flushed_segments(segments).await
+        let left = self.store.cleanup_flushed_segments(segments).await?;
+        if left > 0 {
+            metrics::counter!(names::FLUSH_LOCKS_LOST).increment(left as u64);
+        }
+        Ok(())
+    }
+
+    /// Extends this flush's locks on `segments` by the lock TTL, so a produce that takes
+    /// longer than the TTL keeps them; returns how many locks are no longer this flush's.
+    pub async fn extend_flush_locks(
+        &self,
+        segments: &[FlushedSegment],
+    ) -> Result<usize, BufferError> {
+        let held = self.store.extend_flush_locks(segments).await?;
+        Ok(held.into_iter().filter(|held| !held).count())
     }
 }
 
@@ -449,6 +470,7 @@ fn build_flushed_segment(segment: LoadedSegment) -> (FlushedSegment, u64) {
         segment_key: key,
         spans,
         payload_keys: segment.payload_keys,
+        lock_token: None,
     };
     (flushed, invalid + segment.corrupt_members)
 }

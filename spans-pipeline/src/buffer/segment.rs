@@ -136,6 +136,9 @@ pub struct FlushedSegment {
     pub spans: Vec<OutputSpan>,
     /// Payload keys to remove in done.
     pub payload_keys: Vec<String>,
+    /// The token of the flush lock this flush holds on the segment (`None`: locks off). Done
+    /// cleans up only while the lock still holds it.
+    pub lock_token: Option<String>,
 }
 
 impl FlushedSegment {

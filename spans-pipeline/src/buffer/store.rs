@@ -574,22 +574,25 @@ impl SpansBufferStore {
         check_replies("ZREM", &self.conn.execute(batch).await?)
     }
 
-    /// Takes the flush lock of each candidate (`SET NX EX`); returns the candidates whose
-    /// lock was taken and how many were already locked. Locks off (ttl 0): everything.
+    /// Takes the flush lock of each candidate for the flush named by `token`
+    /// ([`script::ACQUIRE_FLUSH_LOCK`], which Redis runs even at `maxmemory`); returns the
+    /// candidates whose lock was taken and how many were already locked. Locks off (ttl 0):
+    /// everything.
     pub async fn acquire_flush_locks(
         &self,
         candidates: Vec<FlushCandidate>,
+        token: &str,
     ) -> Result<(Vec<FlushCandidate>, usize), BufferError> {
-        let ttl = self.options.flush_lock_ttl_secs;
-        if ttl == 0 || candidates.is_empty() {
+        if !self.locks_on() || candidates.is_empty() {
             return Ok((candidates, 0));
         }
         let mut batch = CommandBatch::new();
         for candidate in &candidates {
             let lock = keys::flush_lock(&candidate.segment_key);
-            let mut set = redis::cmd("SET");
-            set.arg(&lock).arg(1).arg("EX").arg(ttl).arg("NX");
-            batch.add(lock, set);
+            batch.add(
+                lock.clone(),
+                self.lock_call(script::ACQUIRE_FLUSH_LOCK, lock, token),
+            );
         }
         let replies = self.conn.execute(batch).await?;
         let mut acquired = Vec::with_capacity(candidates.len());
@@ -602,6 +605,53 @@ impl SpansBufferStore {
             }
         }
         Ok((acquired, contended))
+    }
+
+    /// Extends the flush lock of each segment by the lock TTL, where it still holds the
+    /// segment's token ([`script::EXTEND_FLUSH_LOCK`]); returns, per segment, whether it does.
+    /// A segment flushed without a lock always does.
+    pub async fn extend_flush_locks(
+        &self,
+        segments: &[FlushedSegment],
+    ) -> Result<Vec<bool>, BufferError> {
+        let mut batch = CommandBatch::new();
+        let mut locked = Vec::new();
+        for (index, segment) in segments.iter().enumerate() {
+            if let Some(token) = segment.lock_token.as_deref() {
+                let lock = keys::flush_lock(&segment.segment_key);
+                batch.add(
+                    lock.clone(),
+                    self.lock_call(script::EXTEND_FLUSH_LOCK, lock, token),
+                );
+                locked.push(index);
+            }
+        }
+        let mut held = vec![true; segments.len()];
+        if locked.is_empty() {
+            return Ok(held);
+        }
+        for (index, reply) in locked.into_iter().zip(self.conn.execute(batch).await?) {
+            held[index] = match reply {
+                Value::Int(n) => n == 1,
+                other => return Err(BufferError::unexpected("PEXPIRE", &other)),
+            };
+        }
+        Ok(held)
+    }
+
+    fn locks_on(&self) -> bool {
+        self.options.flush_lock_ttl_secs > 0
+    }
+
+    /// `EVAL <script> 1 <lock> <token> <ttl ms>`.
+    fn lock_call(&self, script: &str, lock: String, token: &str) -> Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script)
+            .arg(1)
+            .arg(lock)
+            .arg(token)
+            .arg(self.options.flush_lock_ttl_secs.saturating_mul(1000));
+        cmd
     }
 
     /// Loads payloads and ingest counters of each candidate.
@@ -759,47 +809,42 @@ impl SpansBufferStore {
 
     /// Removes everything of flushed segments: metadata, redirects of their spans, member-keys
     /// index and payload keys (when payload keys were found), the lock, and queue entries.
+    ///
+    /// With locks on, only segments whose lock still holds their flush's token are touched,
+    /// and in an order that keeps the lock until the end: the locks are checked (and
+    /// extended), then the queue entries and payload keys go, then one script per segment
+    /// deletes its own keys and releases the lock, again only if it still holds the token. A
+    /// segment whose lock expired may have taken in spans this flush did not produce (a
+    /// subsegment merges into an unlocked segment): it is left for the next flush, which
+    /// produces its spans again (duplicates, not losses). Returns how many segments were left.
     pub async fn cleanup_flushed_segments(
         &self,
         segments: &[FlushedSegment],
-    ) -> Result<(), BufferError> {
+    ) -> Result<usize, BufferError> {
+        let held = self.extend_flush_locks(segments).await?;
+        let mut owned: Vec<&FlushedSegment> = Vec::with_capacity(segments.len());
+        for (segment, held) in segments.iter().zip(held) {
+            if held {
+                owned.push(segment);
+            } else {
+                tracing::warn!(
+                    segment_key = %segment.segment_key,
+                    "The flush lock expired or was taken over before cleanup; leaving the \
+                     segment for the next flush."
+                );
+            }
+        }
+        let mut left = segments.len() - owned.len();
         let mut batch = CommandBatch::new();
         let mut queue_removals: Vec<(String, Vec<&str>)> = Vec::new();
         let mut payload_keys = Vec::new();
-        for segment in segments {
-            let key = &segment.segment_key;
-            // Every key of the segment itself shares its `{pt}` hash tag: one command. The
-            // segment key is the legacy merged payload set.
-            let mut own_keys = vec![
-                keys::has_root_span(key),
-                keys::ingested_count(key),
-                keys::ingested_bytes(key),
-                key.as_str().to_owned(),
-                keys::flush_lock(key),
-            ];
-            if !segment.payload_keys.is_empty() {
-                own_keys.push(keys::member_keys(key));
-                payload_keys.extend(segment.payload_keys.iter().cloned());
-            }
-            let mut unlink = redis::cmd("UNLINK");
-            unlink.arg(&own_keys);
-            batch.add(key.as_str(), unlink);
-            let redirects = keys::redirect_map(key.project_and_trace());
-            let span_ids: Vec<&str> = segment
-                .spans
-                .iter()
-                .map(|span| span.span_id.as_str())
-                .filter(|id| !id.is_empty())
-                .collect();
-            for chunk in span_ids.chunks(CLEANUP_CHUNK) {
-                let mut hdel = redis::cmd("HDEL");
-                hdel.arg(&redirects).arg(chunk);
-                batch.add(redirects.clone(), hdel);
-            }
+        for segment in &owned {
+            payload_keys.extend(segment.payload_keys.iter().cloned());
             for queue in &segment.queue_keys {
+                let key = segment.segment_key.as_str();
                 match queue_removals.iter_mut().find(|(q, _)| q == queue) {
-                    Some((_, members)) => members.push(key.as_str()),
-                    None => queue_removals.push((queue.clone(), vec![key.as_str()])),
+                    Some((_, members)) => members.push(key),
+                    None => queue_removals.push((queue.clone(), vec![key])),
                 }
             }
         }
@@ -813,9 +858,35 @@ impl SpansBufferStore {
         if !payload_keys.is_empty() {
             batch.add_spread("UNLINK", payload_keys, CLEANUP_KEYS_PER_UNLINK);
         }
-        let replies = self.conn.execute(batch).await?;
+        let mut releases = if self.locks_on() {
+            // The lock must outlive the queue entry: released first, a subsegment could
+            // re-create the segment and queue it, and the `ZREM` would then take that away.
+            let replies = self.conn.execute(batch).await?;
+            check_replies("cleanup", &replies)?;
+            check_spread_replies("cleanup", &replies)?;
+            CommandBatch::new()
+        } else {
+            batch
+        };
+        let first_release = releases.len();
+        for segment in &owned {
+            let key = &segment.segment_key;
+            releases.add(key.as_str(), release_call(segment));
+        }
+        let replies = self.conn.execute(releases).await?;
         check_replies("cleanup", &replies)?;
-        check_spread_replies("cleanup", &replies)
+        check_spread_replies("cleanup", &replies)?;
+        for (segment, reply) in owned.iter().zip(&replies[first_release..]) {
+            if !matches!(reply, Value::Int(1)) {
+                tracing::warn!(
+                    segment_key = %segment.segment_key,
+                    "The flush lock was lost during cleanup; the segment's metadata is left \
+                     until its TTL."
+                );
+                left += 1;
+            }
+        }
+        Ok(left)
     }
 
     /// The queue deadline of a segment (`ZSCORE`), if queued.
@@ -894,6 +965,34 @@ fn decode_member_of(segment: &SegmentKey, member: Vec<u8>, out: &mut Vec<Vec<u8>
             false
         }
     }
+}
+
+/// The [`script::RELEASE_FLUSHED_SEGMENT`] call of one flushed segment. Every key it touches
+/// shares the segment's `{pt}` hash tag; the segment key is the legacy merged payload set.
+fn release_call(segment: &FlushedSegment) -> Cmd {
+    let key = &segment.segment_key;
+    let mut cmd = redis::cmd("EVAL");
+    let mut own_keys = vec![
+        keys::flush_lock(key),
+        keys::redirect_map(key.project_and_trace()),
+        keys::has_root_span(key),
+        keys::ingested_count(key),
+        keys::ingested_bytes(key),
+        key.as_str().to_owned(),
+    ];
+    if !segment.payload_keys.is_empty() {
+        own_keys.push(keys::member_keys(key));
+    }
+    cmd.arg(script::RELEASE_FLUSHED_SEGMENT)
+        .arg(own_keys.len())
+        .arg(own_keys)
+        .arg(segment.lock_token.as_deref().unwrap_or_default());
+    for span in &segment.spans {
+        if !span.span_id.is_empty() {
+            cmd.arg(&span.span_id);
+        }
+    }
+    cmd
 }
 
 /// One script call: the subsegment indices of each trace it carries (one group per key), in

@@ -283,7 +283,13 @@ async fn produce_and_clean_up(
         .iter()
         .filter(|segment| !segment.spans.is_empty())
         .map(|segment| deliver_segment(context, segment, tenure));
-    let results = join_all(deliveries).await;
+    // The locks are extended while the deliveries are awaited, however long librdkafka takes:
+    // a lock that expired under a produce would let a later subsegment merge into the segment
+    // being flushed.
+    let results = tokio::select! {
+        results = join_all(deliveries) => results,
+        () = keep_flush_locks(context, buffer, segments) => unreachable!("keeps the locks until cancelled"),
+    };
     if !tenure.holds() {
         // Left in Redis, the segments are flushed by the replacement; cleaning them up here
         // could delete what it has not produced yet.
@@ -341,6 +347,29 @@ async fn produce_and_clean_up(
                 Ok(())
             } else {
                 Err(error)
+            }
+        }
+    }
+}
+
+/// Extends the flush's locks every third of the lock TTL until cancelled; never returns.
+/// With locks off it only waits.
+async fn keep_flush_locks(
+    context: &WorkerContext,
+    buffer: &SpansBuffer,
+    segments: &[FlushedSegment],
+) {
+    let ttl = Duration::from_secs(context.options.flush_lock_ttl_secs);
+    if ttl.is_zero() {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match buffer.extend_flush_locks(segments).await {
+            Ok(0) => {}
+            Ok(lost) => tracing::warn!(lost, "Flush locks were lost while producing."),
+            Err(error) => {
+                tracing::warn!(error = %ErrorChain(&error), "Extending flush locks failed.");
             }
         }
     }
