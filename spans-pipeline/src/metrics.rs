@@ -47,6 +47,14 @@ pub const FLUSHER_PRODUCE: &str = "spans.buffer.flusher.produce";
 pub const FLUSHER_WAIT_PRODUCE_SECONDS: &str = "spans.buffer.flusher.wait_produce";
 /// Spans of segments given up because they could not be produced.
 pub const FLUSHER_PRODUCE_FAILED_SPANS: &str = "spans.buffer.flusher.produce_failed_spans";
+/// Flush queue members removed because they are not segment keys (tag `queue`).
+pub const BAD_QUEUE_ENTRIES: &str = "spans.buffer.flusher.bad_queue_entries";
+/// Stored payloads dropped at flush because they are not spans (not a JSON object, or a
+/// zstd frame that does not decompress).
+pub const INVALID_PAYLOADS: &str = "spans.buffer.flusher.invalid_payloads";
+/// Flushed segments left in Redis at cleanup because their flush lock expired or was taken
+/// over (they are flushed again: duplicates, not losses).
+pub const FLUSH_LOCKS_LOST: &str = "spans.buffer.flusher.flush_locks_lost";
 /// Flush worker errors (tag `phase`: `flush`, `done`).
 pub const FLUSHER_ERRORS: &str = "spans.buffer.flusher.errors";
 /// Redis used/available memory ratio, summed over every master.

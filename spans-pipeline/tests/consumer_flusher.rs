@@ -422,6 +422,86 @@ fn a_flush_worker_that_keeps_dying_fails_the_consumer() {
 }
 
 #[test]
+fn a_flush_worker_whose_flushes_keep_failing_is_replaced_then_fails_the_consumer() {
+    let _serial = serial();
+    // No faulty sends: the flushes themselves fail.
+    let fixture = Fixture::new(RedisMode::Standalone, Fault::Panic, 0);
+    let mut setup = setup(&fixture.producer);
+    setup.settings.flush.max_restarts = 2;
+    let traces = Traces::new(0, 1, 2, 1);
+    traces.produce(&fixture.kafka);
+    let consumer = fixture.start(&setup);
+    wait_until_drained(&fixture.kafka, &fixture.redis, &traces.per_partition(1));
+
+    // The shard's queue becomes a string: every read of it is refused with WRONGTYPE, the
+    // same way at every retry.
+    let _: () = fixture
+        .redis
+        .query(redis::cmd("SET").arg("span-buf:q:0").arg("not a queue"));
+    let (result, _) = consumer.wait_for_exit();
+
+    let Err(RunError::Strategy(error)) = result else {
+        panic!("expected the flusher to fail the consumer, got {result:?}");
+    };
+    assert!(
+        matches!(
+            error.downcast_ref::<FlushError>(),
+            Some(FlushError::TooManyRestarts { restarts: 2, .. })
+        ),
+        "{error}"
+    );
+    assert!(counter(names::FLUSHER_ERRORS, &[("phase", "flush")]) >= 3);
+}
+
+#[test]
+fn a_flush_lock_is_kept_while_a_produce_outlasts_its_ttl() {
+    let _serial = serial();
+    // The first delivery is reported 3 s late, three times the lock's TTL.
+    let fixture = Fixture::new(
+        RedisMode::Standalone,
+        Fault::Slow(Duration::from_secs(3)),
+        1,
+    );
+    let (kafka, producer) = (&fixture.kafka, &fixture.producer);
+    let mut setup = setup(producer);
+    setup.options.flush_lock_ttl_secs = 1;
+    // The produce is slow, not hung: the worker must not be replaced meanwhile.
+    setup.settings.flush.max_unhealthy = Duration::from_secs(10);
+    let mut traces = Traces::new(0, 1, 2, 1);
+    traces.produce(kafka);
+    let consumer = fixture.start(&setup);
+
+    wait_until("the first segment is being produced", || {
+        producer.first_send().is_some()
+    });
+    // Past the TTL, a late child of the same root: with the lock kept it detaches into a
+    // segment of its own; with the lock expired it would merge into the segment being flushed.
+    wait_until_past(
+        "the lock ttl",
+        producer.first_send().unwrap() + Duration::from_secs(1),
+    );
+    let late = Traces {
+        messages: vec![(
+            0,
+            support::span(
+                &format!("{:032x}", 0),
+                "00000000000003e7",
+                Some(&format!("{:016x}", 0)),
+                1,
+            ),
+        )],
+        span_ids: ["00000000000003e7".to_owned()].into(),
+    };
+    late.produce(kafka);
+    traces.extend(late);
+    wait_until_drained(kafka, &fixture.redis, &traces.per_partition(1));
+    consumer.stop();
+
+    assert_flushed_exactly_once(kafka, &traces);
+    assert_eq!(counter(names::FLUSH_LOCKS_LOST, &[]), 0);
+}
+
+#[test]
 fn a_lagging_flusher_pauses_consumption_until_it_catches_up() {
     let _serial = serial();
     let fixture = Fixture::new(

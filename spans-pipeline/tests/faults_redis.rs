@@ -89,6 +89,35 @@ fn a_redis_paused_for_twenty_seconds_holds_commits_back_and_the_consumer_recover
 }
 
 #[test]
+fn a_redis_blip_of_a_few_seconds_does_not_use_up_the_flush_worker_restarts() {
+    let kafka = support::kafka(1);
+    let redis = TestRedis::start(RedisMode::Standalone);
+    let runtime = runtime();
+    // A worker silent for 1 s is replaced, and three replacements in a row fail the consumer.
+    let mut setup = setup();
+    setup.settings.flush.max_unhealthy = Duration::from_secs(1);
+    setup.settings.flush.max_restarts = 3;
+    let before = Traces::new(0, 5, 2, 1);
+    before.produce(&kafka);
+    let consumer = setup.start(&kafka, &redis, &runtime);
+    wait_until_drained(&kafka, &redis, &before.per_partition(1));
+
+    // Every replacement started during the pause hangs on Redis too: started back to back
+    // they would be four by the end of it.
+    let pause = Duration::from_secs(9);
+    server(&redis).pause_clients(pause);
+    let during = Traces::new(5, 5, 2, 1);
+    during.produce(&kafka);
+    let mut all = before;
+    all.extend(during);
+    wait_until_drained(&kafka, &redis, &all.per_partition(1));
+    // `stop` fails the test if the flusher had failed the consumer.
+    consumer.stop();
+
+    assert_all_flushed(&output_span_counts(&kafka), &all.span_ids);
+}
+
+#[test]
 fn a_redis_down_for_fifteen_seconds_holds_commits_back_and_the_consumer_resumes_when_it_is_back() {
     let kafka = support::kafka(1);
     // Every write is on disk before Redis acknowledges it, so the spans committed before the

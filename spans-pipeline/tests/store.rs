@@ -89,6 +89,31 @@ async fn load_flush_candidates_respects_the_limit_oldest_first() {
 }
 
 #[tokio::test]
+async fn load_flush_candidates_sets_bad_queue_entries_aside_and_returns_the_others() {
+    for_each_mode(|redis: TestRedis| async move {
+        let store = store(&redis, BufferOptions::default()).await;
+        // A member that is not UTF-8 and one that is not a segment key, around a good one.
+        let _: () = redis.query(
+            redis::cmd("ZADD")
+                .arg(QUEUE)
+                .arg(1)
+                .arg(&[0xff_u8, 0xfe, b'x'][..]),
+        );
+        zadd(&redis, QUEUE, 2, "not-a-segment-key");
+        zadd(&redis, QUEUE, 3, SegmentKey::new(PT, "ready").as_str());
+        let candidates = store
+            .load_flush_candidates(&[(0, QUEUE.to_owned())], 10, 100)
+            .await
+            .unwrap();
+        assert_eq!(candidates, [vec![candidate("ready", 3)]]);
+        // Both bad entries left the queue; the good one is still there until its cleanup.
+        let left: Vec<Vec<u8>> = redis.query(redis::cmd("ZRANGE").arg(QUEUE).arg(0).arg(-1));
+        assert_eq!(left, [SegmentKey::new(PT, "ready").as_str().as_bytes()]);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn acquire_flush_locks_keeps_unlocked_candidates() {
     for_each_mode(|redis: TestRedis| async move {
         let options = BufferOptions {
@@ -100,7 +125,7 @@ async fn acquire_flush_locks_keeps_unlocked_candidates() {
         let lock = keys::flush_lock(&first.segment_key);
         let _: () = redis.query(redis::cmd("SET").arg(&lock).arg(1).arg("EX").arg(30));
         let (acquired, contended) = store
-            .acquire_flush_locks(vec![first, candidate("second", 1)])
+            .acquire_flush_locks(vec![first, candidate("second", 1)], "token")
             .await
             .unwrap();
         assert_eq!(acquired, [candidate("second", 1)]);
@@ -115,7 +140,7 @@ async fn acquire_flush_locks_returns_all_candidates_when_disabled() {
     for_each_mode(|redis: TestRedis| async move {
         let store = store(&redis, BufferOptions::default()).await;
         let all = vec![candidate("a", 1), candidate("b", 1)];
-        let (acquired, contended) = store.acquire_flush_locks(all.clone()).await.unwrap();
+        let (acquired, contended) = store.acquire_flush_locks(all.clone(), "").await.unwrap();
         assert_eq!(acquired, all);
         assert_eq!(contended, 0);
         assert!(redis.keys_with_ttls().is_empty());
@@ -330,6 +355,7 @@ async fn cleanup_flushed_segments_removes_segment_data() {
                 payload: b"{}".to_vec(),
             }],
             payload_keys: vec![payload_key],
+            lock_token: None,
         };
         store.cleanup_flushed_segments(&[flushed]).await.unwrap();
         assert!(

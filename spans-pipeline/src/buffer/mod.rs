@@ -50,6 +50,10 @@ use crate::span::Span;
 /// Outcome reason for spans ingested but not found at flush time.
 pub const SEGMENT_TOO_LARGE: &str = "segment_too_large";
 
+/// Outcome reason for stored payload members that are not spans (neither a zstd frame of
+/// spans nor a JSON object), dropped at flush time instead of produced.
+pub const INVALID_PAYLOAD: &str = "invalid_payload";
+
 /// What one `process_spans` call did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcessStats {
@@ -271,24 +275,37 @@ impl SpansBuffer {
         stats.candidates = candidates.len();
 
         let started = Instant::now();
-        let (candidates, contention) = self.store.acquire_flush_locks(candidates).await?;
+        // One token per flush: its cleanup acts only on the locks that still hold it.
+        let lock_token =
+            (options.flush_lock_ttl_secs > 0).then(|| uuid::Uuid::new_v4().simple().to_string());
+        let (candidates, contention) = self
+            .store
+            .acquire_flush_locks(candidates, lock_token.as_deref().unwrap_or_default())
+            .await?;
         stats.lock_contention = contention;
         let loaded = self.store.load_segments(candidates).await?;
         stats.load_data_latency = started.elapsed();
 
         let started = Instant::now();
-        let mut lost: HashMap<u64, LostSpans> = HashMap::new();
+        let mut lost: HashMap<(u64, &'static str), LostSpans> = HashMap::new();
         for segment in &loaded {
             self.account_losses(segment, now, &mut lost, &mut stats);
         }
         let built = build_flushed_segments(loaded);
         let mut segments = Vec::with_capacity(built.len());
-        for mut flushed in built {
+        for (mut flushed, invalid) in built {
+            flushed.lock_token.clone_from(&lock_token);
+            if invalid > 0 {
+                add_lost(&mut lost, flushed.project_id, INVALID_PAYLOAD, invalid);
+                stats.dropped_spans += invalid;
+            }
             if let Some(queues) = also_queued_in.get(&flushed.segment_key) {
                 flushed.queue_keys.extend(queues.iter().cloned());
             }
-            if let Some(project) = lost.get_mut(&flushed.project_id) {
-                project.organization_id = project.organization_id.or(flushed.organization_id);
+            for reason in [SEGMENT_TOO_LARGE, INVALID_PAYLOAD] {
+                if let Some(project) = lost.get_mut(&(flushed.project_id, reason)) {
+                    project.organization_id = project.organization_id.or(flushed.organization_id);
+                }
             }
             stats.spans += flushed.spans.len();
             stats.bytes += flushed.spans.iter().map(|s| s.payload.len()).sum::<usize>();
@@ -308,7 +325,7 @@ impl SpansBuffer {
         stats.emit();
 
         let mut lost: Vec<LostSpans> = lost.into_values().collect();
-        lost.sort_by_key(|l| l.project_id);
+        lost.sort_by_key(|l| (l.project_id, l.reason));
         Ok(Flush {
             segments,
             lost,
@@ -322,20 +339,13 @@ impl SpansBuffer {
         &self,
         segment: &LoadedSegment,
         now: i64,
-        lost: &mut HashMap<u64, LostSpans>,
+        lost: &mut HashMap<(u64, &'static str), LostSpans>,
         stats: &mut FlushStats,
     ) {
         let missing = segment.missing_spans();
         if missing > 0 {
             let project_id = segment.candidate.segment_key.project_id();
-            lost.entry(project_id)
-                .or_insert(LostSpans {
-                    organization_id: None,
-                    project_id,
-                    quantity: 0,
-                    reason: SEGMENT_TOO_LARGE,
-                })
-                .quantity += missing;
+            add_lost(lost, project_id, SEGMENT_TOO_LARGE, missing);
             stats.dropped_spans += missing;
         }
         if segment.payloads.is_empty() {
@@ -359,8 +369,39 @@ impl SpansBuffer {
         if segments.is_empty() {
             return Ok(());
         }
-        self.store.cleanup_flushed_segments(segments).await
+        let left = self.store.cleanup_flushed_segments(segments).await?;
+        if left > 0 {
+            metrics::counter!(names::FLUSH_LOCKS_LOST).increment(left as u64);
+        }
+        Ok(())
     }
+
+    /// Extends this flush's locks on `segments` by the lock TTL, so a produce that takes
+    /// longer than the TTL keeps them; returns how many locks are no longer this flush's.
+    pub async fn extend_flush_locks(
+        &self,
+        segments: &[FlushedSegment],
+    ) -> Result<usize, BufferError> {
+        let held = self.store.extend_flush_locks(segments).await?;
+        Ok(held.into_iter().filter(|held| !held).count())
+    }
+}
+
+/// Adds `quantity` spans of `project_id` lost for `reason`.
+fn add_lost(
+    lost: &mut HashMap<(u64, &'static str), LostSpans>,
+    project_id: u64,
+    reason: &'static str,
+    quantity: u64,
+) {
+    lost.entry((project_id, reason))
+        .or_insert(LostSpans {
+            organization_id: None,
+            project_id,
+            quantity: 0,
+            reason,
+        })
+        .quantity += quantity;
 }
 
 /// One candidate per segment key (the first queue that returned it); the other queues that
@@ -386,8 +427,9 @@ fn dedupe_candidates(
 /// Spans per thread below which a flush's output is built on the calling thread alone.
 const SPANS_PER_BUILD_THREAD: usize = 1_000;
 
-/// Builds the output of every loaded segment, in order, on several threads when it is large.
-fn build_flushed_segments(loaded: Vec<LoadedSegment>) -> Vec<FlushedSegment> {
+/// Builds the output of every loaded segment, in order, on several threads when it is large;
+/// each with the number of its payloads dropped as not a JSON object.
+fn build_flushed_segments(loaded: Vec<LoadedSegment>) -> Vec<(FlushedSegment, u64)> {
     parallel::map_ordered(
         loaded,
         |segment| segment.payloads.len(),
@@ -396,23 +438,41 @@ fn build_flushed_segments(loaded: Vec<LoadedSegment>) -> Vec<FlushedSegment> {
     )
 }
 
-/// Writes `is_segment` and `sentry.segment.id` into each loaded span.
-fn build_flushed_segment(segment: LoadedSegment) -> FlushedSegment {
+/// Writes `is_segment` and `sentry.segment.id` into each loaded span. A payload that is not a
+/// JSON object is dropped, logged with its segment and counted: produced verbatim it would
+/// make the whole message invalid for every reader downstream.
+fn build_flushed_segment(segment: LoadedSegment) -> (FlushedSegment, u64) {
     let key = segment.candidate.segment_key;
     let patcher = output::SpanPatcher::new(key.segment_span_id());
-    let spans: Vec<OutputSpan> = segment
-        .payloads
-        .iter()
-        .map(|payload| patcher.patch(payload))
-        .collect();
-    FlushedSegment {
+    let mut spans: Vec<OutputSpan> = Vec::with_capacity(segment.payloads.len());
+    let mut invalid = 0;
+    for payload in &segment.payloads {
+        match patcher.patch_object(payload) {
+            Some(span) => spans.push(span),
+            None => {
+                tracing::error!(
+                    segment_key = %key,
+                    bytes = payload.len(),
+                    start = %payload.iter().take(32).copied().collect::<Vec<u8>>().escape_ascii(),
+                    "Dropping a stored payload that is not a JSON object."
+                );
+                invalid += 1;
+            }
+        }
+    }
+    if invalid > 0 {
+        metrics::counter!(names::INVALID_PAYLOADS).increment(invalid);
+    }
+    let flushed = FlushedSegment {
         project_id: key.project_id(),
         organization_id: spans.iter().find_map(|span| span.organization_id),
         queue_keys: vec![segment.candidate.queue_key],
         segment_key: key,
         spans,
         payload_keys: segment.payload_keys,
-    }
+        lock_token: None,
+    };
+    (flushed, invalid + segment.corrupt_members)
 }
 
 fn record_process_metrics(

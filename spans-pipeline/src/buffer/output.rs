@@ -45,15 +45,22 @@ impl<'s> SpanPatcher<'s> {
 
     /// Patches one stored payload; see [`patch_span`].
     pub fn patch(&self, payload: &[u8]) -> OutputSpan {
-        match Edits::find(payload) {
-            Some(edits) => edits.apply(payload, self),
-            None => OutputSpan {
-                span_id: String::new(),
-                organization_id: None,
-                is_segment: false,
-                payload: payload.to_vec(),
-            },
-        }
+        self.patch_object(payload).unwrap_or_else(|| OutputSpan {
+            span_id: String::new(),
+            organization_id: None,
+            is_segment: false,
+            payload: payload.to_vec(),
+        })
+    }
+
+    /// Patches one stored payload if it is a JSON object; `None` for anything else, which
+    /// must not be produced (every reader downstream expects each span to be an object).
+    pub fn patch_object(&self, payload: &[u8]) -> Option<OutputSpan> {
+        let edits = Edits::find(payload)?;
+        // The walk above stops at the object's closing brace and does not look past it; a
+        // whole-document parse also refuses trailing bytes.
+        sonic_rs::from_slice::<serde::de::IgnoredAny>(payload).ok()?;
+        Some(edits.apply(payload, self))
     }
 }
 
@@ -332,6 +339,36 @@ mod tests {
     fn patched(payload: &str, segment: &str) -> sonic_rs::Value {
         let span = patch_span(payload.as_bytes(), segment);
         sonic_rs::from_slice(&span.payload).unwrap()
+    }
+
+    #[test]
+    fn only_json_objects_are_patched() {
+        let patcher = SpanPatcher::new("a");
+        for garbage in [
+            &b"not json"[..],
+            b"[1,2]",
+            b"\"text\"",
+            b"",
+            br#"{"span_id":"a""#,
+            br#"{"span_id":"a"}}"#,
+            br#"{"span_id":"a"} {"b":1}"#,
+            br#"{"span_id":tru}"#,
+            br#"{"span_id":"a","x":[1,2}"#,
+            br#"{"span_id":"a","x":{"y":}}"#,
+            b"{\"span_id\":\"\xff\"}",
+            br#"garbage}"#,
+        ] {
+            assert!(
+                patcher.patch_object(garbage).is_none(),
+                "{}",
+                garbage.escape_ascii()
+            );
+        }
+        for object in [&b"{}"[..], br#" {"span_id":"a","x":{"y":[1,{"z":null}]}} "#] {
+            let patched = patcher.patch_object(object).unwrap();
+            let value: sonic_rs::Value = sonic_rs::from_slice(&patched.payload).unwrap();
+            assert!(value.is_object());
+        }
     }
 
     #[test]

@@ -90,16 +90,21 @@ pub struct LoadedSegment {
     pub payload_keys: Vec<String>,
     /// The ingest counters.
     pub ingested: IngestMetadata,
+    /// Stored members that looked like zstd frames but did not decompress (set aside; each
+    /// held at least one span).
+    pub corrupt_members: u64,
 }
 
 impl LoadedSegment {
     /// Spans ingested but not loaded (for example merged away while being flushed); these are
-    /// reported as lost with reason `segment_too_large`.
+    /// reported as lost with reason `segment_too_large`. A corrupt member counts as one span
+    /// here, since it is reported (as `invalid_payload`) on its own.
     pub fn missing_spans(&self) -> u64 {
         self.ingested
             .span_count
             .unwrap_or(0)
             .saturating_sub(self.payloads.len() as u64)
+            .saturating_sub(self.corrupt_members)
     }
 }
 
@@ -131,6 +136,9 @@ pub struct FlushedSegment {
     pub spans: Vec<OutputSpan>,
     /// Payload keys to remove in done.
     pub payload_keys: Vec<String>,
+    /// The token of the flush lock this flush holds on the segment (`None`: locks off). Done
+    /// cleans up only while the lock still holds it.
+    pub lock_token: Option<String>,
 }
 
 impl FlushedSegment {
@@ -197,12 +205,19 @@ mod tests {
                 span_count: Some(3),
                 byte_count: Some(90),
             },
+            corrupt_members: 0,
         };
         assert_eq!(loaded.missing_spans(), 2);
         let unknown = LoadedSegment {
             ingested: IngestMetadata::default(),
-            ..loaded
+            ..loaded.clone()
         };
         assert_eq!(unknown.missing_spans(), 0);
+        let corrupt = LoadedSegment {
+            ingested: loaded.ingested,
+            corrupt_members: 1,
+            ..unknown
+        };
+        assert_eq!(corrupt.missing_spans(), 1);
     }
 }

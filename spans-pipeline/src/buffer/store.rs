@@ -11,7 +11,7 @@ use std::sync::{Mutex, PoisonError};
 
 use redis::{Cmd, Value};
 
-use crate::buffer::codec::{self, DecodeError, PayloadEncoder};
+use crate::buffer::codec::{self, PayloadEncoder};
 use crate::buffer::connection::{CommandBatch, RedisConnection};
 use crate::buffer::error::BufferError;
 use crate::buffer::keys::{self, SegmentKey};
@@ -22,6 +22,7 @@ use crate::buffer::segment::{
     FlushCandidate, FlushedSegment, IngestMetadata, InsertedSubsegment, LoadedSegment, ScriptSample,
 };
 use crate::buffer::subsegment::Subsegment;
+use crate::metrics as names;
 
 /// The queue changes of one batch for one queue.
 struct QueueUpdate {
@@ -522,49 +523,76 @@ impl SpansBufferStore {
             batch.add(queue.clone(), range);
         }
         let replies = self.conn.execute(batch).await?;
-        queues
-            .iter()
-            .zip(replies)
-            .map(|((shard, queue), reply)| {
-                let items = into_array("ZRANGEBYSCORE", reply)?;
-                items
-                    .chunks(2)
-                    .map(|pair| {
-                        let member = as_string("ZRANGEBYSCORE", &pair[0])?;
-                        let score = pair.get(1).map_or(Ok(0.0), as_f64)?;
-                        Ok(FlushCandidate {
-                            shard: *shard,
-                            queue_key: queue.clone(),
-                            segment_key: SegmentKey::parse(member.clone()).ok_or_else(|| {
-                                BufferError::UnexpectedReply {
-                                    command: "ZRANGEBYSCORE",
-                                    reply: member,
-                                }
-                            })?,
-                            deadline: score as i64,
-                        })
-                    })
-                    .collect()
-            })
-            .collect()
+        let mut per_queue = Vec::with_capacity(queues.len());
+        let mut bad_entries: Vec<(&str, Vec<u8>)> = Vec::new();
+        for ((shard, queue), reply) in queues.iter().zip(replies) {
+            let mut candidates = Vec::new();
+            for pair in into_array("ZRANGEBYSCORE", reply)?.chunks(2) {
+                let member = as_bytes("ZRANGEBYSCORE", pair[0].clone())?;
+                let score = pair.get(1).map_or(Ok(0.0), as_f64)?;
+                match std::str::from_utf8(&member)
+                    .ok()
+                    .and_then(SegmentKey::parse)
+                {
+                    Some(segment_key) => candidates.push(FlushCandidate {
+                        shard: *shard,
+                        queue_key: queue.clone(),
+                        segment_key,
+                        deadline: score as i64,
+                    }),
+                    None => bad_entries.push((queue, member)),
+                }
+            }
+            per_queue.push(candidates);
+        }
+        self.set_aside_bad_queue_entries(bad_entries).await?;
+        Ok(per_queue)
     }
 
-    /// Takes the flush lock of each candidate (`SET NX EX`); returns the candidates whose
-    /// lock was taken and how many were already locked. Locks off (ttl 0): everything.
+    /// Removes queue members that no flush can read (not UTF-8, or not a segment key): left
+    /// in place they would come back at every flush and, read as an error, stop every shard
+    /// of the worker. Each is logged with its queue and counted; nothing else refers to them.
+    async fn set_aside_bad_queue_entries(
+        &self,
+        entries: Vec<(&str, Vec<u8>)>,
+    ) -> Result<(), BufferError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = CommandBatch::new();
+        for (queue, member) in &entries {
+            tracing::error!(
+                queue_key = queue,
+                member = %member.escape_ascii(),
+                "Removing a flush queue entry that is not a segment key."
+            );
+            metrics::counter!(names::BAD_QUEUE_ENTRIES, "queue" => queue.to_string()).increment(1);
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(*queue).arg(member.as_slice());
+            batch.add(*queue, zrem);
+        }
+        check_replies("ZREM", &self.conn.execute(batch).await?)
+    }
+
+    /// Takes the flush lock of each candidate for the flush named by `token`
+    /// ([`script::ACQUIRE_FLUSH_LOCK`], which Redis runs even at `maxmemory`); returns the
+    /// candidates whose lock was taken and how many were already locked. Locks off (ttl 0):
+    /// everything.
     pub async fn acquire_flush_locks(
         &self,
         candidates: Vec<FlushCandidate>,
+        token: &str,
     ) -> Result<(Vec<FlushCandidate>, usize), BufferError> {
-        let ttl = self.options.flush_lock_ttl_secs;
-        if ttl == 0 || candidates.is_empty() {
+        if !self.locks_on() || candidates.is_empty() {
             return Ok((candidates, 0));
         }
         let mut batch = CommandBatch::new();
         for candidate in &candidates {
             let lock = keys::flush_lock(&candidate.segment_key);
-            let mut set = redis::cmd("SET");
-            set.arg(&lock).arg(1).arg("EX").arg(ttl).arg("NX");
-            batch.add(lock, set);
+            batch.add(
+                lock.clone(),
+                self.lock_call(script::ACQUIRE_FLUSH_LOCK, lock, token),
+            );
         }
         let replies = self.conn.execute(batch).await?;
         let mut acquired = Vec::with_capacity(candidates.len());
@@ -577,6 +605,53 @@ impl SpansBufferStore {
             }
         }
         Ok((acquired, contended))
+    }
+
+    /// Extends the flush lock of each segment by the lock TTL, where it still holds the
+    /// segment's token ([`script::EXTEND_FLUSH_LOCK`]); returns, per segment, whether it does.
+    /// A segment flushed without a lock always does.
+    pub async fn extend_flush_locks(
+        &self,
+        segments: &[FlushedSegment],
+    ) -> Result<Vec<bool>, BufferError> {
+        let mut batch = CommandBatch::new();
+        let mut locked = Vec::new();
+        for (index, segment) in segments.iter().enumerate() {
+            if let Some(token) = segment.lock_token.as_deref() {
+                let lock = keys::flush_lock(&segment.segment_key);
+                batch.add(
+                    lock.clone(),
+                    self.lock_call(script::EXTEND_FLUSH_LOCK, lock, token),
+                );
+                locked.push(index);
+            }
+        }
+        let mut held = vec![true; segments.len()];
+        if locked.is_empty() {
+            return Ok(held);
+        }
+        for (index, reply) in locked.into_iter().zip(self.conn.execute(batch).await?) {
+            held[index] = match reply {
+                Value::Int(n) => n == 1,
+                other => return Err(BufferError::unexpected("PEXPIRE", &other)),
+            };
+        }
+        Ok(held)
+    }
+
+    fn locks_on(&self) -> bool {
+        self.options.flush_lock_ttl_secs > 0
+    }
+
+    /// `EVAL <script> 1 <lock> <token> <ttl ms>`.
+    fn lock_call(&self, script: &str, lock: String, token: &str) -> Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script)
+            .arg(1)
+            .arg(lock)
+            .arg(token)
+            .arg(self.options.flush_lock_ttl_secs.saturating_mul(1000));
+        cmd
     }
 
     /// Loads payloads and ingest counters of each candidate.
@@ -642,9 +717,11 @@ impl SpansBufferStore {
                     span_count,
                     byte_count,
                 },
+                corrupt_members: 0,
             });
         }
-        let mut members: Vec<(usize, Vec<Vec<u8>>)> = Vec::with_capacity(union_segments.len());
+        let mut members: Vec<(usize, SegmentKey, Vec<Vec<u8>>)> =
+            Vec::with_capacity(union_segments.len());
         for (index, reply) in union_segments
             .into_iter()
             .zip(self.conn.execute(unions).await?)
@@ -655,24 +732,29 @@ impl SpansBufferStore {
                     segment_members.push(as_bytes("SUNION", member)?);
                 }
             }
-            members.push((index, segment_members));
+            members.push((
+                index,
+                segments[index].candidate.segment_key.clone(),
+                segment_members,
+            ));
         }
         // Decompressing is most of a load's CPU: shared across threads for a large flush.
         let decoded = parallel::map_ordered(
             members,
-            |(_, members)| members.iter().map(Vec::len).sum(),
+            |(_, _, members)| members.iter().map(Vec::len).sum(),
             COMPRESSED_BYTES_PER_DECODE_THREAD,
-            |(index, members)| {
+            |(index, key, members)| {
                 let mut payloads = Vec::with_capacity(members.len());
+                let mut corrupt = 0;
                 for member in members {
-                    codec::decode_member_into(member, &mut payloads)?;
+                    corrupt += u64::from(!decode_member_of(&key, member, &mut payloads));
                 }
-                Ok::<_, DecodeError>((index, payloads))
+                (index, payloads, corrupt)
             },
         );
-        for result in decoded {
-            let (index, payloads) = result?;
+        for (index, payloads, corrupt) in decoded {
             segments[index].payloads = payloads;
+            segments[index].corrupt_members += corrupt;
         }
         self.scan_payloads(scans, &mut segments).await?;
         Ok(segments)
@@ -706,10 +788,13 @@ impl SpansBufferStore {
                         reply: "cursor".to_owned(),
                     })?;
                 for member in into_array("SSCAN", parts.next().unwrap_or(Value::Nil))? {
-                    codec::decode_member_into(
+                    let segment = &mut segments[index];
+                    let decoded = decode_member_of(
+                        &segment.candidate.segment_key,
                         as_bytes("SSCAN", member)?,
-                        &mut segments[index].payloads,
-                    )?;
+                        &mut segment.payloads,
+                    );
+                    segment.corrupt_members += u64::from(!decoded);
                 }
                 if cursor != 0 {
                     next_scans.push((index, key));
@@ -724,47 +809,42 @@ impl SpansBufferStore {
 
     /// Removes everything of flushed segments: metadata, redirects of their spans, member-keys
     /// index and payload keys (when payload keys were found), the lock, and queue entries.
+    ///
+    /// With locks on, only segments whose lock still holds their flush's token are touched,
+    /// and in an order that keeps the lock until the end: the locks are checked (and
+    /// extended), then the queue entries and payload keys go, then one script per segment
+    /// deletes its own keys and releases the lock, again only if it still holds the token. A
+    /// segment whose lock expired may have taken in spans this flush did not produce (a
+    /// subsegment merges into an unlocked segment): it is left for the next flush, which
+    /// produces its spans again (duplicates, not losses). Returns how many segments were left.
     pub async fn cleanup_flushed_segments(
         &self,
         segments: &[FlushedSegment],
-    ) -> Result<(), BufferError> {
+    ) -> Result<usize, BufferError> {
+        let held = self.extend_flush_locks(segments).await?;
+        let mut owned: Vec<&FlushedSegment> = Vec::with_capacity(segments.len());
+        for (segment, held) in segments.iter().zip(held) {
+            if held {
+                owned.push(segment);
+            } else {
+                tracing::warn!(
+                    segment_key = %segment.segment_key,
+                    "The flush lock expired or was taken over before cleanup; leaving the \
+                     segment for the next flush."
+                );
+            }
+        }
+        let mut left = segments.len() - owned.len();
         let mut batch = CommandBatch::new();
         let mut queue_removals: Vec<(String, Vec<&str>)> = Vec::new();
         let mut payload_keys = Vec::new();
-        for segment in segments {
-            let key = &segment.segment_key;
-            // Every key of the segment itself shares its `{pt}` hash tag: one command. The
-            // segment key is the legacy merged payload set.
-            let mut own_keys = vec![
-                keys::has_root_span(key),
-                keys::ingested_count(key),
-                keys::ingested_bytes(key),
-                key.as_str().to_owned(),
-                keys::flush_lock(key),
-            ];
-            if !segment.payload_keys.is_empty() {
-                own_keys.push(keys::member_keys(key));
-                payload_keys.extend(segment.payload_keys.iter().cloned());
-            }
-            let mut unlink = redis::cmd("UNLINK");
-            unlink.arg(&own_keys);
-            batch.add(key.as_str(), unlink);
-            let redirects = keys::redirect_map(key.project_and_trace());
-            let span_ids: Vec<&str> = segment
-                .spans
-                .iter()
-                .map(|span| span.span_id.as_str())
-                .filter(|id| !id.is_empty())
-                .collect();
-            for chunk in span_ids.chunks(CLEANUP_CHUNK) {
-                let mut hdel = redis::cmd("HDEL");
-                hdel.arg(&redirects).arg(chunk);
-                batch.add(redirects.clone(), hdel);
-            }
+        for segment in &owned {
+            payload_keys.extend(segment.payload_keys.iter().cloned());
             for queue in &segment.queue_keys {
+                let key = segment.segment_key.as_str();
                 match queue_removals.iter_mut().find(|(q, _)| q == queue) {
-                    Some((_, members)) => members.push(key.as_str()),
-                    None => queue_removals.push((queue.clone(), vec![key.as_str()])),
+                    Some((_, members)) => members.push(key),
+                    None => queue_removals.push((queue.clone(), vec![key])),
                 }
             }
         }
@@ -778,9 +858,35 @@ impl SpansBufferStore {
         if !payload_keys.is_empty() {
             batch.add_spread("UNLINK", payload_keys, CLEANUP_KEYS_PER_UNLINK);
         }
-        let replies = self.conn.execute(batch).await?;
+        let mut releases = if self.locks_on() {
+            // The lock must outlive the queue entry: released first, a subsegment could
+            // re-create the segment and queue it, and the `ZREM` would then take that away.
+            let replies = self.conn.execute(batch).await?;
+            check_replies("cleanup", &replies)?;
+            check_spread_replies("cleanup", &replies)?;
+            CommandBatch::new()
+        } else {
+            batch
+        };
+        let first_release = releases.len();
+        for segment in &owned {
+            let key = &segment.segment_key;
+            releases.add(key.as_str(), release_call(segment));
+        }
+        let replies = self.conn.execute(releases).await?;
         check_replies("cleanup", &replies)?;
-        check_spread_replies("cleanup", &replies)
+        check_spread_replies("cleanup", &replies)?;
+        for (segment, reply) in owned.iter().zip(&replies[first_release..]) {
+            if !matches!(reply, Value::Int(1)) {
+                tracing::warn!(
+                    segment_key = %segment.segment_key,
+                    "The flush lock was lost during cleanup; the segment's metadata is left \
+                     until its TTL."
+                );
+                left += 1;
+            }
+        }
+        Ok(left)
     }
 
     /// The queue deadline of a segment (`ZSCORE`), if queued.
@@ -838,6 +944,55 @@ impl SpansBufferStore {
             .map(|v| as_optional_u64(v).map(Option::unwrap_or_default))
             .collect()
     }
+}
+
+/// Appends the payloads of one stored member of `segment` to `out`. A member that looks like a
+/// zstd frame but does not decompress is logged with its segment and counted, and adds
+/// nothing: failing the whole flush instead would stop every segment of the worker's shards
+/// at every retry. Returns whether the member decoded.
+fn decode_member_of(segment: &SegmentKey, member: Vec<u8>, out: &mut Vec<Vec<u8>>) -> bool {
+    let bytes = member.len();
+    match codec::decode_member_into(member, out) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(
+                segment_key = %segment,
+                bytes,
+                error = ?error,
+                "Dropping a stored payload member that does not decompress."
+            );
+            metrics::counter!(names::INVALID_PAYLOADS).increment(1);
+            false
+        }
+    }
+}
+
+/// The [`script::RELEASE_FLUSHED_SEGMENT`] call of one flushed segment. Every key it touches
+/// shares the segment's `{pt}` hash tag; the segment key is the legacy merged payload set.
+fn release_call(segment: &FlushedSegment) -> Cmd {
+    let key = &segment.segment_key;
+    let mut cmd = redis::cmd("EVAL");
+    let mut own_keys = vec![
+        keys::flush_lock(key),
+        keys::redirect_map(key.project_and_trace()),
+        keys::has_root_span(key),
+        keys::ingested_count(key),
+        keys::ingested_bytes(key),
+        key.as_str().to_owned(),
+    ];
+    if !segment.payload_keys.is_empty() {
+        own_keys.push(keys::member_keys(key));
+    }
+    cmd.arg(script::RELEASE_FLUSHED_SEGMENT)
+        .arg(own_keys.len())
+        .arg(own_keys)
+        .arg(segment.lock_token.as_deref().unwrap_or_default());
+    for span in &segment.spans {
+        if !span.span_id.is_empty() {
+            cmd.arg(&span.span_id);
+        }
+    }
+    cmd
 }
 
 /// One script call: the subsegment indices of each trace it carries (one group per key), in

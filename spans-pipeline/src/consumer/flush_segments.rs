@@ -13,8 +13,12 @@
 //!   and waits at start until every worker has completed an iteration: a flusher that cannot
 //!   run must not let the consumer fill Redis;
 //! - watches every worker: one whose task ended, or that has not completed an iteration for
-//!   `max_unhealthy`, is stopped for good (its generation is retired and its task aborted) and
-//!   replaced; after `max_restarts` replacements of one worker the pipeline fails loudly;
+//!   `max_unhealthy` (hung, or every flush failing), is stopped for good (its generation is
+//!   retired and its task aborted) and replaced after a backoff that doubles with each
+//!   replacement in a row (1 s to 30 s), so a Redis outage of a few seconds costs a few
+//!   replacements, not all of them; after `max_restarts` replacements in a row the pipeline
+//!   fails loudly. A replacement that flushed for a while (`max_unhealthy`, at least 10 s)
+//!   clears the count;
 //! - rejects input (`MessageRejected`) while a worker has been at its flush limit for longer
 //!   than `backpressure_after`, or while Redis memory is above `max_memory_ratio`;
 //! - on join (revocation, shutdown) stops the workers at their next iteration boundary, so no
@@ -104,8 +108,25 @@ struct Worker {
     shards: Vec<u16>,
     health: Arc<WorkerHealth>,
     task: JoinHandle<Result<(), BufferError>>,
+    /// Replacements in a row, without a replacement that kept flushing in between.
     restarts: u32,
+    /// When the current task starts (after its backoff, for a replacement).
     started: Instant,
+}
+
+/// Pause before the first replacement of a worker starts; doubles with each one in a row.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest pause before a replacement starts.
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
+/// A replacement that reported for at least this long (or `max_unhealthy`, if longer) clears
+/// the count of replacements in a row.
+const RESTART_FORGIVEN_AFTER: Duration = Duration::from_secs(10);
+
+/// The pause before the `restarts`-th replacement in a row starts.
+fn restart_backoff(restarts: u32) -> Duration {
+    RESTART_BACKOFF
+        .saturating_mul(1 << restarts.saturating_sub(1).min(16))
+        .min(MAX_RESTART_BACKOFF)
 }
 
 /// The flush step; see the module docs.
@@ -161,7 +182,7 @@ impl<N> FlushSegments<N> {
             .into_iter()
             .map(|shards| {
                 let health = Arc::new(WorkerHealth::default());
-                let task = spawn(&runtime, &context, &shards, &health, 0);
+                let task = spawn(&runtime, &context, &shards, &health, 0, Duration::ZERO);
                 Worker {
                     shards,
                     health,
@@ -243,6 +264,8 @@ impl<N> FlushSegments<N> {
             };
             let cause = if worker.task.is_finished() {
                 Some("no_process")
+            } else if silent && worker.health.failing.load(Ordering::SeqCst) {
+                Some("failing")
             } else if silent {
                 Some("hang")
             } else {
@@ -250,6 +273,13 @@ impl<N> FlushSegments<N> {
             };
             if let Some(cause) = cause {
                 self.replace(index, cause)?;
+            } else if worker.restarts > 0
+                && healthy_since > 0
+                && worker.started.elapsed()
+                    > self.settings.max_unhealthy.max(RESTART_FORGIVEN_AFTER)
+            {
+                tracing::info!(worker = index, shards = %shard_label(&worker.shards), "A replaced flush worker is flushing again.");
+                self.workers[index].restarts = 0;
             }
         }
         Ok(())
@@ -268,21 +298,26 @@ impl<N> FlushSegments<N> {
                 restarts: worker.restarts - 1,
             });
         }
-        tracing::warn!(worker = index, %shards, cause, restarts = worker.restarts, "Replacing a flush worker.");
+        let backoff = restart_backoff(worker.restarts);
+        tracing::warn!(worker = index, %shards, cause, restarts = worker.restarts, ?backoff, "Replacing a flush worker.");
         // Retire the old generation first: even if the task is stuck where abort cannot reach
         // it, it checks its generation before producing or cleaning up anything more.
         let generation = worker.health.generation.fetch_add(1, Ordering::SeqCst) + 1;
         worker.task.abort();
         worker.health.healthy_since.store(0, Ordering::SeqCst);
         worker.health.backpressure_since.store(0, Ordering::SeqCst);
+        worker.health.failing.store(false, Ordering::SeqCst);
         worker.task = spawn(
             &self.runtime,
             &self.context,
             &worker.shards,
             &worker.health,
             generation,
+            backoff,
         );
-        worker.started = Instant::now();
+        // A start in the future: `elapsed` stays zero until then, so the backoff does not
+        // count as silence.
+        worker.started = Instant::now() + backoff;
         Ok(())
     }
 
@@ -411,6 +446,7 @@ fn spawn(
     shards: &[u16],
     health: &Arc<WorkerHealth>,
     generation: u64,
+    delay: Duration,
 ) -> JoinHandle<Result<(), BufferError>> {
     let task = run_worker(
         context.clone(),
@@ -419,6 +455,9 @@ fn spawn(
         generation,
     );
     runtime.spawn(async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let result = task.await;
         if let Err(error) = &result {
             tracing::error!(%error, "Flush worker stopped.");
@@ -537,6 +576,13 @@ mod tests {
         assert_eq!(whole_seconds(Duration::from_secs(60)), 60);
         assert_eq!(whole_seconds(Duration::ZERO), 0);
         assert_eq!(whole_seconds(Duration::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn replacements_in_a_row_wait_longer_and_longer_up_to_a_bound() {
+        let pauses: Vec<u64> = (1..=8).map(|n| restart_backoff(n).as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(restart_backoff(u32::MAX), MAX_RESTART_BACKOFF);
     }
 
     #[test]

@@ -3,8 +3,12 @@
 //! Each worker owns a [`SpansBuffer`] for its shards (Kafka partitions) and loops: compute
 //! `now` from the wall clock plus the shared drift, flush the segments due at `now`, produce
 //! every resulting message and wait for the deliveries, then clean the flushed segments out of
-//! Redis. It reports after every iteration through [`WorkerHealth`]: when it was last alive
-//! and since when it has been at its flush limit. The [`FlushSegments`](super::FlushSegments)
+//! Redis. It reports after every iteration that succeeded through [`WorkerHealth`]: when it
+//! last flushed and since when it has been at its flush limit. A failed flush is retried with a
+//! growing pause when it may pass (a lost connection, a server loading or full) and is not a
+//! report: a worker that keeps failing falls silent and is replaced. One that cannot pass
+//! (`WRONGTYPE`, `NOPERM`, a script error, a reply the store does not understand) ends the
+//! worker at once, so the step replaces it and, if it keeps happening, fails the consumer. The [`FlushSegments`](super::FlushSegments)
 //! step reads those to detect dead or hung workers and to apply backpressure.
 //!
 //! A worker is stopped at an iteration boundary (never between produce and cleanup) when the
@@ -97,6 +101,8 @@ pub struct WorkerHealth {
     pub backpressure_since: AtomicI64,
     /// The generation allowed to work; a worker whose generation is older stops.
     pub generation: AtomicU64,
+    /// Whether the worker's latest flush failed (it then stops reporting `healthy_since`).
+    pub failing: AtomicBool,
 }
 
 impl WorkerHealth {
@@ -123,8 +129,9 @@ impl Tenure<'_> {
 ///
 /// # Errors
 ///
-/// Creating its buffer failed (Redis unreachable at start): the step sees the worker exit and
-/// restarts it.
+/// Creating its buffer failed (Redis unreachable at start), or a flush or cleanup failed in a
+/// way a retry cannot fix ([`BufferError::is_transient`] is false): the step sees the worker
+/// exit and restarts it, with a backoff, until `max_restarts`.
 pub(super) async fn run_worker(
     context: WorkerContext,
     shards: Vec<u16>,
@@ -148,6 +155,7 @@ pub(super) async fn run_worker(
         generation,
     };
     let mut gauged_at: Option<std::time::Instant> = None;
+    let mut failures: u32 = 0;
     while !context.shared.stop.load(Ordering::SeqCst) && tenure.holds() {
         if gauged_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
             record_stored_segments(&buffer, &queues).await;
@@ -155,8 +163,9 @@ pub(super) async fn run_worker(
         }
         let system_now = seconds(SystemTime::now());
         let now = system_now + context.shared.drift.load(Ordering::SeqCst);
-        let flushed_anything = match buffer.flush_segments(now).await {
+        let flushed = match buffer.flush_segments(now).await {
             Ok(flush) => {
+                report_losses(&context, &flush).await;
                 if flush.any_shard_at_limit {
                     let _ = health.backpressure_since.compare_exchange(
                         0,
@@ -167,48 +176,78 @@ pub(super) async fn run_worker(
                 } else {
                     health.backpressure_since.store(0, Ordering::SeqCst);
                 }
-                for lost in &flush.lost {
-                    tracing::warn!(
-                        project_id = lost.project_id,
-                        organization_id = ?lost.organization_id,
-                        quantity = lost.quantity,
-                        reason = lost.reason,
-                        "Spans ingested but not flushed."
-                    );
-                    if let Some(outcomes) = &context.outcomes {
-                        outcomes
-                            .record(
-                                lost.organization_id,
-                                lost.project_id,
-                                lost.reason,
-                                lost.quantity,
-                            )
-                            .await;
-                    }
-                }
                 let anything = !flush.segments.is_empty();
                 if anything && tenure.holds() {
                     produce_and_clean_up(&context, &buffer, &flush.segments, &shard_label, tenure)
-                        .await;
+                        .await?;
                 }
-                anything
+                Ok(anything)
+            }
+            Err(error) => Err(error),
+        };
+        match flushed {
+            Ok(anything) => {
+                failures = 0;
+                health.failing.store(false, Ordering::SeqCst);
+                // Alive means flushing: a worker whose every flush fails stops reporting, so
+                // the step replaces it after `max_unhealthy` and, if that keeps happening,
+                // fails the consumer instead of leaving its shards silently stuck.
+                health
+                    .healthy_since
+                    .store(system_now.max(1), Ordering::SeqCst);
+                if !anything {
+                    tokio::time::sleep(context.idle_sleep).await;
+                }
+            }
+            Err(error) if error.is_transient() => {
+                metrics::counter!(names::FLUSHER_ERRORS, "phase" => "flush").increment(1);
+                failures = failures.saturating_add(1);
+                health.failing.store(true, Ordering::SeqCst);
+                tracing::warn!(error = %ErrorChain(&error), shards = %shard_label, failures, "Flushing segments failed; retrying.");
+                tokio::time::sleep(retry_pause(context.idle_sleep, failures)).await;
             }
             Err(error) => {
-                tracing::warn!(error = %ErrorChain(&error), shards = %shard_label, "Flushing segments failed; retrying.");
                 metrics::counter!(names::FLUSHER_ERRORS, "phase" => "flush").increment(1);
-                false
+                health.failing.store(true, Ordering::SeqCst);
+                tracing::error!(error = %ErrorChain(&error), shards = %shard_label, "Flushing segments failed in a way a retry cannot fix; the worker stops.");
+                return Err(error);
             }
-        };
-        // Alive, whether or not Redis cooperated: hang detection is about a worker that stops
-        // iterating, not about a worker that keeps retrying.
-        health
-            .healthy_since
-            .store(system_now.max(1), Ordering::SeqCst);
-        if !flushed_anything {
-            tokio::time::sleep(context.idle_sleep).await;
         }
     }
     Ok(())
+}
+
+/// Longest pause between two failed flushes.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// The pause after the `failures`-th failed flush in a row: `idle_sleep`, doubling, at most
+/// [`MAX_RETRY_PAUSE`] (or `idle_sleep` if that is longer).
+fn retry_pause(idle_sleep: Duration, failures: u32) -> Duration {
+    let doubled = idle_sleep.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    doubled.min(MAX_RETRY_PAUSE.max(idle_sleep))
+}
+
+/// Logs and records the spans a flush found missing.
+async fn report_losses(context: &WorkerContext, flush: &crate::buffer::Flush) {
+    for lost in &flush.lost {
+        tracing::warn!(
+            project_id = lost.project_id,
+            organization_id = ?lost.organization_id,
+            quantity = lost.quantity,
+            reason = lost.reason,
+            "Spans ingested but not flushed."
+        );
+        if let Some(outcomes) = &context.outcomes {
+            outcomes
+                .record(
+                    lost.organization_id,
+                    lost.project_id,
+                    lost.reason,
+                    lost.quantity,
+                )
+                .await;
+        }
+    }
 }
 
 /// Sets the stored-segments gauge of each shard (`ZCARD` of its queue), as Sentry's consumer
@@ -238,13 +277,19 @@ async fn produce_and_clean_up(
     segments: &[FlushedSegment],
     shard_label: &str,
     tenure: Tenure<'_>,
-) {
+) -> Result<(), BufferError> {
     let started = std::time::Instant::now();
     let deliveries = segments
         .iter()
         .filter(|segment| !segment.spans.is_empty())
         .map(|segment| deliver_segment(context, segment, tenure));
-    let results = join_all(deliveries).await;
+    // The locks are extended while the deliveries are awaited, however long librdkafka takes:
+    // a lock that expired under a produce would let a later subsegment merge into the segment
+    // being flushed.
+    let results = tokio::select! {
+        results = join_all(deliveries) => results,
+        () = keep_flush_locks(context, buffer, segments) => unreachable!("keeps the locks until cancelled"),
+    };
     if !tenure.holds() {
         // Left in Redis, the segments are flushed by the replacement; cleaning them up here
         // could delete what it has not produced yet.
@@ -252,7 +297,7 @@ async fn produce_and_clean_up(
             shards = shard_label,
             "A replaced flush worker stops mid-flush."
         );
-        return;
+        return Ok(());
     }
     metrics::histogram!(names::FLUSHER_WAIT_PRODUCE_SECONDS)
         .record(started.elapsed().as_secs_f64());
@@ -290,10 +335,43 @@ async fn produce_and_clean_up(
             }
         }
     }
-    if let Err(error) = buffer.done_flush_segments(segments).await {
-        // Left in Redis, the segments are flushed again later: duplicates, not losses.
-        tracing::warn!(error = %ErrorChain(&error), shards = shard_label, "Cleaning up flushed segments failed.");
-        metrics::counter!(names::FLUSHER_ERRORS, "phase" => "done").increment(1);
+    match buffer.done_flush_segments(segments).await {
+        Ok(()) => Ok(()),
+        Err(error) => {
+            // Left in Redis, the segments are flushed again later: duplicates, not losses. A
+            // cleanup that would fail the same way every time stops the worker instead of
+            // producing the same segments again and again.
+            tracing::warn!(error = %ErrorChain(&error), shards = shard_label, "Cleaning up flushed segments failed.");
+            metrics::counter!(names::FLUSHER_ERRORS, "phase" => "done").increment(1);
+            if error.is_transient() {
+                Ok(())
+            } else {
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Extends the flush's locks every third of the lock TTL until cancelled; never returns.
+/// With locks off it only waits.
+async fn keep_flush_locks(
+    context: &WorkerContext,
+    buffer: &SpansBuffer,
+    segments: &[FlushedSegment],
+) {
+    let ttl = Duration::from_secs(context.options.flush_lock_ttl_secs);
+    if ttl.is_zero() {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match buffer.extend_flush_locks(segments).await {
+            Ok(0) => {}
+            Ok(lost) => tracing::warn!(lost, "Flush locks were lost while producing."),
+            Err(error) => {
+                tracing::warn!(error = %ErrorChain(&error), "Extending flush locks failed.");
+            }
+        }
     }
 }
 
