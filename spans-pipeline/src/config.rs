@@ -615,11 +615,16 @@ impl Config {
                 "must be between 0.0 and 1.0",
             );
         }
-        if self.buffer.root_timeout.is_zero() || self.buffer.timeout.is_zero() {
-            return fail(
-                "buffer.timeout",
-                "flush timeouts must be at least one second",
-            );
+        // Redis keeps these in whole seconds: queue scores are Unix seconds (Sentry's layout),
+        // the script's `EXPIRE` and the lock's `SET EX` take seconds. A fraction would be cut
+        // off silently (`500ms` became 0 s), so it is refused instead.
+        for (key, value, may_be_zero) in [
+            ("buffer.timeout", self.buffer.timeout, false),
+            ("buffer.root_timeout", self.buffer.root_timeout, false),
+            ("buffer.redis_ttl", self.buffer.redis_ttl, false),
+            ("buffer.flush_lock_ttl", self.buffer.flush_lock_ttl, true),
+        ] {
+            whole_seconds(key, value, may_be_zero)?;
         }
         if self.buffer.metrics_sample_rate == 0 {
             return fail("buffer.metrics_sample_rate", "must be at least 1");
@@ -701,6 +706,31 @@ impl Config {
         }
         changed
     }
+}
+
+/// `value` in seconds, refused with `key` named when it has a fraction of a second, or is zero
+/// where zero does not work.
+fn whole_seconds(
+    key: &'static str,
+    value: Duration,
+    may_be_zero: bool,
+) -> Result<u64, ConfigError> {
+    let shown = humantime::format_duration(value);
+    if value.subsec_nanos() != 0 {
+        return Err(ConfigError::Value {
+            key,
+            reason: format!(
+                "must be a whole number of seconds (got {shown}): redis keeps it in seconds"
+            ),
+        });
+    }
+    if value.is_zero() && !may_be_zero {
+        return Err(ConfigError::Value {
+            key,
+            reason: "must be at least one second".to_owned(),
+        });
+    }
+    Ok(value.as_secs())
 }
 
 /// [`ConfigError::Override`] for `entry`, shown up to its key when it is about a secret.
@@ -823,6 +853,65 @@ mod tests {
 
         assert_eq!(config.buffer.root_timeout, Duration::from_secs(2));
         assert_eq!(config.buffer.redis_ttl, Duration::from_secs(5400));
+    }
+
+    #[test]
+    fn durations_redis_keeps_in_seconds_must_be_whole_seconds() {
+        for key in ["timeout", "root_timeout", "redis_ttl", "flush_lock_ttl"] {
+            for value in ["500ms", "1500ms", "2s 1ms"] {
+                let error = load("", &[], &[&format!("buffer.{key}={value}")]).unwrap_err();
+
+                let named = format!("buffer.{key}:");
+                assert!(
+                    error.to_string().starts_with(&named),
+                    "{key}={value}: {error}"
+                );
+                assert!(
+                    error.to_string().contains("whole"),
+                    "{key}={value}: {error}"
+                );
+            }
+        }
+        for key in ["timeout", "root_timeout", "redis_ttl"] {
+            let error = load("", &[], &[&format!("buffer.{key}=0s")]).unwrap_err();
+            assert!(
+                error.to_string().starts_with(&format!("buffer.{key}:")),
+                "{error}"
+            );
+        }
+        let config = load(
+            "",
+            &[],
+            &[
+                "buffer.timeout=2s",
+                "buffer.redis_ttl=90s",
+                "buffer.flush_lock_ttl=0s",
+            ],
+        )
+        .unwrap();
+        let options = config.buffer.options();
+        assert_eq!(
+            (
+                options.timeout_secs,
+                options.redis_ttl_secs,
+                options.flush_lock_ttl_secs
+            ),
+            (2, 90, 0)
+        );
+    }
+
+    #[test]
+    fn sub_second_durations_kept_as_durations_work() {
+        let config = load(
+            "[buffer]\nflusher_backpressure = \"1500ms\"\nflusher_max_unhealthy = \"2500ms\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+
+        let flush = config.consumer_settings().flush;
+        assert_eq!(flush.backpressure_after, Duration::from_millis(1500));
+        assert_eq!(flush.max_unhealthy, Duration::from_millis(2500));
     }
 
     #[test]
