@@ -156,7 +156,7 @@ impl Edits {
             if key == SEGMENT_ID_ATTRIBUTE {
                 has_segment_id = true;
                 let value = value.as_raw_cow();
-                if is_falsy(&value) {
+                if !has_truthy_value(&value) {
                     self.edits.push(Edit {
                         range: range_in(payload, value)?,
                         text: EditText::SegmentIdValue,
@@ -265,6 +265,23 @@ fn range_in(payload: &[u8], raw: Cow<'_, str>) -> Option<Range<usize>> {
 fn segment_attribute(segment_span_id: &str) -> String {
     let value = sonic_rs::to_string(segment_span_id).unwrap_or_else(|_| "\"\"".to_owned());
     format!(r#"{{"type":"string","value":{value}}}"#)
+}
+
+/// Whether an attribute carries a truthy `value`, as Sentry's `attribute_value` reads it: an
+/// attribute that is not an object, has no `value`, or a falsy one (`null`, `""`) counts as
+/// missing, and the segment's id is written in its place.
+fn has_truthy_value(attribute: &str) -> bool {
+    let mut value = None;
+    for entry in sonic_rs::to_object_iter(attribute) {
+        let Ok((key, raw)) = entry else {
+            return false;
+        };
+        if key == "value" {
+            // The last occurrence wins, as in a Python dict.
+            value = Some(raw.as_raw_cow().into_owned());
+        }
+    }
+    value.is_some_and(|raw| !is_falsy(&raw))
 }
 
 /// Python truthiness of a JSON value: `null`, `false`, `0`, `""`, `[]` and `{}` are falsy.
@@ -395,6 +412,31 @@ mod tests {
             filled["attributes"]["sentry.segment.id"]["value"].as_str(),
             Some("b")
         );
+    }
+
+    #[test]
+    fn a_segment_id_attribute_with_an_empty_or_null_value_is_filled() {
+        for attribute in [
+            r#"{"type":"string","value":""}"#,
+            r#"{"type":"string","value":null}"#,
+            r#"{"type":"string"}"#,
+            r#""dddddddddddddddd""#,
+            "{}",
+        ] {
+            let span = patched(
+                &format!(
+                    r#"{{"span_id":"a","attributes":{{"sentry.segment.id":{attribute},"k":1}}}}"#
+                ),
+                "b",
+            );
+
+            assert_eq!(
+                span["attributes"]["sentry.segment.id"]["value"].as_str(),
+                Some("b"),
+                "{attribute}"
+            );
+            assert_eq!(span["attributes"]["k"].as_u64(), Some(1), "{attribute}");
+        }
     }
 
     #[test]
