@@ -23,8 +23,22 @@ use rill::backends::kafka::{
 };
 use serde::Deserialize;
 
-use crate::buffer::BufferOptions;
+use crate::buffer::{BufferOptions, output};
 use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch, ProducePolicy};
+
+/// librdkafka's setting of the largest message a producer accepts.
+const MESSAGE_MAX_BYTES: &str = "message.max.bytes";
+/// Its default here: Sentry's producers' 50,000,000 bytes (librdkafka's own is 1,000,000,
+/// smaller than one default segment of 10 MiB).
+const DEFAULT_MESSAGE_MAX_BYTES: &str = "50000000";
+
+/// Producer settings applied before `producer_overrides` (which win): Sentry's producers'
+/// message size limit, and lz4 compression, which shrinks JSON spans several times on the wire
+/// and so keeps big segments under the broker's own limit.
+pub const PRODUCER_DEFAULTS: [(&str, &str); 2] = [
+    (MESSAGE_MAX_BYTES, DEFAULT_MESSAGE_MAX_BYTES),
+    ("compression.type", "lz4"),
+];
 
 /// The environment variable prefix of overrides.
 pub const ENV_PREFIX: &str = "SPANS_PIPELINE__";
@@ -626,6 +640,7 @@ impl Config {
         ] {
             whole_seconds(key, value, may_be_zero)?;
         }
+        self.validate_message_size()?;
         if self.buffer.metrics_sample_rate == 0 {
             return fail("buffer.metrics_sample_rate", "must be at least 1");
         }
@@ -680,15 +695,47 @@ impl Config {
         consumer
     }
 
-    /// The settings of the producer (output, dead letters, outcomes): every
-    /// `producer_overrides` entry passed through to librdkafka.
+    /// The settings of the producer (output, dead letters, outcomes): [`PRODUCER_DEFAULTS`],
+    /// then every `producer_overrides` entry passed through to librdkafka.
     pub fn kafka_producer_config(&self) -> KafkaProducerConfig {
         let mut producer = KafkaProducerConfig::new(&self.kafka.bootstrap_servers)
             .with_override("client.id", "spans-pipeline.flusher");
+        for (key, value) in PRODUCER_DEFAULTS {
+            producer = producer.with_override(key, value);
+        }
         for (key, value) in &self.kafka.producer_overrides {
             producer = producer.with_override(key, value);
         }
         producer
+    }
+
+    /// Checks that the producer takes the largest message a flush builds: a chunk of up to
+    /// `buffer.max_segment_bytes` of spans plus its envelope. A smaller `message.max.bytes`
+    /// would have librdkafka refuse every big segment, which would then be lost.
+    fn validate_message_size(&self) -> Result<(), ConfigError> {
+        let key = "kafka.producer_overrides.\"message.max.bytes\"";
+        let configured = self
+            .kafka
+            .producer_overrides
+            .get(MESSAGE_MAX_BYTES)
+            .map_or(DEFAULT_MESSAGE_MAX_BYTES, String::as_str);
+        let limit: u64 = configured.trim().parse().map_err(|_| ConfigError::Value {
+            key,
+            reason: format!("{configured:?} is not a number of bytes"),
+        })?;
+        let segment = self.buffer.max_segment_bytes;
+        let largest = segment.saturating_add(output::message_overhead(segment));
+        if segment > 0 && largest > limit {
+            return Err(ConfigError::Value {
+                key,
+                reason: format!(
+                    "{limit} bytes cannot carry a segment of buffer.max_segment_bytes = {segment} \
+                     (up to {largest} bytes as a message); raise message.max.bytes or lower \
+                     buffer.max_segment_bytes"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// What changed from `self` to `next` that only takes effect after a restart; a reload
@@ -1006,6 +1053,44 @@ producer_overrides = { "security.protocol" = "SSL", "ssl.key.password" = "key-pa
             assert_eq!(producer.get(key), Some(value), "{key}");
         }
         assert_eq!(producer.get("sasl.password"), None);
+    }
+
+    #[test]
+    fn the_producer_takes_a_whole_default_segment_compressed_with_lz4() {
+        let producer = load("", &[], &[])
+            .unwrap()
+            .kafka_producer_config()
+            .client_config()
+            .unwrap();
+
+        assert_eq!(producer.get("message.max.bytes"), Some("50000000"));
+        assert_eq!(producer.get("compression.type"), Some("lz4"));
+        let overridden = load(
+            "[kafka]\nproducer_overrides = { \"compression.type\" = \"zstd\", \"message.max.bytes\" = \"20000000\" }\n",
+            &[],
+            &[],
+        )
+        .unwrap()
+        .kafka_producer_config()
+        .client_config()
+        .unwrap();
+        assert_eq!(overridden.get("compression.type"), Some("zstd"));
+        assert_eq!(overridden.get("message.max.bytes"), Some("20000000"));
+    }
+
+    #[test]
+    fn a_producer_limit_below_the_largest_segment_is_refused_naming_both_settings() {
+        let small = "[kafka]\nproducer_overrides = { \"message.max.bytes\" = \"1000000\" }\n";
+
+        let error = load(small, &[], &[]).unwrap_err().to_string();
+
+        assert!(error.contains("message.max.bytes"), "{error}");
+        assert!(error.contains("buffer.max_segment_bytes"), "{error}");
+        assert!(load(small, &[], &["buffer.max_segment_bytes=900000"]).is_ok());
+        assert!(load(small, &[], &["buffer.max_segment_bytes=0"]).is_ok());
+        let garbage = "[kafka]\nproducer_overrides = { \"message.max.bytes\" = \"lots\" }\n";
+        let error = load(garbage, &[], &[]).unwrap_err().to_string();
+        assert!(error.contains("message.max.bytes"), "{error}");
     }
 
     #[test]

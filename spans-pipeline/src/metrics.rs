@@ -47,6 +47,8 @@ pub const FLUSHER_PRODUCE: &str = "spans.buffer.flusher.produce";
 pub const FLUSHER_WAIT_PRODUCE_SECONDS: &str = "spans.buffer.flusher.wait_produce";
 /// Spans of segments given up because they could not be produced.
 pub const FLUSHER_PRODUCE_FAILED_SPANS: &str = "spans.buffer.flusher.produce_failed_spans";
+/// Messages sent again as two halves after one was refused for its size.
+pub const FLUSHER_SPLIT_MESSAGES: &str = "spans.buffer.flusher.split_messages";
 /// Flush worker errors (tag `phase`: `flush`, `done`).
 pub const FLUSHER_ERRORS: &str = "spans.buffer.flusher.errors";
 /// Redis used/available memory ratio, summed over every master.
