@@ -107,7 +107,8 @@ pub struct KafkaSection {
     pub output_topic: String,
     /// Topic for invalid messages; empty to log and skip them instead.
     pub dlq_topic: String,
-    /// Topic for outcome records of spans given up or lost at flush; empty: off.
+    /// Topic for outcome records of spans given up or lost at flush (Sentry's `outcomes`);
+    /// empty: off, the losses are only logged and counted.
     pub outcomes_topic: String,
     /// Kafka slice id (part of the queue keys), when running sliced.
     pub slice_id: Option<u32>,
@@ -132,7 +133,7 @@ impl Default for KafkaSection {
             input_topics: vec!["ingest-spans".to_owned()],
             output_topic: "buffered-segments".to_owned(),
             dlq_topic: "ingest-spans-dlq".to_owned(),
-            outcomes_topic: String::new(),
+            outcomes_topic: "outcomes".to_owned(),
             slice_id: None,
             rebalance_protocol: "cooperative".to_owned(),
             initial_offset: "earliest".to_owned(),
@@ -588,6 +589,16 @@ impl Config {
         if self.kafka.input_topics.is_empty() {
             return fail("kafka.input_topics", "at least one topic is needed");
         }
+        // Queue keys are `span-buf:q:<partition>`, without the topic (Sentry's layout): partition
+        // 0 of two topics would be one queue, flushed by whichever member owns either.
+        if self.kafka.input_topics.len() > 1 {
+            return fail(
+                "kafka.input_topics",
+                "one topic only: flush queues (span-buf:q:<partition>) are keyed by partition, not \
+                 by topic, so two topics would share them; run one consumer per topic, each with \
+                 its own kafka.slice_id",
+            );
+        }
         if self.kafka.output_topic.is_empty() {
             return fail("kafka.output_topic", "must not be empty");
         }
@@ -959,6 +970,27 @@ mod tests {
         let flush = config.consumer_settings().flush;
         assert_eq!(flush.backpressure_after, Duration::from_millis(1500));
         assert_eq!(flush.max_unhealthy, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn two_input_topics_are_refused_because_they_would_share_flush_queues() {
+        let error = load(
+            "[kafka]\ninput_topics = [\"ingest-spans\", \"ingest-spans-2\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+
+        assert!(error.starts_with("kafka.input_topics:"), "{error}");
+        assert!(error.contains("span-buf:q:"), "{error}");
+    }
+
+    #[test]
+    fn outcomes_are_produced_by_default_to_a_configurable_topic() {
+        assert_eq!(load("", &[], &[]).unwrap().kafka.outcomes_topic, "outcomes");
+        let config = load("", &[], &["kafka.outcomes_topic=billing-outcomes"]).unwrap();
+        assert_eq!(config.kafka.outcomes_topic, "billing-outcomes");
     }
 
     #[test]
