@@ -164,6 +164,22 @@ impl DlqLimits {
     }
 }
 
+/// What the processor does with a dead letter whose every delivery attempt failed (a missing
+/// or unwritable dead-letter topic, a broker away for longer than the attempts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Undeliverable {
+    /// Stop with [`DlqError::DeliveryFailed`]: nothing is committed past a message that is
+    /// neither processed nor dead-lettered (the default). A restart reads it again.
+    #[default]
+    Fail,
+    /// Log it as an error, count it (`rill.dlq.undeliverable` and
+    /// [`ProcessorStats::dead_letters_dropped`](crate::processor::ProcessorStats)) and commit
+    /// past it: the invalid message is lost, the consumer goes on. For pipelines where one bad
+    /// message must not stop (and, on restart, re-read and duplicate) everything else.
+    CommitPast,
+}
+
 /// How the processor dead-letters invalid messages.
 ///
 /// # Examples
@@ -187,6 +203,7 @@ pub struct DlqPolicy<T> {
     limits: DlqLimits,
     max_buffered_per_partition: usize,
     max_attempts: u32,
+    undeliverable: Undeliverable,
     clone_message: fn(&Message<T>) -> Message<T>,
 }
 
@@ -202,6 +219,7 @@ impl<T> DlqPolicy<T> {
             limits: DlqLimits::none(),
             max_buffered_per_partition: 100_000,
             max_attempts: 3,
+            undeliverable: Undeliverable::Fail,
             clone_message: Message::clone,
         }
     }
@@ -222,10 +240,18 @@ impl<T> DlqPolicy<T> {
         self
     }
 
-    /// Sets how many times a delivery is attempted before the processor stops.
+    /// Sets how many times a delivery is attempted before the processor stops (or, with
+    /// [`Undeliverable::CommitPast`], gives the dead letter up).
     #[must_use]
     pub const fn with_max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts;
+        self
+    }
+
+    /// Sets what happens to a dead letter once its attempts ran out.
+    #[must_use]
+    pub const fn with_undeliverable(mut self, undeliverable: Undeliverable) -> Self {
+        self.undeliverable = undeliverable;
         self
     }
 }
@@ -239,6 +265,7 @@ impl<T> fmt::Debug for DlqPolicy<T> {
                 &self.max_buffered_per_partition,
             )
             .field("max_attempts", &self.max_attempts)
+            .field("undeliverable", &self.undeliverable)
             .finish_non_exhaustive()
     }
 }
@@ -349,6 +376,7 @@ pub(crate) struct DeadLetterQueue<T> {
     outgoing: VecDeque<Outgoing<T>>,
     limits: HashMap<Partition, LimitState>,
     delivered: u64,
+    dropped: u64,
 }
 
 impl<T> DeadLetterQueue<T> {
@@ -359,6 +387,7 @@ impl<T> DeadLetterQueue<T> {
             outgoing: VecDeque::new(),
             limits: HashMap::new(),
             delivered: 0,
+            dropped: 0,
         }
     }
 
@@ -454,13 +483,14 @@ impl<T> DeadLetterQueue<T> {
         Ok(())
     }
 
-    /// Sends what waits, checks deliveries, and returns the offsets now safely dead-lettered.
+    /// Sends what waits, checks deliveries, and returns the offsets now safely dead-lettered
+    /// (or given up under [`Undeliverable::CommitPast`]).
     pub(crate) fn poll(&mut self) -> Result<CommitRequest, DlqError> {
         let mut done = CommitRequest::new();
         let mut index = 0;
         while index < self.outgoing.len() {
             let entry = &mut self.outgoing[index];
-            if entry.delivery.is_none() {
+            let failure = if entry.delivery.is_none() {
                 let dead_letter = DeadLetter {
                     payload: (self.policy.clone_message)(&entry.raw).into_payload(),
                     partition: entry.partition.clone(),
@@ -472,56 +502,67 @@ impl<T> DeadLetterQueue<T> {
                     Ok(delivery) => {
                         entry.attempts += 1;
                         entry.delivery = Some(delivery);
+                        None
                     }
                     // Full: try again on the next poll, keeping order.
                     Err(ProduceError::QueueFull(_)) => break,
                     Err(ProduceError::Failed { source, .. }) => {
                         entry.attempts += 1;
-                        Self::check_attempts(
-                            entry,
-                            self.policy.max_attempts,
-                            DeliveryError::Failed(source),
-                        )?;
+                        Some(DeliveryError::Failed(source))
+                    }
+                }
+            } else {
+                None
+            };
+            let failure = match (failure, entry.delivery.as_mut()) {
+                (Some(failure), _) => failure,
+                (None, None) => {
+                    index += 1;
+                    continue;
+                }
+                (None, Some(delivery)) => match poll_delivery(delivery) {
+                    Poll::Pending => {
+                        index += 1;
                         continue;
                     }
-                }
-            }
-            let Some(delivery) = entry.delivery.as_mut() else {
-                index += 1;
-                continue;
-            };
-            match poll_delivery(delivery) {
-                Poll::Pending => index += 1,
-                Poll::Ready(Ok(_)) => {
-                    if let Some(delivered) = self.outgoing.remove(index) {
-                        done.add(&delivered.partition, delivered.offset);
-                        self.delivered += 1;
+                    Poll::Ready(Ok(_)) => {
+                        if let Some(delivered) = self.outgoing.remove(index) {
+                            done.add(&delivered.partition, delivered.offset);
+                            self.delivered += 1;
+                        }
+                        continue;
                     }
-                }
-                Poll::Ready(Err(error)) => {
-                    entry.delivery = None;
-                    Self::check_attempts(entry, self.policy.max_attempts, error)?;
-                }
+                    Poll::Ready(Err(error)) => {
+                        entry.delivery = None;
+                        error
+                    }
+                },
+            };
+            if entry.attempts < self.policy.max_attempts {
+                tracing::warn!(error = %failure, attempts = entry.attempts, "Dead-letter delivery failed; retrying.");
+                continue;
+            }
+            let error = DlqError::DeliveryFailed {
+                partition: entry.partition.clone(),
+                offset: entry.offset,
+                attempts: entry.attempts,
+                source: failure,
+            };
+            if self.policy.undeliverable == Undeliverable::Fail {
+                return Err(error);
+            }
+            tracing::error!(
+                error = %error_chain(&error),
+                reason = %entry.reason,
+                "Giving up a dead letter that could not be delivered; committing past it."
+            );
+            ::metrics::counter!(crate::metrics::DLQ_UNDELIVERABLE).increment(1);
+            if let Some(dropped) = self.outgoing.remove(index) {
+                done.add(&dropped.partition, dropped.offset);
+                self.dropped += 1;
             }
         }
         Ok(done)
-    }
-
-    fn check_attempts(
-        entry: &Outgoing<T>,
-        max_attempts: u32,
-        error: DeliveryError,
-    ) -> Result<(), DlqError> {
-        if entry.attempts < max_attempts {
-            tracing::warn!(%error, attempts = entry.attempts, "Dead-letter delivery failed; retrying.");
-            return Ok(());
-        }
-        Err(DlqError::DeliveryFailed {
-            partition: entry.partition.clone(),
-            offset: entry.offset,
-            attempts: entry.attempts,
-            source: error,
-        })
     }
 
     /// Dead letters of `partition` not yet confirmed.
@@ -541,6 +582,23 @@ impl<T> DeadLetterQueue<T> {
     pub(crate) const fn delivered(&self) -> u64 {
         self.delivered
     }
+
+    /// Dead letters given up so far ([`Undeliverable::CommitPast`]).
+    pub(crate) const fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+/// `error: its source: its source…`, for one log field.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -33,3 +33,5 @@ pub const TASKS_IN_FLIGHT: &str = "rill.run_task_in_threads.in_flight";
 pub const PRODUCE_DELIVERIES: &str = "rill.produce.deliveries";
 /// Counter: messages dropped by `Filter`.
 pub const MESSAGES_FILTERED: &str = "rill.filter.dropped";
+/// Dead letters given up after every delivery attempt failed ([`Undeliverable::CommitPast`](crate::dlq::Undeliverable)).
+pub const DLQ_UNDELIVERABLE: &str = "rill.dlq.undeliverable";

@@ -151,6 +151,9 @@ pub struct ProcessorStats {
     pub invalid_messages: u64,
     /// Invalid messages whose dead-letter delivery was confirmed.
     pub dead_lettered: u64,
+    /// Invalid messages whose dead-letter delivery failed every attempt and that were committed
+    /// past ([`Undeliverable::CommitPast`](crate::dlq::Undeliverable::CommitPast)).
+    pub dead_letters_dropped: u64,
     /// Commits sent to the consumer.
     pub commits: u64,
     /// Times all partitions were paused.
@@ -320,6 +323,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
     pub fn stats(&self) -> ProcessorStats {
         let mut stats = self.stats.clone();
         stats.dead_lettered = self.dlq.as_ref().map_or(0, DeadLetterQueue::delivered);
+        stats.dead_letters_dropped = self.dlq.as_ref().map_or(0, DeadLetterQueue::dropped);
         stats
     }
 
@@ -1101,17 +1105,25 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_failing_dead_letter_delivery_is_retried_then_fatal() {
+    /// One message, and a dead-letter policy of three attempts whose three deliveries fail.
+    fn failing_dead_letters() -> (Fixture, DlqPolicy<u64>, Topic) {
         let fixture = Fixture::new(1, 1);
         let dlq_topic = Topic::new("dlq");
         fixture.broker.create_topic(&dlq_topic, 1);
         let producer = LocalProducer::new(fixture.broker.clone());
         producer.fail_next_deliveries(3);
+        let policy =
+            DlqPolicy::new(DlqTopic::new(producer, dlq_topic.clone())).with_max_attempts(3);
+        (fixture, policy, dlq_topic)
+    }
+
+    #[test]
+    fn a_failing_dead_letter_delivery_is_retried_then_fatal() {
+        let (fixture, policy, _) = failing_dead_letters();
         let step = RecordingStep::new().invalid_at(&[0]);
         let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
             .with_config(fast())
-            .with_dlq(DlqPolicy::new(DlqTopic::new(producer, dlq_topic)).with_max_attempts(3));
+            .with_dlq(policy);
 
         let error = (0..1000).find_map(|_| processor.run_once().err());
 
@@ -1123,6 +1135,34 @@ mod tests {
             }))
         ));
         assert_eq!(fixture.committed(0), None);
+    }
+
+    #[test]
+    fn an_undeliverable_dead_letter_is_counted_and_committed_past_when_asked() {
+        let (fixture, policy, dlq_topic) = failing_dead_letters();
+        let policy = policy.with_undeliverable(crate::dlq::Undeliverable::CommitPast);
+        let step = RecordingStep::new().invalid_at(&[0]);
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_config(fast())
+            .with_dlq(policy);
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fixture.committed(0) != Some(1) {
+            assert!(
+                Instant::now() < deadline,
+                "never committed past the dead letter"
+            );
+            processor.run_once().unwrap();
+        }
+
+        let stats = processor.stats();
+        assert_eq!((stats.dead_letters_dropped, stats.dead_lettered), (1, 0));
+        assert!(
+            fixture
+                .broker
+                .payloads(&Partition::new(dlq_topic, 0))
+                .is_empty()
+        );
     }
 
     #[test]

@@ -23,8 +23,22 @@ use rill::backends::kafka::{
 };
 use serde::Deserialize;
 
-use crate::buffer::BufferOptions;
+use crate::buffer::{BufferOptions, output};
 use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch, ProducePolicy};
+
+/// librdkafka's setting of the largest message a producer accepts.
+const MESSAGE_MAX_BYTES: &str = "message.max.bytes";
+/// Its default here: Sentry's producers' 50,000,000 bytes (librdkafka's own is 1,000,000,
+/// smaller than one default segment of 10 MiB).
+const DEFAULT_MESSAGE_MAX_BYTES: &str = "50000000";
+
+/// Producer settings applied before `producer_overrides` (which win): Sentry's producers'
+/// message size limit, and lz4 compression, which shrinks JSON spans several times on the wire
+/// and so keeps big segments under the broker's own limit.
+pub const PRODUCER_DEFAULTS: [(&str, &str); 2] = [
+    (MESSAGE_MAX_BYTES, DEFAULT_MESSAGE_MAX_BYTES),
+    ("compression.type", "lz4"),
+];
 
 /// The environment variable prefix of overrides.
 pub const ENV_PREFIX: &str = "SPANS_PIPELINE__";
@@ -93,7 +107,8 @@ pub struct KafkaSection {
     pub output_topic: String,
     /// Topic for invalid messages; empty to log and skip them instead.
     pub dlq_topic: String,
-    /// Topic for outcome records of spans given up or lost at flush; empty: off.
+    /// Topic for outcome records of spans given up or lost at flush (Sentry's `outcomes`);
+    /// empty: off, the losses are only logged and counted.
     pub outcomes_topic: String,
     /// Kafka slice id (part of the queue keys), when running sliced.
     pub slice_id: Option<u32>,
@@ -118,7 +133,7 @@ impl Default for KafkaSection {
             input_topics: vec!["ingest-spans".to_owned()],
             output_topic: "buffered-segments".to_owned(),
             dlq_topic: "ingest-spans-dlq".to_owned(),
-            outcomes_topic: String::new(),
+            outcomes_topic: "outcomes".to_owned(),
             slice_id: None,
             rebalance_protocol: "cooperative".to_owned(),
             initial_offset: "earliest".to_owned(),
@@ -574,6 +589,16 @@ impl Config {
         if self.kafka.input_topics.is_empty() {
             return fail("kafka.input_topics", "at least one topic is needed");
         }
+        // Queue keys are `span-buf:q:<partition>`, without the topic (Sentry's layout): partition
+        // 0 of two topics would be one queue, flushed by whichever member owns either.
+        if self.kafka.input_topics.len() > 1 {
+            return fail(
+                "kafka.input_topics",
+                "one topic only: flush queues (span-buf:q:<partition>) are keyed by partition, not \
+                 by topic, so two topics would share them; run one consumer per topic, each with \
+                 its own kafka.slice_id",
+            );
+        }
         if self.kafka.output_topic.is_empty() {
             return fail("kafka.output_topic", "must not be empty");
         }
@@ -615,12 +640,18 @@ impl Config {
                 "must be between 0.0 and 1.0",
             );
         }
-        if self.buffer.root_timeout.is_zero() || self.buffer.timeout.is_zero() {
-            return fail(
-                "buffer.timeout",
-                "flush timeouts must be at least one second",
-            );
+        // Redis keeps these in whole seconds: queue scores are Unix seconds (Sentry's layout),
+        // the script's `EXPIRE` and the lock's `SET EX` take seconds. A fraction would be cut
+        // off silently (`500ms` became 0 s), so it is refused instead.
+        for (key, value, may_be_zero) in [
+            ("buffer.timeout", self.buffer.timeout, false),
+            ("buffer.root_timeout", self.buffer.root_timeout, false),
+            ("buffer.redis_ttl", self.buffer.redis_ttl, false),
+            ("buffer.flush_lock_ttl", self.buffer.flush_lock_ttl, true),
+        ] {
+            whole_seconds(key, value, may_be_zero)?;
         }
+        self.validate_message_size()?;
         if self.buffer.metrics_sample_rate == 0 {
             return fail("buffer.metrics_sample_rate", "must be at least 1");
         }
@@ -675,15 +706,47 @@ impl Config {
         consumer
     }
 
-    /// The settings of the producer (output, dead letters, outcomes): every
-    /// `producer_overrides` entry passed through to librdkafka.
+    /// The settings of the producer (output, dead letters, outcomes): [`PRODUCER_DEFAULTS`],
+    /// then every `producer_overrides` entry passed through to librdkafka.
     pub fn kafka_producer_config(&self) -> KafkaProducerConfig {
         let mut producer = KafkaProducerConfig::new(&self.kafka.bootstrap_servers)
             .with_override("client.id", "spans-pipeline.flusher");
+        for (key, value) in PRODUCER_DEFAULTS {
+            producer = producer.with_override(key, value);
+        }
         for (key, value) in &self.kafka.producer_overrides {
             producer = producer.with_override(key, value);
         }
         producer
+    }
+
+    /// Checks that the producer takes the largest message a flush builds: a chunk of up to
+    /// `buffer.max_segment_bytes` of spans plus its envelope. A smaller `message.max.bytes`
+    /// would have librdkafka refuse every big segment, which would then be lost.
+    fn validate_message_size(&self) -> Result<(), ConfigError> {
+        let key = "kafka.producer_overrides.\"message.max.bytes\"";
+        let configured = self
+            .kafka
+            .producer_overrides
+            .get(MESSAGE_MAX_BYTES)
+            .map_or(DEFAULT_MESSAGE_MAX_BYTES, String::as_str);
+        let limit: u64 = configured.trim().parse().map_err(|_| ConfigError::Value {
+            key,
+            reason: format!("{configured:?} is not a number of bytes"),
+        })?;
+        let segment = self.buffer.max_segment_bytes;
+        let largest = segment.saturating_add(output::message_overhead(segment));
+        if segment > 0 && largest > limit {
+            return Err(ConfigError::Value {
+                key,
+                reason: format!(
+                    "{limit} bytes cannot carry a segment of buffer.max_segment_bytes = {segment} \
+                     (up to {largest} bytes as a message); raise message.max.bytes or lower \
+                     buffer.max_segment_bytes"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// What changed from `self` to `next` that only takes effect after a restart; a reload
@@ -701,6 +764,31 @@ impl Config {
         }
         changed
     }
+}
+
+/// `value` in seconds, refused with `key` named when it has a fraction of a second, or is zero
+/// where zero does not work.
+fn whole_seconds(
+    key: &'static str,
+    value: Duration,
+    may_be_zero: bool,
+) -> Result<u64, ConfigError> {
+    let shown = humantime::format_duration(value);
+    if value.subsec_nanos() != 0 {
+        return Err(ConfigError::Value {
+            key,
+            reason: format!(
+                "must be a whole number of seconds (got {shown}): redis keeps it in seconds"
+            ),
+        });
+    }
+    if value.is_zero() && !may_be_zero {
+        return Err(ConfigError::Value {
+            key,
+            reason: "must be at least one second".to_owned(),
+        });
+    }
+    Ok(value.as_secs())
 }
 
 /// [`ConfigError::Override`] for `entry`, shown up to its key when it is about a secret.
@@ -826,6 +914,86 @@ mod tests {
     }
 
     #[test]
+    fn durations_redis_keeps_in_seconds_must_be_whole_seconds() {
+        for key in ["timeout", "root_timeout", "redis_ttl", "flush_lock_ttl"] {
+            for value in ["500ms", "1500ms", "2s 1ms"] {
+                let error = load("", &[], &[&format!("buffer.{key}={value}")]).unwrap_err();
+
+                let named = format!("buffer.{key}:");
+                assert!(
+                    error.to_string().starts_with(&named),
+                    "{key}={value}: {error}"
+                );
+                assert!(
+                    error.to_string().contains("whole"),
+                    "{key}={value}: {error}"
+                );
+            }
+        }
+        for key in ["timeout", "root_timeout", "redis_ttl"] {
+            let error = load("", &[], &[&format!("buffer.{key}=0s")]).unwrap_err();
+            assert!(
+                error.to_string().starts_with(&format!("buffer.{key}:")),
+                "{error}"
+            );
+        }
+        let config = load(
+            "",
+            &[],
+            &[
+                "buffer.timeout=2s",
+                "buffer.redis_ttl=90s",
+                "buffer.flush_lock_ttl=0s",
+            ],
+        )
+        .unwrap();
+        let options = config.buffer.options();
+        assert_eq!(
+            (
+                options.timeout_secs,
+                options.redis_ttl_secs,
+                options.flush_lock_ttl_secs
+            ),
+            (2, 90, 0)
+        );
+    }
+
+    #[test]
+    fn sub_second_durations_kept_as_durations_work() {
+        let config = load(
+            "[buffer]\nflusher_backpressure = \"1500ms\"\nflusher_max_unhealthy = \"2500ms\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+
+        let flush = config.consumer_settings().flush;
+        assert_eq!(flush.backpressure_after, Duration::from_millis(1500));
+        assert_eq!(flush.max_unhealthy, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn two_input_topics_are_refused_because_they_would_share_flush_queues() {
+        let error = load(
+            "[kafka]\ninput_topics = [\"ingest-spans\", \"ingest-spans-2\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+
+        assert!(error.starts_with("kafka.input_topics:"), "{error}");
+        assert!(error.contains("span-buf:q:"), "{error}");
+    }
+
+    #[test]
+    fn outcomes_are_produced_by_default_to_a_configurable_topic() {
+        assert_eq!(load("", &[], &[]).unwrap().kafka.outcomes_topic, "outcomes");
+        let config = load("", &[], &["kafka.outcomes_topic=billing-outcomes"]).unwrap();
+        assert_eq!(config.kafka.outcomes_topic, "billing-outcomes");
+    }
+
+    #[test]
     fn environment_overrides_the_file_and_flags_override_the_environment() {
         let config = load(
             "[consumer]\nmax_batch_size = 10\n[flusher]\nworkers = 2\n",
@@ -917,6 +1085,44 @@ producer_overrides = { "security.protocol" = "SSL", "ssl.key.password" = "key-pa
             assert_eq!(producer.get(key), Some(value), "{key}");
         }
         assert_eq!(producer.get("sasl.password"), None);
+    }
+
+    #[test]
+    fn the_producer_takes_a_whole_default_segment_compressed_with_lz4() {
+        let producer = load("", &[], &[])
+            .unwrap()
+            .kafka_producer_config()
+            .client_config()
+            .unwrap();
+
+        assert_eq!(producer.get("message.max.bytes"), Some("50000000"));
+        assert_eq!(producer.get("compression.type"), Some("lz4"));
+        let overridden = load(
+            "[kafka]\nproducer_overrides = { \"compression.type\" = \"zstd\", \"message.max.bytes\" = \"20000000\" }\n",
+            &[],
+            &[],
+        )
+        .unwrap()
+        .kafka_producer_config()
+        .client_config()
+        .unwrap();
+        assert_eq!(overridden.get("compression.type"), Some("zstd"));
+        assert_eq!(overridden.get("message.max.bytes"), Some("20000000"));
+    }
+
+    #[test]
+    fn a_producer_limit_below_the_largest_segment_is_refused_naming_both_settings() {
+        let small = "[kafka]\nproducer_overrides = { \"message.max.bytes\" = \"1000000\" }\n";
+
+        let error = load(small, &[], &[]).unwrap_err().to_string();
+
+        assert!(error.contains("message.max.bytes"), "{error}");
+        assert!(error.contains("buffer.max_segment_bytes"), "{error}");
+        assert!(load(small, &[], &["buffer.max_segment_bytes=900000"]).is_ok());
+        assert!(load(small, &[], &["buffer.max_segment_bytes=0"]).is_ok());
+        let garbage = "[kafka]\nproducer_overrides = { \"message.max.bytes\" = \"lots\" }\n";
+        let error = load(garbage, &[], &[]).unwrap_err().to_string();
+        assert!(error.contains("message.max.bytes"), "{error}");
     }
 
     #[test]

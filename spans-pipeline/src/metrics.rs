@@ -55,6 +55,8 @@ pub const INVALID_PAYLOADS: &str = "spans.buffer.flusher.invalid_payloads";
 /// Flushed segments left in Redis at cleanup because their flush lock expired or was taken
 /// over (they are flushed again: duplicates, not losses).
 pub const FLUSH_LOCKS_LOST: &str = "spans.buffer.flusher.flush_locks_lost";
+/// Messages sent again as two halves after one was refused for its size.
+pub const FLUSHER_SPLIT_MESSAGES: &str = "spans.buffer.flusher.split_messages";
 /// Flush worker errors (tag `phase`: `flush`, `done`).
 pub const FLUSHER_ERRORS: &str = "spans.buffer.flusher.errors";
 /// Redis used/available memory ratio, summed over every master.

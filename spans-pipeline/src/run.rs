@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rill::backends::kafka::{KafkaConsumer, KafkaDlqProducer, KafkaPayload, KafkaProducer};
-use rill::dlq::DlqPolicy;
+use rill::dlq::{DlqPolicy, Undeliverable};
 use rill::processor::{ProcessorConfig, ProcessorHandle, StreamProcessor};
 use rill::steps::HealthCheck;
 use rill::{Partition, ProcessingStrategy, ProcessingStrategyFactory, Producer, Topic};
@@ -132,10 +132,15 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
     }
     .with_config(processor_config);
     if !config.kafka.dlq_topic.is_empty() {
-        processor = processor.with_dlq(DlqPolicy::new(KafkaDlqProducer::new(
-            Arc::clone(&producer),
-            Topic::new(&config.kafka.dlq_topic),
-        )));
+        // A dead letter that cannot be delivered (a missing topic) is logged, counted and
+        // committed past after its attempts: stopping would re-read and duplicate on restart.
+        processor = processor.with_dlq(
+            DlqPolicy::new(KafkaDlqProducer::new(
+                Arc::clone(&producer),
+                Topic::new(&config.kafka.dlq_topic),
+            ))
+            .with_undeliverable(Undeliverable::CommitPast),
+        );
     }
     let reloader = Reloader {
         source,

@@ -91,14 +91,16 @@ impl<'a> Span<'a> {
     }
 
     /// The id this span is grouped under: its own id for a segment span, else the
-    /// Relay-assigned segment id, else the parent id.
+    /// Relay-assigned segment id, else the parent id. An empty id counts as missing, as in
+    /// Sentry's `segment_id or parent_span_id or span_id`.
     pub fn effective_parent_id(&self) -> &str {
         if self.is_segment_span {
             return &self.span_id;
         }
-        self.segment_id
-            .as_deref()
-            .or(self.parent_span_id.as_deref())
+        [self.segment_id.as_deref(), self.parent_span_id.as_deref()]
+            .into_iter()
+            .flatten()
+            .find(|id| !id.is_empty())
             .unwrap_or(&self.span_id)
     }
 }
@@ -156,7 +158,11 @@ impl<'a> SpanFields<'a> {
             span_id,
             is_segment_span: parent_span_id.is_none() || self.is_segment,
             parent_span_id,
-            segment_id: self.segment_id.or(self.legacy_segment_id),
+            // `""` names no segment: Sentry's truthiness test treats it as missing.
+            segment_id: self
+                .segment_id
+                .filter(|id| !id.is_empty())
+                .or(self.legacy_segment_id.filter(|id| !id.is_empty())),
             project_id: self
                 .project_id
                 .ok_or(SpanError::MissingField("project_id"))?,
@@ -430,6 +436,39 @@ mod tests {
         assert_eq!(null_span.segment_id, None);
         let null_attributes = with("attributes", "null");
         assert!(Span::decode(null_attributes.as_bytes(), 0).is_ok());
+    }
+
+    #[test]
+    fn an_empty_or_null_segment_id_counts_as_missing() {
+        for attributes in [
+            r#"{"sentry.segment.id":{"type":"string","value":""}}"#,
+            r#"{"sentry.segment.id":{"type":"string","value":null}}"#,
+            r#"{"sentry.segment.id":{"type":"string"}}"#,
+        ] {
+            let json = with("attributes", attributes);
+            let span = Span::decode(json.as_bytes(), 0).unwrap();
+
+            assert_eq!(span.segment_id, None, "{attributes}");
+            assert_eq!(
+                span.effective_parent_id(),
+                "cccccccccccccccc",
+                "{attributes}"
+            );
+        }
+        let legacy = with("segment_id", r#""""#);
+        let span = Span::decode(legacy.as_bytes(), 0).unwrap();
+        assert_eq!(span.segment_id, None);
+        assert_eq!(span.effective_parent_id(), "cccccccccccccccc");
+    }
+
+    #[test]
+    fn an_empty_parent_id_counts_as_missing_for_grouping() {
+        let json = with("parent_span_id", r#""""#);
+        let span = Span::decode(json.as_bytes(), 0).unwrap();
+
+        // Not a segment span (Sentry tests `parent_span_id is None`), grouped under itself.
+        assert!(!span.is_segment_span);
+        assert_eq!(span.effective_parent_id(), "aaaaaaaaaaaaaaaa");
     }
 
     #[test]

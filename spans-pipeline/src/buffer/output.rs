@@ -163,7 +163,7 @@ impl Edits {
             if key == SEGMENT_ID_ATTRIBUTE {
                 has_segment_id = true;
                 let value = value.as_raw_cow();
-                if is_falsy(&value) {
+                if !has_truthy_value(&value) {
                     self.edits.push(Edit {
                         range: range_in(payload, value)?,
                         text: EditText::SegmentIdValue,
@@ -274,6 +274,23 @@ fn segment_attribute(segment_span_id: &str) -> String {
     format!(r#"{{"type":"string","value":{value}}}"#)
 }
 
+/// Whether an attribute carries a truthy `value`, as Sentry's `attribute_value` reads it: an
+/// attribute that is not an object, has no `value`, or a falsy one (`null`, `""`) counts as
+/// missing, and the segment's id is written in its place.
+fn has_truthy_value(attribute: &str) -> bool {
+    let mut value = None;
+    for entry in sonic_rs::to_object_iter(attribute) {
+        let Ok((key, raw)) = entry else {
+            return false;
+        };
+        if key == "value" {
+            // The last occurrence wins, as in a Python dict.
+            value = Some(raw.as_raw_cow().into_owned());
+        }
+    }
+    value.is_some_and(|raw| !is_falsy(&raw))
+}
+
 /// Python truthiness of a JSON value: `null`, `false`, `0`, `""`, `[]` and `{}` are falsy.
 fn is_falsy(raw: &str) -> bool {
     let compact: String = raw.chars().filter(|c| !c.is_whitespace()).collect();
@@ -288,27 +305,73 @@ pub fn segment_messages<'s>(
     spans: impl Iterator<Item = &'s [u8]> + Clone,
     max_segment_bytes: u64,
 ) -> Vec<Vec<u8>> {
-    let total: u64 = spans.clone().map(|span| span.len() as u64).sum();
-    if max_segment_bytes == 0 || total <= max_segment_bytes {
-        return vec![message(spans, false)];
+    let spans: Vec<&[u8]> = spans.collect();
+    segment_chunk_messages(&spans, max_segment_bytes)
+        .into_iter()
+        .map(|(_, message)| message)
+        .collect()
+}
+
+/// The messages of [`segment_messages`], each with the range of `spans` it holds, so that a
+/// message refused for its size can be cut again.
+pub fn segment_chunk_messages(
+    spans: &[&[u8]],
+    max_segment_bytes: u64,
+) -> Vec<(Range<usize>, Vec<u8>)> {
+    let skip_enrichment = is_oversized(spans, max_segment_bytes);
+    segment_chunks(spans, max_segment_bytes)
+        .into_iter()
+        .map(|chunk| {
+            let message = chunk_message(&spans[chunk.clone()], skip_enrichment);
+            (chunk, message)
+        })
+        .collect()
+}
+
+/// How the spans of one segment are cut into messages: the whole segment when its spans add up
+/// to at most `max_segment_bytes` (or the limit is 0), else greedy chunks in order, a chunk
+/// ending before the span that would take it over the limit (a bigger span alone), as Sentry's
+/// `to_messages` does. An oversized segment always gives several chunks or one single-span
+/// chunk marked `skip_enrichment`; see [`segment_messages`].
+pub fn segment_chunks(spans: &[&[u8]], max_segment_bytes: u64) -> Vec<Range<usize>> {
+    if !is_oversized(spans, max_segment_bytes) {
+        return std::iter::once(0..spans.len()).collect();
     }
-    let mut messages = Vec::new();
-    let mut chunk: Vec<&[u8]> = Vec::new();
+    let mut chunks = Vec::new();
+    let mut start = 0;
     let mut chunk_bytes = 0u64;
-    for span in spans {
+    for (index, span) in spans.iter().enumerate() {
         let size = span.len() as u64;
-        if !chunk.is_empty() && chunk_bytes + size > max_segment_bytes {
-            messages.push(message(chunk.iter().copied(), true));
-            chunk.clear();
+        if index > start && chunk_bytes + size > max_segment_bytes {
+            chunks.push(start..index);
+            start = index;
             chunk_bytes = 0;
         }
-        chunk.push(span);
         chunk_bytes += size;
     }
-    if !chunk.is_empty() {
-        messages.push(message(chunk.iter().copied(), true));
+    if start < spans.len() {
+        chunks.push(start..spans.len());
     }
-    messages
+    chunks
+}
+
+/// Whether the spans add up to more than a non-zero `max_segment_bytes`.
+fn is_oversized(spans: &[&[u8]], max_segment_bytes: u64) -> bool {
+    let total: u64 = spans.iter().map(|span| span.len() as u64).sum();
+    max_segment_bytes != 0 && total > max_segment_bytes
+}
+
+/// Bytes a message of spans adding up to `span_bytes` can take beyond them: a comma per span
+/// (every output span is longer than 64 bytes: it carries at least `is_segment` and the segment
+/// id attribute) and the envelope (`flush_id`, `spans`, `skip_enrichment`).
+pub fn message_overhead(span_bytes: u64) -> u64 {
+    span_bytes / 64 + 128
+}
+
+/// One `{"flush_id", "spans"}` message of `spans`, with `"skip_enrichment": true` when it holds
+/// only part of its segment; a fresh `flush_id` each call.
+pub fn chunk_message(spans: &[&[u8]], skip_enrichment: bool) -> Vec<u8> {
+    message(spans.iter().copied(), skip_enrichment)
 }
 
 fn message<'s>(spans: impl Iterator<Item = &'s [u8]> + Clone, skip_enrichment: bool) -> Vec<u8> {
@@ -435,6 +498,31 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_id_attribute_with_an_empty_or_null_value_is_filled() {
+        for attribute in [
+            r#"{"type":"string","value":""}"#,
+            r#"{"type":"string","value":null}"#,
+            r#"{"type":"string"}"#,
+            r#""dddddddddddddddd""#,
+            "{}",
+        ] {
+            let span = patched(
+                &format!(
+                    r#"{{"span_id":"a","attributes":{{"sentry.segment.id":{attribute},"k":1}}}}"#
+                ),
+                "b",
+            );
+
+            assert_eq!(
+                span["attributes"]["sentry.segment.id"]["value"].as_str(),
+                Some("b"),
+                "{attribute}"
+            );
+            assert_eq!(span["attributes"]["k"].as_u64(), Some(1), "{attribute}");
+        }
+    }
+
+    #[test]
     fn preserves_every_other_field_verbatim() {
         let input =
             r#"{"span_id":"a","name":"caf\u00e9 \"q\"","n":1.50,"links":null,"_meta":{"x":{}}}"#;
@@ -549,6 +637,23 @@ mod tests {
         let out = messages(&[100], 10);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0]["skip_enrichment"].as_bool(), Some(true));
+    }
+
+    #[test]
+    fn chunk_ranges_cover_every_span_once_in_order() {
+        let spans: Vec<Vec<u8>> = [128, 128, 600, 128, 128, 128]
+            .iter()
+            .map(|&size| vec![b'x'; size])
+            .collect();
+        let spans: Vec<&[u8]> = spans.iter().map(Vec::as_slice).collect();
+
+        assert_eq!(segment_chunks(&spans, 500), [0..2, 2..3, 3..6]);
+        let whole = std::iter::once(0..6).collect::<Vec<_>>();
+        assert_eq!(segment_chunks(&spans, 0), whole);
+        assert_eq!(segment_chunks(&spans, 10_000), whole);
+        let messages = segment_chunk_messages(&spans, 10_000);
+        assert_eq!(messages.len(), 1);
+        assert!(messages[0].1.len() as u64 <= 1240 + message_overhead(1240));
     }
 
     #[test]

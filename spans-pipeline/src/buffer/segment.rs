@@ -146,10 +146,15 @@ impl FlushedSegment {
     /// the spans add up to more than `max_segment_bytes`, greedy chunks in order, each marked
     /// `"skip_enrichment": true`. Every message gets a fresh `flush_id`.
     pub fn to_messages(&self, max_segment_bytes: u64) -> Vec<Vec<u8>> {
-        output::segment_messages(
-            self.spans.iter().map(|span| span.payload.as_slice()),
-            max_segment_bytes,
-        )
+        output::segment_messages(self.payloads().into_iter(), max_segment_bytes)
+    }
+
+    /// The output payloads of the spans, in order.
+    pub fn payloads(&self) -> Vec<&[u8]> {
+        self.spans
+            .iter()
+            .map(|span| span.payload.as_slice())
+            .collect()
     }
 }
 

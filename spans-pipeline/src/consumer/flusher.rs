@@ -23,13 +23,16 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use futures::future::join_all;
-use rill::backends::kafka::KafkaPayload;
+use rill::backends::kafka::{KafkaPayload, is_message_too_large};
 use rill::{DeliveryError, Destination, ProduceError, Producer, Topic};
 
 use super::decode::seconds;
 use super::error_chain::ErrorChain;
 use super::outcomes::{Outcomes, PRODUCE_FAILED};
-use crate::buffer::{BufferError, BufferOptions, FlushedSegment, RedisConnection, SpansBuffer};
+use crate::buffer::keys::SegmentKey;
+use crate::buffer::{
+    BufferError, BufferOptions, FlushedSegment, RedisConnection, SpansBuffer, output,
+};
 use crate::metrics as names;
 
 /// How a worker produces: attempts per message and the pause between them.
@@ -310,17 +313,18 @@ async fn produce_and_clean_up(
             Ok(messages) => {
                 metrics::counter!(names::FLUSHER_PRODUCE, "status" => "ok").increment(messages);
             }
-            Err(error) => {
+            Err(Undelivered { error, spans }) => {
                 metrics::counter!(names::FLUSHER_PRODUCE, "status" => "failed").increment(1);
-                metrics::counter!(names::FLUSHER_PRODUCE_FAILED_SPANS)
-                    .increment(segment.spans.len() as u64);
+                metrics::counter!(names::FLUSHER_PRODUCE_FAILED_SPANS).increment(spans);
                 tracing::error!(
                     error = %ErrorChain(&error),
                     segment_key = %segment.segment_key,
                     project_id = segment.project_id,
-                    spans = segment.spans.len(),
+                    trace_id = %trace_of(&segment.segment_key),
+                    spans,
+                    segment_spans = segment.spans.len(),
                     shards = shard_label,
-                    "Giving up a segment that could not be produced."
+                    "Giving up spans of a segment that could not be produced."
                 );
                 if let Some(outcomes) = &context.outcomes {
                     outcomes
@@ -328,7 +332,7 @@ async fn produce_and_clean_up(
                             segment.organization_id,
                             segment.project_id,
                             PRODUCE_FAILED,
-                            segment.spans.len() as u64,
+                            spans,
                         )
                         .await;
                 }
@@ -394,21 +398,85 @@ enum DeliverError {
     Replaced,
 }
 
+impl DeliverError {
+    /// Whether the producer or the broker refused the message for its size: sending it again
+    /// cannot work, sending its spans in smaller messages can.
+    fn is_too_large(&self) -> bool {
+        match self {
+            Self::Delivery { source, .. } => is_message_too_large(source),
+            Self::Refused { source, .. } => is_message_too_large(source.as_ref()),
+            Self::Replaced => false,
+        }
+    }
+}
+
+/// Spans of a segment that were not delivered, and the last reason.
+#[derive(Debug)]
+struct Undelivered {
+    error: DeliverError,
+    spans: u64,
+}
+
+/// The trace id of a segment key (`…{<project>:<trace>}…`), for logs.
+fn trace_of(segment_key: &SegmentKey) -> &str {
+    segment_key
+        .project_and_trace()
+        .split_once(':')
+        .map_or("", |(_, trace)| trace)
+}
+
 /// Produces the messages of one segment; returns how many were delivered.
+///
+/// A message the producer or the broker refuses for its size (`MSG_SIZE_TOO_LARGE`) is not
+/// sent again as it is: its spans are cut in two halves, each sent as a message of its own
+/// marked `skip_enrichment` (a part of a segment, as Sentry marks its chunks), and so on down
+/// to single spans. Only a single span too large for any message, or a message that fails for
+/// another reason after every attempt, is given up; the error counts the spans not delivered.
 async fn deliver_segment(
     context: &WorkerContext,
     segment: &FlushedSegment,
     tenure: Tenure<'_>,
-) -> Result<u64, DeliverError> {
-    let messages = segment.to_messages(context.options.max_segment_bytes);
-    let count = messages.len() as u64;
-    let sends = messages
-        .into_iter()
-        .map(|message| deliver(context, KafkaPayload::new(None, Some(message)), tenure));
-    for result in join_all(sends).await {
-        result?;
+) -> Result<u64, Undelivered> {
+    let spans = segment.payloads();
+    let mut pending = output::segment_chunk_messages(&spans, context.options.max_segment_bytes);
+    let mut delivered = 0;
+    let mut failure: Option<Undelivered> = None;
+    while !pending.is_empty() {
+        let sends = pending.into_iter().map(|(chunk, message)| async move {
+            let payload = KafkaPayload::new(None, Some(message));
+            (chunk, deliver(context, payload, tenure).await)
+        });
+        let mut split = Vec::new();
+        for (chunk, result) in join_all(sends).await {
+            match result {
+                Ok(()) => delivered += 1,
+                Err(error) if error.is_too_large() && chunk.len() > 1 => {
+                    let middle = chunk.start + chunk.len() / 2;
+                    for half in [chunk.start..middle, middle..chunk.end] {
+                        let message = output::chunk_message(&spans[half.clone()], true);
+                        split.push((half, message));
+                    }
+                }
+                Err(error) => {
+                    let spans = chunk.len() as u64 + failure.as_ref().map_or(0, |f| f.spans);
+                    failure = Some(Undelivered { error, spans });
+                }
+            }
+        }
+        if !split.is_empty() {
+            tracing::warn!(
+                segment_key = %segment.segment_key,
+                messages = split.len(),
+                "A message was refused for its size; sending its spans in smaller messages."
+            );
+            metrics::counter!(names::FLUSHER_SPLIT_MESSAGES).increment(split.len() as u64);
+        }
+        pending = split;
     }
-    Ok(count)
+    match failure {
+        Some(failure) => Err(failure),
+        None => Ok(delivered),
+    }
 }
 
 /// Sends one message until it is delivered or the attempts run out. A full producer queue is
@@ -442,7 +510,7 @@ async fn deliver(
                 source,
             },
         };
-        if attempt >= context.produce.attempts {
+        if attempt >= context.produce.attempts || failure.is_too_large() {
             return Err(failure);
         }
         tracing::warn!(error = %failure, attempt, "Producing a segment failed; retrying.");

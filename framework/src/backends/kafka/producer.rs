@@ -76,6 +76,22 @@ impl KafkaProducer {
     }
 }
 
+/// Whether `error` (or any error in its source chain) is librdkafka or the broker refusing a
+/// message for its size (`MSG_SIZE_TOO_LARGE`, against `message.max.bytes` on either side).
+/// Sending such a message again cannot succeed; a caller that can split it should.
+pub fn is_message_too_large(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(kafka) = error.downcast_ref::<KafkaError>()
+            && kafka.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
 impl Producer<KafkaPayload> for KafkaProducer {
     fn produce(
         &self,
@@ -129,5 +145,24 @@ impl Producer<KafkaPayload> for KafkaProducer {
                 source: error.into(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BoxError;
+
+    #[test]
+    fn a_size_refusal_is_recognised_through_the_source_chain() {
+        let too_large: BoxError =
+            KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge).into();
+        assert!(is_message_too_large(too_large.as_ref()));
+        let delivery = DeliveryError::Failed(too_large);
+        assert!(is_message_too_large(&delivery));
+
+        let other: BoxError = KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull).into();
+        assert!(!is_message_too_large(other.as_ref()));
+        assert!(!is_message_too_large(&DeliveryError::Canceled));
     }
 }
