@@ -1,8 +1,9 @@
 //! Every `spans.buffer.*` option of Sentry's buffer that changes what the buffer does, with
 //! Sentry's defaults, plus the three payload-layout migration switches.
 //!
-//! The consumer loads these from its configuration file; field names are the option names
-//! with `-`/`.` turned into `_`, and units are in the names.
+//! Here field names are the option names with `-`/`.` turned into `_` and units in the names
+//! (`timeout_secs`); the consumer's configuration file (`[buffer]` in `config.rs`) has its own
+//! names with durations written out (`timeout = "10s"`) and maps onto these.
 
 use serde::Deserialize;
 
