@@ -246,12 +246,22 @@ impl RedisServer {
                 });
             }
             // Ask for the server's pid: another test's server may have taken the port first,
-            // and answering it must not count as ours being ready.
+            // and answering it must not count as ours being ready. A server still loading its
+            // append-only file answers INFO but refuses data commands: not ready yet either.
             match redis::Client::open(self.url()).and_then(|client| {
                 let mut conn = client.get_connection_with_timeout(Duration::from_millis(200))?;
-                redis::cmd("INFO").arg("server").query::<String>(&mut conn)
+                let server = redis::cmd("INFO")
+                    .arg("server")
+                    .query::<String>(&mut conn)?;
+                let persistence = redis::cmd("INFO")
+                    .arg("persistence")
+                    .query::<String>(&mut conn)?;
+                Ok((server, persistence))
             }) {
-                Ok(info) if server_pid(&info) == Some(pid) => return Ok(()),
+                Ok((_, persistence)) if persistence.contains("loading:1") => {
+                    last_error = "loading its data".to_owned();
+                }
+                Ok((info, _)) if server_pid(&info) == Some(pid) => return Ok(()),
                 Ok(_) => {
                     return Err(RedisServerError::NotReady {
                         port: self.port,
