@@ -26,6 +26,14 @@ use serde::Deserialize;
 use crate::buffer::{BufferOptions, output};
 use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch, ProducePolicy};
 
+/// The shortest flush lock TTL other than 0 (no locks). A flush extends its locks every third
+/// of the TTL while it produces, so each extension has two thirds of the TTL to reach Redis,
+/// and after one failed extension the next one still has a third: at 3 s, one second for a
+/// round trip on a loaded Redis or a busy runtime. Shorter locks would be lost under ordinary
+/// latency, and a lost lock costs a segment flushed twice. `docs/decisions.md` says why the
+/// produce timeout is not the bound.
+pub const MIN_FLUSH_LOCK_TTL: Duration = Duration::from_secs(3);
+
 /// librdkafka's setting of the largest message a producer accepts.
 const MESSAGE_MAX_BYTES: &str = "message.max.bytes";
 /// Its default here: Sentry's producers' 50,000,000 bytes (librdkafka's own is 1,000,000,
@@ -651,6 +659,19 @@ impl Config {
         ] {
             whole_seconds(key, value, may_be_zero)?;
         }
+        let lock_ttl = self.buffer.flush_lock_ttl;
+        if !lock_ttl.is_zero() && lock_ttl < MIN_FLUSH_LOCK_TTL {
+            return fail(
+                "buffer.flush_lock_ttl",
+                &format!(
+                    "must be 0 (no locks) or at least {} (got {}): a flush extends its locks \
+                     every third of the TTL while it produces, and a shorter lock would expire \
+                     under an extension delayed by ordinary Redis latency",
+                    humantime::format_duration(MIN_FLUSH_LOCK_TTL),
+                    humantime::format_duration(lock_ttl)
+                ),
+            );
+        }
         self.validate_message_size()?;
         if self.buffer.metrics_sample_rate == 0 {
             return fail("buffer.metrics_sample_rate", "must be at least 1");
@@ -956,6 +977,22 @@ mod tests {
             ),
             (2, 90, 0)
         );
+    }
+
+    #[test]
+    fn a_flush_lock_too_short_for_its_extensions_is_refused() {
+        for value in ["1s", "2s"] {
+            let error = load("", &[], &[&format!("buffer.flush_lock_ttl={value}")]).unwrap_err();
+
+            let error = error.to_string();
+            assert!(error.starts_with("buffer.flush_lock_ttl:"), "{error}");
+            assert!(error.contains("at least 3s"), "{error}");
+            assert!(error.contains("extends its locks"), "{error}");
+        }
+        for (value, secs) in [("0s", 0), ("3s", 3), ("30s", 30)] {
+            let config = load("", &[], &[&format!("buffer.flush_lock_ttl={value}")]).unwrap();
+            assert_eq!(config.buffer.options().flush_lock_ttl_secs, secs, "{value}");
+        }
     }
 
     #[test]
