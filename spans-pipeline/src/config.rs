@@ -115,6 +115,10 @@ pub struct KafkaSection {
     pub output_topic: String,
     /// Topic for invalid messages; empty to log and skip them instead.
     pub dlq_topic: String,
+    /// Refuse to start unless the brokers know `dlq_topic`, and stop (rather than commit
+    /// past) when a dead letter cannot be delivered. Off: a missing topic is a warning at
+    /// start, and an undeliverable dead letter is logged, counted and committed past.
+    pub dlq_required: bool,
     /// Topic for outcome records of spans given up or lost at flush (Sentry's `outcomes`);
     /// empty: off, the losses are only logged and counted.
     pub outcomes_topic: String,
@@ -141,6 +145,7 @@ impl Default for KafkaSection {
             input_topics: vec!["ingest-spans".to_owned()],
             output_topic: "buffered-segments".to_owned(),
             dlq_topic: "ingest-spans-dlq".to_owned(),
+            dlq_required: false,
             outcomes_topic: "outcomes".to_owned(),
             slice_id: None,
             rebalance_protocol: "cooperative".to_owned(),
@@ -161,6 +166,7 @@ impl fmt::Debug for KafkaSection {
             .field("input_topics", &self.input_topics)
             .field("output_topic", &self.output_topic)
             .field("dlq_topic", &self.dlq_topic)
+            .field("dlq_required", &self.dlq_required)
             .field("outcomes_topic", &self.outcomes_topic)
             .field("slice_id", &self.slice_id)
             .field("rebalance_protocol", &self.rebalance_protocol)
@@ -610,6 +616,12 @@ impl Config {
         if self.kafka.output_topic.is_empty() {
             return fail("kafka.output_topic", "must not be empty");
         }
+        if self.kafka.dlq_required && self.kafka.dlq_topic.is_empty() {
+            return fail(
+                "kafka.dlq_required",
+                "needs a `kafka.dlq_topic`: without one, invalid messages are logged and skipped",
+            );
+        }
         if !matches!(
             self.kafka.rebalance_protocol.as_str(),
             "eager" | "cooperative"
@@ -976,6 +988,23 @@ mod tests {
                 options.flush_lock_ttl_secs
             ),
             (2, 90, 0)
+        );
+    }
+
+    #[test]
+    fn a_required_dead_letter_topic_must_be_named() {
+        let error = load("[kafka]\ndlq_required = true\ndlq_topic = \"\"\n", &[], &[]).unwrap_err();
+
+        assert!(
+            error.to_string().starts_with("kafka.dlq_required:"),
+            "{error}"
+        );
+        assert!(!load("", &[], &[]).unwrap().kafka.dlq_required);
+        assert!(
+            load("", &[], &["kafka.dlq_required=true"])
+                .unwrap()
+                .kafka
+                .dlq_required
         );
     }
 

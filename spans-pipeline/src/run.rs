@@ -5,6 +5,11 @@
 //! until SIGINT or SIGTERM, which stop it gracefully: the pipeline is joined (the flush
 //! workers finish their current flush), the last offsets are committed, the group is left.
 //!
+//! At start it asks the brokers for the dead-letter topic: a missing one is a warning (invalid
+//! messages are then logged, counted and committed past, since stopping would re-read and
+//! duplicate everything after them on every restart), or, with `kafka.dlq_required`, a refusal
+//! to start that names the topic.
+//!
 //! SIGHUP reloads the configuration file (with the same environment and command-line
 //! overrides). The kill-switch applies at once; buffer options (timeouts, limits, compression
 //! level, lock TTL, memory limit) and batching settings apply by rebuilding the pipeline in
@@ -16,15 +21,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rill::backends::kafka::{KafkaConsumer, KafkaDlqProducer, KafkaPayload, KafkaProducer};
+use rill::backends::kafka::{
+    KafkaConsumer, KafkaDlqProducer, KafkaPayload, KafkaProducer, TopicCheckError,
+};
 use rill::dlq::{DlqPolicy, Undeliverable};
 use rill::processor::{ProcessorConfig, ProcessorHandle, StreamProcessor};
 use rill::steps::HealthCheck;
 use rill::{Partition, ProcessingStrategy, ProcessingStrategyFactory, Producer, Topic};
 
 use crate::buffer::RedisConnection;
-use crate::config::{Config, ConfigError};
-use crate::consumer::{KillSwitchHandle, SettingsHandle, SpansStrategyFactory};
+use crate::config::{Config, ConfigError, KafkaSection};
+use crate::consumer::{ErrorChain, KillSwitchHandle, SettingsHandle, SpansStrategyFactory};
+
+/// How long the start-time check of the dead-letter topic waits for the brokers.
+const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the configuration comes from, kept to reload it on SIGHUP.
 #[derive(Clone, Debug, Default)]
@@ -65,6 +75,18 @@ pub enum RunError {
     /// A Kafka client could not be created.
     #[error("cannot create a kafka client: {0}")]
     Kafka(String),
+    /// `kafka.dlq_required` is set and the brokers do not offer the dead-letter topic.
+    #[error(
+        "the dead-letter topic {topic} is required (kafka.dlq_required) but cannot be used; \
+         create it, or unset kafka.dlq_required to start without it"
+    )]
+    DeadLetterTopic {
+        /// `kafka.dlq_topic`.
+        topic: String,
+        /// What the brokers answered (boxed: librdkafka's errors are large).
+        #[source]
+        source: Box<TopicCheckError>,
+    },
     /// The stream processor failed.
     #[error(transparent)]
     Processor(#[from] rill::processor::RunError),
@@ -131,15 +153,13 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         None => StreamProcessor::new(consumer, factory),
     }
     .with_config(processor_config);
-    if !config.kafka.dlq_topic.is_empty() {
-        // A dead letter that cannot be delivered (a missing topic) is logged, counted and
-        // committed past after its attempts: stopping would re-read and duplicate on restart.
+    if let Some(undeliverable) = dead_letter_policy(&producer, &config.kafka)? {
         processor = processor.with_dlq(
             DlqPolicy::new(KafkaDlqProducer::new(
                 Arc::clone(&producer),
                 Topic::new(&config.kafka.dlq_topic),
             ))
-            .with_undeliverable(Undeliverable::CommitPast),
+            .with_undeliverable(undeliverable),
         );
     }
     let reloader = Reloader {
@@ -157,6 +177,45 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
     }
     tracing::info!(stats = ?processor.stats(), "Stopped.");
     result.map_err(RunError::from)
+}
+
+/// Checks the dead-letter topic and chooses what becomes of a dead letter that cannot be
+/// delivered; `None` without a dead-letter topic.
+///
+/// By default a dead letter is committed past after its attempts (logged and counted):
+/// stopping would re-read and duplicate on every restart what came after it. With
+/// `kafka.dlq_required` the topic must exist at start, and a dead letter is never given up: the
+/// consumer stops instead.
+fn dead_letter_policy(
+    producer: &KafkaProducer,
+    kafka: &KafkaSection,
+) -> Result<Option<Undeliverable>, RunError> {
+    if kafka.dlq_topic.is_empty() {
+        return Ok(None);
+    }
+    match producer.check_topic(&Topic::new(&kafka.dlq_topic), TOPIC_CHECK_TIMEOUT) {
+        Ok(partitions) => {
+            tracing::info!(topic = %kafka.dlq_topic, partitions, "Dead-letter topic found.");
+        }
+        Err(source) if kafka.dlq_required => {
+            return Err(RunError::DeadLetterTopic {
+                topic: kafka.dlq_topic.clone(),
+                source: Box::new(source),
+            });
+        }
+        Err(error) => tracing::warn!(
+            topic = %kafka.dlq_topic,
+            error = %ErrorChain(&error),
+            "The dead-letter topic cannot be used: invalid messages will be logged, counted \
+             (rill.dlq.undeliverable) and committed past. Create the topic, or set \
+             kafka.dlq_required = true to refuse to start without it."
+        ),
+    }
+    Ok(Some(if kafka.dlq_required {
+        Undeliverable::Fail
+    } else {
+        Undeliverable::CommitPast
+    }))
 }
 
 fn producer(config: &Config) -> Result<KafkaProducer, RunError> {

@@ -35,6 +35,7 @@ use rill::{
 use tokio::runtime::Handle;
 
 pub use decode::{KillSwitch, KillSwitchHandle, SpanMessage, decode_span};
+pub(crate) use error_chain::ErrorChain;
 pub use flush_segments::{FlushError, FlushSegments, FlushSettings};
 pub use flusher::{ProducePolicy, SharedState, WorkerContext, WorkerHealth};
 pub use outcomes::{Outcomes, PRODUCE_FAILED};
