@@ -1,7 +1,9 @@
 //! `spans-pipeline run`: the consumer as a long-running service.
 //!
 //! It connects to Redis and Kafka from the configuration, serves Prometheus metrics and
-//! touches a health file if asked to, and runs the stream processor on the calling thread
+//! touches a health file if asked to (while the processor loop is alive, which a member
+//! without partitions, or one waiting for its flushers or a rebalance, is too: a stale file
+//! means stuck, never idle), and runs the stream processor on the calling thread
 //! until SIGINT or SIGTERM, which stop it gracefully: the pipeline is joined (the flush
 //! workers finish their current flush), the last offsets are committed, the group is left.
 //!
@@ -19,15 +21,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rill::backends::kafka::{
     KafkaConsumer, KafkaDlqProducer, KafkaPayload, KafkaProducer, TopicCheckError,
 };
 use rill::dlq::{DlqPolicy, Undeliverable};
-use rill::processor::{ProcessorConfig, ProcessorHandle, StreamProcessor};
-use rill::steps::HealthCheck;
-use rill::{Partition, ProcessingStrategy, ProcessingStrategyFactory, Producer, Topic};
+use rill::processor::{Liveness, ProcessorConfig, ProcessorHandle, StreamProcessor};
+use rill::{Producer, Topic};
 
 use crate::buffer::RedisConnection;
 use crate::config::{Config, ConfigError, KafkaSection};
@@ -63,7 +64,7 @@ pub enum RunError {
     /// The configuration is not usable.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The tokio runtime or a signal handler could not start.
+    /// The tokio runtime, a signal handler or the health-file thread could not start.
     #[error("cannot start the runtime")]
     Runtime(#[source] std::io::Error),
     /// The Prometheus endpoint could not start.
@@ -148,11 +149,11 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
     let processor_config = ProcessorConfig::default()
         .with_join_timeout(config.consumer.join_timeout)
         .with_backpressure_grace(config.consumer.backpressure_grace);
-    let mut processor = match &config.observability.health_file {
-        Some(path) => StreamProcessor::new(consumer, with_health_file(factory, path.clone())),
-        None => StreamProcessor::new(consumer, factory),
+    let mut processor = StreamProcessor::new(consumer, factory).with_config(processor_config);
+    if let Some(path) = &config.observability.health_file {
+        touch_while_alive(path.clone(), processor.handle().liveness().clone())
+            .map_err(RunError::Runtime)?;
     }
-    .with_config(processor_config);
     if let Some(undeliverable) = dead_letter_policy(&producer, &config.kafka)? {
         processor = processor.with_dlq(
             DlqPolicy::new(KafkaDlqProducer::new(
@@ -223,14 +224,32 @@ fn producer(config: &Config) -> Result<KafkaProducer, RunError> {
         .map_err(|error| RunError::Kafka(error.to_string()))
 }
 
-/// Wraps every pipeline the factory builds in a step that touches `path` while polled.
-fn with_health_file(
-    mut factory: SpansStrategyFactory,
-    path: PathBuf,
-) -> impl ProcessingStrategyFactory<KafkaPayload> + 'static {
-    move |partitions: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload>> {
-        Box::new(HealthCheck::new(path.clone(), factory.create(partitions)))
-    }
+/// How often the health file is touched while the processor loop is alive.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the health thread looks at the loop's liveness, so the first touch follows the
+/// loop's start closely.
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Touches `path` every [`HEALTH_INTERVAL`] while `liveness` says the processor loop is alive,
+/// from a thread of its own: also with no partition assigned, in the flushers' startup gate or
+/// while a rebalance drains, and never while the loop is stuck past the waits it bounds.
+fn touch_while_alive(path: PathBuf, liveness: Liveness) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("spans-pipeline-health".to_owned())
+        .spawn(move || {
+            let mut touched: Option<Instant> = None;
+            loop {
+                let due = touched.is_none_or(|at| at.elapsed() >= HEALTH_INTERVAL);
+                if due && liveness.is_alive() {
+                    touched = Some(Instant::now());
+                    if let Err(error) = std::fs::write(&path, b"") {
+                        tracing::warn!(%error, path = %path.display(), "Could not touch the health file.");
+                    }
+                }
+                std::thread::sleep(HEALTH_CHECK_INTERVAL);
+            }
+        })
+        .map(drop)
 }
 
 /// Applies a reloaded configuration.
