@@ -109,11 +109,8 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         let (config, stderr) = (dir.path().join("spans.toml"), dir.path().join("stderr"));
         write_config(&config, root_timeout, kafka_extra, buffer_extra);
-        let child = RunProcess::start(
-            run_command(&config, kafka.bootstrap_servers())
-                .args(["--redis-url", &redis.url()])
-                .stderr(std::fs::File::create(&stderr).unwrap()),
-        );
+        let child =
+            RunProcess::start_logged(&config, kafka.bootstrap_servers(), &redis.url(), &stderr);
         Self {
             kafka,
             child,

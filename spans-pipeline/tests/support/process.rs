@@ -129,6 +129,21 @@ impl RunProcess {
         }
     }
 
+    /// `spans-pipeline run` with `config` on `bootstrap_servers` and `redis_url`, its stderr
+    /// into a new file at `stderr` (read it with [`read_log`]).
+    pub fn start_logged(
+        config: &Path,
+        bootstrap_servers: &str,
+        redis_url: &str,
+        stderr: &Path,
+    ) -> Self {
+        Self::start(
+            run_command(config, bootstrap_servers)
+                .args(["--redis-url", redis_url])
+                .stderr(std::fs::File::create(stderr).unwrap()),
+        )
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
