@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::backends::{Consumer, ConsumerError, ConsumerEvent};
@@ -47,6 +47,7 @@ pub struct ProcessorConfig {
     join_timeout: Duration,
     max_pending_messages: usize,
     retry_interval: Duration,
+    stall_timeout: Duration,
 }
 
 impl Default for ProcessorConfig {
@@ -57,6 +58,7 @@ impl Default for ProcessorConfig {
             join_timeout: Duration::from_secs(25),
             max_pending_messages: 1_000,
             retry_interval: Duration::from_millis(1),
+            stall_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -102,6 +104,58 @@ impl ProcessorConfig {
         self.retry_interval = interval;
         self
     }
+
+    /// How long the loop may go without starting an iteration, beyond the waits it bounds
+    /// itself (a join up to its deadline, a factory up to its
+    /// [`create_timeout`](ProcessingStrategyFactory::create_timeout)), before
+    /// [`Liveness::is_alive`] says it is stuck (default 10 s).
+    #[must_use]
+    pub const fn with_stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
+}
+
+/// Whether the processor loop is alive, for a liveness probe (a health file, an HTTP check):
+/// readable from any thread through [`ProcessorHandle::liveness`].
+///
+/// The loop marks itself alive at every iteration, also with no partition assigned (a member
+/// of a group with more members than partitions polls and is alive), and before each wait it
+/// bounds itself (a join during a rebalance or shutdown, the factory's startup) for that wait
+/// plus the stall timeout. So it reads "not alive" only when the loop is stuck past every
+/// bound it set, never because it is idle.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    base: Instant,
+    /// Milliseconds after `base` until which the loop counts as alive; 0 before it started.
+    alive_until: Arc<AtomicU64>,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            alive_until: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Liveness {
+    /// Whether the loop showed it is alive recently enough (see the type's docs).
+    pub fn is_alive(&self) -> bool {
+        let now = self.millis(Instant::now());
+        now < self.alive_until.load(Ordering::Acquire)
+    }
+
+    /// Counts the loop as alive until `until`.
+    fn alive_until(&self, until: Instant) {
+        self.alive_until
+            .store(self.millis(until).max(1), Ordering::Release);
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// Asks a running processor to stop or to rebuild its pipeline; clones control the same
@@ -110,6 +164,7 @@ impl ProcessorConfig {
 pub struct ProcessorHandle {
     shutdown: Arc<AtomicBool>,
     rebuild: Arc<AtomicBool>,
+    liveness: Liveness,
 }
 
 impl ProcessorHandle {
@@ -130,6 +185,11 @@ impl ProcessorHandle {
     /// a rebalance. Several requests before the next iteration make one rebuild.
     pub fn request_rebuild(&self) {
         self.rebuild.store(true, Ordering::Release);
+    }
+
+    /// Whether the processor loop is alive; see [`Liveness`].
+    pub const fn liveness(&self) -> &Liveness {
+        &self.liveness
     }
 
     fn take_rebuild_request(&self) -> bool {
@@ -360,6 +420,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
     ///
     /// As [`run`](Self::run), but nothing is terminated or closed.
     pub fn run_once(&mut self) -> Result<(), RunError> {
+        self.alive_for(Duration::ZERO);
         if self.handle.take_rebuild_request() {
             self.rebuild_in_place()?;
         }
@@ -528,6 +589,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
     /// Joins the pipeline, dead-letters what it reports, waits for dead-letter deliveries and
     /// commits; all bounded by `deadline`.
     fn drain(&mut self, deadline: Instant) -> Result<(), RunError> {
+        self.alive_for(deadline.saturating_duration_since(self.clock.now()));
         if let Some(mut strategy) = self.strategy.take() {
             let started = self.clock.now();
             guard("close", || strategy.close())?;
@@ -616,9 +678,16 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
             self.strategy = None;
             return Ok(());
         }
+        self.alive_for(self.factory.create_timeout());
         let factory = &mut self.factory;
         self.strategy = Some(guard("create", || factory.create(&partitions))?);
         Ok(())
+    }
+
+    /// Marks the loop alive for `wait` (a wait it bounds itself) plus the stall timeout.
+    fn alive_for(&self, wait: Duration) {
+        let until = Instant::now() + wait + self.config.stall_timeout;
+        self.handle.liveness.alive_until(until);
     }
 
     fn poll_strategy(&mut self) -> Result<(), RunError> {
@@ -1163,6 +1232,93 @@ mod tests {
                 .payloads(&Partition::new(dlq_topic, 0))
                 .is_empty()
         );
+    }
+
+    /// A step whose poll blocks while `stuck` is set and whose join waits out its deadline,
+    /// telling while it joins.
+    #[derive(Debug, Clone, Default)]
+    struct Stalls {
+        stuck: Arc<AtomicBool>,
+        joining: Arc<AtomicBool>,
+    }
+
+    impl ProcessingStrategy<u64> for Stalls {
+        fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
+            while self.stuck.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(None)
+        }
+        fn submit(&mut self, _message: Message<u64>) -> Result<(), SubmitError<u64>> {
+            Ok(())
+        }
+        fn join(
+            &mut self,
+            deadline: Option<Instant>,
+        ) -> Result<Option<CommitRequest>, StrategyError> {
+            self.joining.store(true, Ordering::SeqCst);
+            if let Some(deadline) = deadline {
+                std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+            }
+            self.joining.store(false, Ordering::SeqCst);
+            Ok(None)
+        }
+        fn terminate(&mut self) {}
+    }
+
+    fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn liveness_lapses_when_the_loop_is_stuck_and_holds_through_a_bounded_join() {
+        let fixture = Fixture::new(1, 0);
+        let step = Stalls::default();
+        let factory = {
+            let step = step.clone();
+            move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> { Box::new(step.clone()) }
+        };
+        let stall = Duration::from_millis(300);
+        let join_timeout = Duration::from_millis(1500);
+        let mut processor = StreamProcessor::new(fixture.consumer(), factory).with_config(
+            fast()
+                .with_stall_timeout(stall)
+                .with_join_timeout(join_timeout),
+        );
+        let handle = processor.handle();
+        let liveness = handle.liveness().clone();
+        assert!(!liveness.is_alive(), "alive before the loop ran");
+        let runner = std::thread::spawn(move || processor.run());
+
+        wait_for("the loop is alive", || liveness.is_alive());
+        step.stuck.store(true, Ordering::SeqCst);
+        let stuck_at = Instant::now();
+        wait_for("a stuck loop is no longer alive", || !liveness.is_alive());
+        assert!(stuck_at.elapsed() >= stall - Duration::from_millis(50));
+        step.stuck.store(false, Ordering::SeqCst);
+        wait_for("the loop is alive again", || liveness.is_alive());
+
+        // A shutdown joins the pipeline for up to its deadline, longer than the stall timeout:
+        // a bounded wait, alive throughout.
+        handle.signal_shutdown();
+        let mut joined_for = Duration::ZERO;
+        while !runner.is_finished() {
+            let sampled = Instant::now();
+            if step.joining.load(Ordering::SeqCst) {
+                assert!(
+                    liveness.is_alive(),
+                    "not alive {joined_for:?} into the join"
+                );
+                joined_for += sampled.elapsed().max(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        runner.join().unwrap().unwrap();
+        assert!(joined_for > stall, "joined for {joined_for:?} only");
     }
 
     #[test]

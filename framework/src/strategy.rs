@@ -1,6 +1,6 @@
 //! The step trait every pipeline stage implements, and the factory that builds pipelines.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::commit::CommitRequest;
 use crate::error::{StrategyError, SubmitError};
@@ -146,6 +146,13 @@ where
 pub trait ProcessingStrategyFactory<T>: Send {
     /// Builds a pipeline for `partitions` (sorted), the whole current assignment.
     fn create(&mut self, partitions: &[Partition]) -> Box<dyn ProcessingStrategy<T>>;
+
+    /// The longest [`create`](Self::create) may block (a pipeline that waits at start for its
+    /// workers): the processor counts as alive while it waits that long. Zero by default, a
+    /// factory that does not wait.
+    fn create_timeout(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 impl<T, F> ProcessingStrategyFactory<T> for F

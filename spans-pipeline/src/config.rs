@@ -26,6 +26,14 @@ use serde::Deserialize;
 use crate::buffer::{BufferOptions, output};
 use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch, ProducePolicy};
 
+/// The shortest flush lock TTL other than 0 (no locks). A flush extends its locks every third
+/// of the TTL while it produces, so each extension has two thirds of the TTL to reach Redis,
+/// and after one failed extension the next one still has a third: at 3 s, one second for a
+/// round trip on a loaded Redis or a busy runtime. Shorter locks would be lost under ordinary
+/// latency, and a lost lock costs a segment flushed twice. `docs/decisions.md` says why the
+/// produce timeout is not the bound.
+pub const MIN_FLUSH_LOCK_TTL: Duration = Duration::from_secs(3);
+
 /// librdkafka's setting of the largest message a producer accepts.
 const MESSAGE_MAX_BYTES: &str = "message.max.bytes";
 /// Its default here: Sentry's producers' 50,000,000 bytes (librdkafka's own is 1,000,000,
@@ -107,6 +115,10 @@ pub struct KafkaSection {
     pub output_topic: String,
     /// Topic for invalid messages; empty to log and skip them instead.
     pub dlq_topic: String,
+    /// Refuse to start unless the brokers know `dlq_topic`, and stop (rather than commit
+    /// past) when a dead letter cannot be delivered. Off: a missing topic is a warning at
+    /// start, and an undeliverable dead letter is logged, counted and committed past.
+    pub dlq_required: bool,
     /// Topic for outcome records of spans given up or lost at flush (Sentry's `outcomes`);
     /// empty: off, the losses are only logged and counted.
     pub outcomes_topic: String,
@@ -133,6 +145,7 @@ impl Default for KafkaSection {
             input_topics: vec!["ingest-spans".to_owned()],
             output_topic: "buffered-segments".to_owned(),
             dlq_topic: "ingest-spans-dlq".to_owned(),
+            dlq_required: false,
             outcomes_topic: "outcomes".to_owned(),
             slice_id: None,
             rebalance_protocol: "cooperative".to_owned(),
@@ -153,6 +166,7 @@ impl fmt::Debug for KafkaSection {
             .field("input_topics", &self.input_topics)
             .field("output_topic", &self.output_topic)
             .field("dlq_topic", &self.dlq_topic)
+            .field("dlq_required", &self.dlq_required)
             .field("outcomes_topic", &self.outcomes_topic)
             .field("slice_id", &self.slice_id)
             .field("rebalance_protocol", &self.rebalance_protocol)
@@ -602,6 +616,12 @@ impl Config {
         if self.kafka.output_topic.is_empty() {
             return fail("kafka.output_topic", "must not be empty");
         }
+        if self.kafka.dlq_required && self.kafka.dlq_topic.is_empty() {
+            return fail(
+                "kafka.dlq_required",
+                "needs a `kafka.dlq_topic`: without one, invalid messages are logged and skipped",
+            );
+        }
         if !matches!(
             self.kafka.rebalance_protocol.as_str(),
             "eager" | "cooperative"
@@ -650,6 +670,19 @@ impl Config {
             ("buffer.flush_lock_ttl", self.buffer.flush_lock_ttl, true),
         ] {
             whole_seconds(key, value, may_be_zero)?;
+        }
+        let lock_ttl = self.buffer.flush_lock_ttl;
+        if !lock_ttl.is_zero() && lock_ttl < MIN_FLUSH_LOCK_TTL {
+            return fail(
+                "buffer.flush_lock_ttl",
+                &format!(
+                    "must be 0 (no locks) or at least {} (got {}): a flush extends its locks \
+                     every third of the TTL while it produces, and a shorter lock would expire \
+                     under an extension delayed by ordinary Redis latency",
+                    humantime::format_duration(MIN_FLUSH_LOCK_TTL),
+                    humantime::format_duration(lock_ttl)
+                ),
+            );
         }
         self.validate_message_size()?;
         if self.buffer.metrics_sample_rate == 0 {
@@ -956,6 +989,39 @@ mod tests {
             ),
             (2, 90, 0)
         );
+    }
+
+    #[test]
+    fn a_required_dead_letter_topic_must_be_named() {
+        let error = load("[kafka]\ndlq_required = true\ndlq_topic = \"\"\n", &[], &[]).unwrap_err();
+
+        assert!(
+            error.to_string().starts_with("kafka.dlq_required:"),
+            "{error}"
+        );
+        assert!(!load("", &[], &[]).unwrap().kafka.dlq_required);
+        assert!(
+            load("", &[], &["kafka.dlq_required=true"])
+                .unwrap()
+                .kafka
+                .dlq_required
+        );
+    }
+
+    #[test]
+    fn a_flush_lock_too_short_for_its_extensions_is_refused() {
+        for value in ["1s", "2s"] {
+            let error = load("", &[], &[&format!("buffer.flush_lock_ttl={value}")]).unwrap_err();
+
+            let error = error.to_string();
+            assert!(error.starts_with("buffer.flush_lock_ttl:"), "{error}");
+            assert!(error.contains("at least 3s"), "{error}");
+            assert!(error.contains("extends its locks"), "{error}");
+        }
+        for (value, secs) in [("0s", 0), ("3s", 3), ("30s", 30)] {
+            let config = load("", &[], &[&format!("buffer.flush_lock_ttl={value}")]).unwrap();
+            assert_eq!(config.buffer.options().flush_lock_ttl_secs, secs, "{value}");
+        }
     }
 
     #[test]

@@ -1,9 +1,16 @@
 //! `spans-pipeline run`: the consumer as a long-running service.
 //!
 //! It connects to Redis and Kafka from the configuration, serves Prometheus metrics and
-//! touches a health file if asked to, and runs the stream processor on the calling thread
+//! touches a health file if asked to (while the processor loop is alive, which a member
+//! without partitions, or one waiting for its flushers or a rebalance, is too: a stale file
+//! means stuck, never idle), and runs the stream processor on the calling thread
 //! until SIGINT or SIGTERM, which stop it gracefully: the pipeline is joined (the flush
 //! workers finish their current flush), the last offsets are committed, the group is left.
+//!
+//! At start it asks the brokers for the dead-letter topic: a missing one is a warning (invalid
+//! messages are then logged, counted and committed past, since stopping would re-read and
+//! duplicate everything after them on every restart), or, with `kafka.dlq_required`, a refusal
+//! to start that names the topic.
 //!
 //! SIGHUP reloads the configuration file (with the same environment and command-line
 //! overrides). The kill-switch applies at once; buffer options (timeouts, limits, compression
@@ -14,17 +21,21 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rill::backends::kafka::{KafkaConsumer, KafkaDlqProducer, KafkaPayload, KafkaProducer};
+use rill::backends::kafka::{
+    KafkaConsumer, KafkaDlqProducer, KafkaPayload, KafkaProducer, TopicCheckError,
+};
 use rill::dlq::{DlqPolicy, Undeliverable};
-use rill::processor::{ProcessorConfig, ProcessorHandle, StreamProcessor};
-use rill::steps::HealthCheck;
-use rill::{Partition, ProcessingStrategy, ProcessingStrategyFactory, Producer, Topic};
+use rill::processor::{Liveness, ProcessorConfig, ProcessorHandle, StreamProcessor};
+use rill::{Producer, Topic};
 
 use crate::buffer::RedisConnection;
-use crate::config::{Config, ConfigError};
-use crate::consumer::{KillSwitchHandle, SettingsHandle, SpansStrategyFactory};
+use crate::config::{Config, ConfigError, KafkaSection};
+use crate::consumer::{ErrorChain, KillSwitchHandle, SettingsHandle, SpansStrategyFactory};
+
+/// How long the start-time check of the dead-letter topic waits for the brokers.
+const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the configuration comes from, kept to reload it on SIGHUP.
 #[derive(Clone, Debug, Default)]
@@ -53,7 +64,7 @@ pub enum RunError {
     /// The configuration is not usable.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The tokio runtime or a signal handler could not start.
+    /// The tokio runtime, a signal handler or the health-file thread could not start.
     #[error("cannot start the runtime")]
     Runtime(#[source] std::io::Error),
     /// The Prometheus endpoint could not start.
@@ -65,6 +76,18 @@ pub enum RunError {
     /// A Kafka client could not be created.
     #[error("cannot create a kafka client: {0}")]
     Kafka(String),
+    /// `kafka.dlq_required` is set and the brokers do not offer the dead-letter topic.
+    #[error(
+        "the dead-letter topic {topic} is required (kafka.dlq_required) but cannot be used; \
+         create it, or unset kafka.dlq_required to start without it"
+    )]
+    DeadLetterTopic {
+        /// `kafka.dlq_topic`.
+        topic: String,
+        /// What the brokers answered (boxed: librdkafka's errors are large).
+        #[source]
+        source: Box<TopicCheckError>,
+    },
     /// The stream processor failed.
     #[error(transparent)]
     Processor(#[from] rill::processor::RunError),
@@ -126,20 +149,18 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
     let processor_config = ProcessorConfig::default()
         .with_join_timeout(config.consumer.join_timeout)
         .with_backpressure_grace(config.consumer.backpressure_grace);
-    let mut processor = match &config.observability.health_file {
-        Some(path) => StreamProcessor::new(consumer, with_health_file(factory, path.clone())),
-        None => StreamProcessor::new(consumer, factory),
+    let mut processor = StreamProcessor::new(consumer, factory).with_config(processor_config);
+    if let Some(path) = &config.observability.health_file {
+        touch_while_alive(path.clone(), processor.handle().liveness().clone())
+            .map_err(RunError::Runtime)?;
     }
-    .with_config(processor_config);
-    if !config.kafka.dlq_topic.is_empty() {
-        // A dead letter that cannot be delivered (a missing topic) is logged, counted and
-        // committed past after its attempts: stopping would re-read and duplicate on restart.
+    if let Some(undeliverable) = dead_letter_policy(&producer, &config.kafka)? {
         processor = processor.with_dlq(
             DlqPolicy::new(KafkaDlqProducer::new(
                 Arc::clone(&producer),
                 Topic::new(&config.kafka.dlq_topic),
             ))
-            .with_undeliverable(Undeliverable::CommitPast),
+            .with_undeliverable(undeliverable),
         );
     }
     let reloader = Reloader {
@@ -159,19 +180,76 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
     result.map_err(RunError::from)
 }
 
+/// Checks the dead-letter topic and chooses what becomes of a dead letter that cannot be
+/// delivered; `None` without a dead-letter topic.
+///
+/// By default a dead letter is committed past after its attempts (logged and counted):
+/// stopping would re-read and duplicate on every restart what came after it. With
+/// `kafka.dlq_required` the topic must exist at start, and a dead letter is never given up: the
+/// consumer stops instead.
+fn dead_letter_policy(
+    producer: &KafkaProducer,
+    kafka: &KafkaSection,
+) -> Result<Option<Undeliverable>, RunError> {
+    if kafka.dlq_topic.is_empty() {
+        return Ok(None);
+    }
+    match producer.check_topic(&Topic::new(&kafka.dlq_topic), TOPIC_CHECK_TIMEOUT) {
+        Ok(partitions) => {
+            tracing::info!(topic = %kafka.dlq_topic, partitions, "Dead-letter topic found.");
+        }
+        Err(source) if kafka.dlq_required => {
+            return Err(RunError::DeadLetterTopic {
+                topic: kafka.dlq_topic.clone(),
+                source: Box::new(source),
+            });
+        }
+        Err(error) => tracing::warn!(
+            topic = %kafka.dlq_topic,
+            error = %ErrorChain(&error),
+            "The dead-letter topic cannot be used: invalid messages will be logged, counted \
+             (rill.dlq.undeliverable) and committed past. Create the topic, or set \
+             kafka.dlq_required = true to refuse to start without it."
+        ),
+    }
+    Ok(Some(if kafka.dlq_required {
+        Undeliverable::Fail
+    } else {
+        Undeliverable::CommitPast
+    }))
+}
+
 fn producer(config: &Config) -> Result<KafkaProducer, RunError> {
     KafkaProducer::new(&config.kafka_producer_config())
         .map_err(|error| RunError::Kafka(error.to_string()))
 }
 
-/// Wraps every pipeline the factory builds in a step that touches `path` while polled.
-fn with_health_file(
-    mut factory: SpansStrategyFactory,
-    path: PathBuf,
-) -> impl ProcessingStrategyFactory<KafkaPayload> + 'static {
-    move |partitions: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload>> {
-        Box::new(HealthCheck::new(path.clone(), factory.create(partitions)))
-    }
+/// How often the health file is touched while the processor loop is alive.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the health thread looks at the loop's liveness, so the first touch follows the
+/// loop's start closely.
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Touches `path` every [`HEALTH_INTERVAL`] while `liveness` says the processor loop is alive,
+/// from a thread of its own: also with no partition assigned, in the flushers' startup gate or
+/// while a rebalance drains, and never while the loop is stuck past the waits it bounds.
+fn touch_while_alive(path: PathBuf, liveness: Liveness) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("spans-pipeline-health".to_owned())
+        .spawn(move || {
+            let mut touched: Option<Instant> = None;
+            loop {
+                let due = touched.is_none_or(|at| at.elapsed() >= HEALTH_INTERVAL);
+                if due && liveness.is_alive() {
+                    touched = Some(Instant::now());
+                    if let Err(error) = std::fs::write(&path, b"") {
+                        tracing::warn!(%error, path = %path.display(), "Could not touch the health file.");
+                    }
+                }
+                std::thread::sleep(HEALTH_CHECK_INTERVAL);
+            }
+        })
+        .map(drop)
 }
 
 /// Applies a reloaded configuration.

@@ -15,13 +15,12 @@ mod process;
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
 use integration_tests::kafka::MockKafka;
 use integration_tests::redis_server::RedisServer;
-use process::{RunProcess, run_command};
+use process::{RunProcess, read_log, run_command, test_config};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use sonic_rs::{JsonContainerTrait, JsonValueTrait};
@@ -59,25 +58,6 @@ fn padded(span: String, bytes: usize) -> String {
     )
 }
 
-/// The consumer's log with terminal colour codes taken out.
-fn read_log(path: &Path) -> String {
-    let raw = std::fs::read_to_string(path).unwrap_or_default();
-    let mut log = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            log.push(c);
-        }
-    }
-    log
-}
-
 /// Produces `values` to partition 0 of `topic` with a producer that takes messages of up to
 /// 50 MB (the test's own producer of input, not the one under test).
 fn produce_large(kafka: &MockKafka, topic: &str, values: &[String]) {
@@ -102,29 +82,11 @@ fn produce_large(kafka: &MockKafka, topic: &str, values: &[String]) {
 
 /// The default configuration except short timeouts, plus `extra` TOML sections.
 fn write_config(path: &Path, root_timeout: &str, kafka_extra: &str, buffer_extra: &str) {
-    let mut file = std::fs::File::create(path).unwrap();
-    write!(
-        file,
-        r#"
-[kafka]
-outcomes_topic = "{OUTCOMES}"
-consumer_overrides = {{ "session.timeout.ms" = "1500", "heartbeat.interval.ms" = "500" }}
-{kafka_extra}
-
-[consumer]
-max_batch_time = "50ms"
-commit_interval = "50ms"
-
-[flusher]
-idle_sleep = "50ms"
-
-[buffer]
-root_timeout = "{root_timeout}"
-timeout = "10s"
-{buffer_extra}
-"#
-    )
-    .unwrap();
+    let config = test_config(
+        &format!("outcomes_topic = \"{OUTCOMES}\"\n{kafka_extra}"),
+        &format!("[buffer]\nroot_timeout = \"{root_timeout}\"\ntimeout = \"10s\"\n{buffer_extra}"),
+    );
+    std::fs::write(path, config).unwrap();
 }
 
 /// A mock cluster with the topics of these tests, a redis-server, and the binary running on
@@ -147,11 +109,8 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         let (config, stderr) = (dir.path().join("spans.toml"), dir.path().join("stderr"));
         write_config(&config, root_timeout, kafka_extra, buffer_extra);
-        let child = RunProcess::start(
-            run_command(&config, kafka.bootstrap_servers())
-                .args(["--redis-url", &redis.url()])
-                .stderr(std::fs::File::create(&stderr).unwrap()),
-        );
+        let child =
+            RunProcess::start_logged(&config, kafka.bootstrap_servers(), &redis.url(), &stderr);
         Self {
             kafka,
             child,

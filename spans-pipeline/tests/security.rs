@@ -467,25 +467,6 @@ metrics_listen = "127.0.0.1:{metrics_port}"
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn scrape(port: u16) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 /// `spans-pipeline run` on `kafka` with every log level on, so no secret can hide in a level
 /// the test did not look at.
 fn run_command(config: &std::path::Path, kafka: &MockKafka) -> Command {
@@ -509,7 +490,7 @@ fn secrets_stay_out_of_logs_errors_and_metrics() {
     let redis = AclRedis::standalone(REDIS_SECRET).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("spans.toml");
-    let metrics_port = free_port();
+    let metrics_port = process::free_port();
     std::fs::write(&config, secret_config(&redis, metrics_port, "PLAINTEXT")).unwrap();
 
     // The configuration as `--check` prints it.
@@ -534,7 +515,7 @@ fn secrets_stay_out_of_logs_errors_and_metrics() {
         .unwrap();
     wait_for_log(&log_path, "Dead-lettering");
     assert!(child.is_running(), "the consumer stopped:\n{}", logs());
-    let metrics = scrape(metrics_port);
+    let metrics = process::scrape(metrics_port);
     assert!(metrics.contains("200 OK"), "{metrics}");
     assert_no_secret("metrics", &metrics);
     assert!(child.stop().success());
@@ -546,7 +527,7 @@ fn secrets_stay_out_of_logs_errors_and_metrics() {
     // with the broker's reason, and neither the reason nor the logs carry the password.
     std::fs::write(
         &config,
-        secret_config(&redis, free_port(), "SASL_PLAINTEXT"),
+        secret_config(&redis, process::free_port(), "SASL_PLAINTEXT"),
     )
     .unwrap();
     let refused = run_command(&config, &kafka).output().unwrap();

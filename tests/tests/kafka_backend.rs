@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use integration_tests::kafka::MockKafka;
 use rill::backends::kafka::{
     InitialOffset, KafkaConsumer, KafkaConsumerConfig, KafkaPayload, KafkaProducer,
-    KafkaProducerConfig, RebalanceProtocol,
+    KafkaProducerConfig, RebalanceProtocol, TopicCheckError,
 };
 use rill::{
     Consumer, ConsumerError, ConsumerEvent, Destination, Partition, ProduceError, Producer, Topic,
@@ -314,6 +314,35 @@ fn produced_messages_resolve_on_delivery_with_their_position() {
     let read = kafka.read_topic("out", 1, WAIT).unwrap();
     assert_eq!(read[0].payload.as_deref(), Some(&b"v"[..]));
     assert_eq!(read[0].headers, [("origin".to_owned(), b"test".to_vec())]);
+}
+
+#[test]
+fn a_topic_check_counts_partitions_and_names_a_missing_topic() {
+    let kafka = MockKafka::start(1).unwrap();
+    kafka.create_topic("there", 3).unwrap();
+    let strict = KafkaProducer::new(
+        &KafkaProducerConfig::new(kafka.bootstrap_servers())
+            .with_override("allow.auto.create.topics", "false"),
+    )
+    .unwrap();
+
+    assert_eq!(strict.check_topic(&Topic::new("there"), WAIT).unwrap(), 3);
+    let error = strict
+        .check_topic(&Topic::new("missing"), WAIT)
+        .unwrap_err();
+    assert!(
+        matches!(&error, TopicCheckError::Unknown { topic } if topic == "missing"),
+        "{error:?}"
+    );
+    assert_eq!(error.to_string(), "topic missing does not exist");
+
+    // librdkafka's producer default lets a broker that auto-creates topics (the mock) create
+    // it, as the first message to it would.
+    let default = KafkaProducer::new(&KafkaProducerConfig::new(kafka.bootstrap_servers())).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while default.check_topic(&Topic::new("created"), WAIT).is_err() {
+        assert!(Instant::now() < deadline, "never auto-created");
+    }
 }
 
 #[test]

@@ -83,9 +83,9 @@ impl BufferError {
     }
 
     /// Whether the same operation may succeed if retried later: the connection failed or
-    /// timed out, or the server answered with a condition that passes (see
-    /// [`TRANSIENT_CODES`]). Everything else (`NOPERM`, `WRONGTYPE`, a script error, a reply
-    /// the store does not understand, bad options) would fail again at every retry.
+    /// timed out, or the server answered with a condition that passes (see `TRANSIENT_CODES`
+    /// in this module). Everything else (`NOPERM`, `WRONGTYPE`, a script error, a reply the
+    /// store does not understand, bad options) would fail again at every retry.
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Redis(error) => match error.code() {

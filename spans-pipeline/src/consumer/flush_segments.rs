@@ -57,6 +57,13 @@ pub struct FlushSettings {
     pub max_restarts: u32,
 }
 
+impl FlushSettings {
+    /// How long [`FlushSegments::start`] waits at most for every worker's first iteration.
+    pub fn startup_timeout(&self) -> Duration {
+        self.max_unhealthy * 2
+    }
+}
+
 impl Default for FlushSettings {
     fn default() -> Self {
         Self {
@@ -217,7 +224,7 @@ impl<N> FlushSegments<N> {
     }
 
     fn wait_until_started(&mut self) -> Result<(), FlushError> {
-        let timeout = self.settings.max_unhealthy * 2;
+        let timeout = self.settings.startup_timeout();
         let failure = self.workers.iter().enumerate().find_map(|(index, worker)| {
             while worker.health.healthy_since.load(Ordering::SeqCst) == 0 {
                 if worker.task.is_finished() {

@@ -35,11 +35,13 @@ use rill::{
 use tokio::runtime::Handle;
 
 pub use decode::{KillSwitch, KillSwitchHandle, SpanMessage, decode_span};
+pub(crate) use error_chain::ErrorChain;
 pub use flush_segments::{FlushError, FlushSegments, FlushSettings};
 pub use flusher::{ProducePolicy, SharedState, WorkerContext, WorkerHealth};
 pub use outcomes::{Outcomes, PRODUCE_FAILED};
 pub use process_spans::ProcessSpans;
 
+use crate::buffer::connection::RESPONSE_TIMEOUT;
 use crate::buffer::{BufferError, BufferOptions, RedisConnection, SpansBuffer};
 
 /// Settings of the consumer's steps.
@@ -227,6 +229,14 @@ impl ProcessingStrategyFactory<KafkaPayload> for SpansStrategyFactory {
                 Box::new(Failed(Some(error)))
             }
         }
+    }
+
+    /// The flushers' startup gate, plus a Redis response timeout for each of the two other
+    /// Redis calls a build waits for (the first memory sample, the buffer's script load): a
+    /// consumer waiting in them is starting, not stuck.
+    fn create_timeout(&self) -> Duration {
+        let (_, settings) = self.settings.current();
+        settings.flush.startup_timeout() + RESPONSE_TIMEOUT * 2
     }
 }
 

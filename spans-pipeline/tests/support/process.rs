@@ -24,6 +24,27 @@ pub fn run_command(config: &Path, bootstrap_servers: &str) -> Command {
     command
 }
 
+/// A configuration for tests: `[kafka]` with a short session timeout and `kafka` added,
+/// batches, commits and idle flushers on a 50 ms cadence, then `rest` (more sections).
+pub fn test_config(kafka: &str, rest: &str) -> String {
+    format!(
+        r#"
+[kafka]
+consumer_overrides = {{ "session.timeout.ms" = "1500", "heartbeat.interval.ms" = "500" }}
+{kafka}
+
+[consumer]
+max_batch_time = "50ms"
+commit_interval = "50ms"
+
+[flusher]
+idle_sleep = "50ms"
+
+{rest}
+"#
+    )
+}
+
 /// How long [`wait_for_log`] waits for a line.
 const LOG_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -44,6 +65,56 @@ pub fn wait_for_log(path: &Path, needle: &str) -> String {
     }
 }
 
+/// The consumer's log with terminal colour codes taken out.
+pub fn read_log(path: &Path) -> String {
+    let raw = std::fs::read_to_string(path).unwrap_or_default();
+    let mut log = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            log.push(c);
+        }
+    }
+    log
+}
+
+/// A loopback port free at the time of the call (for `metrics_listen`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The consumer's Prometheus page at `port` (`GET /metrics`), headers included.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// The value of the metric `name` (without labels) on a scraped page, if it is there.
+pub fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == name).then(|| value.trim().parse().ok()).flatten()
+        })
+}
+
 /// A running consumer process; killed when dropped while still running.
 #[derive(Debug)]
 pub struct RunProcess {
@@ -56,6 +127,21 @@ impl RunProcess {
         Self {
             child: command.stdout(Stdio::null()).spawn().unwrap(),
         }
+    }
+
+    /// `spans-pipeline run` with `config` on `bootstrap_servers` and `redis_url`, its stderr
+    /// into a new file at `stderr` (read it with [`read_log`]).
+    pub fn start_logged(
+        config: &Path,
+        bootstrap_servers: &str,
+        redis_url: &str,
+        stderr: &Path,
+    ) -> Self {
+        Self::start(
+            run_command(config, bootstrap_servers)
+                .args(["--redis-url", redis_url])
+                .stderr(std::fs::File::create(stderr).unwrap()),
+        )
     }
 
     /// The process id.
@@ -83,23 +169,28 @@ impl RunProcess {
         self.child.wait().unwrap();
     }
 
-    /// `SIGTERM`, then waits for the exit (bounded); returns how it ended.
-    pub fn stop(&mut self) -> ExitStatus {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            return status;
-        }
-        self.signal("TERM");
-        let deadline = Instant::now() + STOP_TIMEOUT;
+    /// Waits (bounded by `timeout`) for it to exit by itself; returns how it ended.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
             assert!(
                 Instant::now() < deadline,
-                "the consumer did not stop within {STOP_TIMEOUT:?} of SIGTERM"
+                "the consumer did not exit within {timeout:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `SIGTERM`, then waits for the exit (bounded); returns how it ended.
+    pub fn stop(&mut self) -> ExitStatus {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            return status;
+        }
+        self.signal("TERM");
+        self.wait_for_exit(STOP_TIMEOUT)
     }
 }
 

@@ -25,4 +25,4 @@ pub use dlq::{
     ORIGINAL_TOPIC_HEADER,
 };
 pub use payload::KafkaPayload;
-pub use producer::{KafkaProducer, KafkaProducerError, is_message_too_large};
+pub use producer::{KafkaProducer, KafkaProducerError, TopicCheckError, is_message_too_large};

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::util::Timeout;
 
 use super::config::{KafkaConfigError, KafkaProducerConfig};
@@ -19,7 +19,7 @@ use super::payload::KafkaPayload;
 use crate::backends::{
     Delivered, DeliveryError, DeliveryFuture, Destination, ProduceError, Producer,
 };
-use crate::message::Partition;
+use crate::message::{Partition, Topic};
 
 /// Errors creating a [`KafkaProducer`].
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,42 @@ pub enum KafkaProducerError {
     /// librdkafka refused to create the client.
     #[error("cannot create the kafka producer")]
     Client(#[from] KafkaError),
+}
+
+/// Why [`KafkaProducer::check_topic`] found a topic unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopicCheckError {
+    /// No broker answered the metadata request in time.
+    #[error("cannot fetch the metadata of topic {topic}")]
+    Metadata {
+        /// The topic.
+        topic: String,
+        /// librdkafka's error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The brokers do not know the topic (and did not create it).
+    #[error("topic {topic} does not exist")]
+    Unknown {
+        /// The topic.
+        topic: String,
+    },
+    /// The brokers answered with another error for the topic (an authorization failure, a
+    /// topic being deleted).
+    #[error("the brokers refuse topic {topic}: {code}")]
+    Refused {
+        /// The topic.
+        topic: String,
+        /// The broker's error.
+        code: RDKafkaErrorCode,
+    },
+    /// The topic has no partitions to write to.
+    #[error("topic {topic} has no partitions")]
+    NoPartitions {
+        /// The topic.
+        topic: String,
+    },
 }
 
 /// A Kafka producer for [`KafkaPayload`]s.
@@ -73,6 +109,54 @@ impl KafkaProducer {
     /// If messages are still in flight when `timeout` passes.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.client.flush(Timeout::After(timeout))
+    }
+
+    /// Asks the brokers for `topic`'s metadata, waiting up to `timeout`, and returns its
+    /// partition count: a start-time check that a topic this producer writes to exists, so a
+    /// missing one is reported at once instead of at the first message sent to it.
+    ///
+    /// It reads metadata and writes nothing, so write permissions are not proven. A producer
+    /// with `allow.auto.create.topics` on (librdkafka's default for producers) lets a broker
+    /// that auto-creates topics create it, as its first message would.
+    ///
+    /// # Errors
+    ///
+    /// See [`TopicCheckError`].
+    pub fn check_topic(&self, topic: &Topic, timeout: Duration) -> Result<usize, TopicCheckError> {
+        let name = topic.as_str();
+        let metadata = self
+            .client
+            .client()
+            .fetch_metadata(Some(name), Timeout::After(timeout))
+            .map_err(|source| TopicCheckError::Metadata {
+                topic: name.to_owned(),
+                source,
+            })?;
+        let Some(found) = metadata.topics().iter().find(|t| t.name() == name) else {
+            return Err(TopicCheckError::Unknown {
+                topic: name.to_owned(),
+            });
+        };
+        match found.error() {
+            None => {}
+            Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
+                return Err(TopicCheckError::Unknown {
+                    topic: name.to_owned(),
+                });
+            }
+            Some(code) => {
+                return Err(TopicCheckError::Refused {
+                    topic: name.to_owned(),
+                    code: code.into(),
+                });
+            }
+        }
+        match found.partitions().len() {
+            0 => Err(TopicCheckError::NoPartitions {
+                topic: name.to_owned(),
+            }),
+            partitions => Ok(partitions),
+        }
     }
 }
 
