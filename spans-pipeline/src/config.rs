@@ -21,10 +21,13 @@ use redis::{ClientTlsConfig, TlsCertificates};
 use rill::backends::kafka::{
     InitialOffset, KafkaConsumerConfig, KafkaProducerConfig, RebalanceProtocol,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::buffer::{BufferOptions, output};
 use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch, ProducePolicy};
+
+mod effective;
+pub mod size;
 
 /// librdkafka's setting of the largest message a producer accepts.
 const MESSAGE_MAX_BYTES: &str = "message.max.bytes";
@@ -70,10 +73,13 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+    /// The configuration could not be written as TOML (`run --check`).
+    #[error("cannot print the configuration as toml")]
+    Print(#[from] toml::ser::Error),
 }
 
 /// The whole configuration.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Kafka: brokers, group, topics, client overrides.
@@ -94,7 +100,7 @@ pub struct Config {
 
 /// `[kafka]`. Security settings (`security.protocol`, `sasl.*`, `ssl.*`) go in the overrides,
 /// which are passed to librdkafka as they are; secret values among them are never printed.
-#[derive(Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSection {
     /// `host:port,...` of the brokers.
@@ -235,7 +241,7 @@ fn invalid(error: &toml::de::Error, text: &str) -> ConfigError {
 }
 
 /// `[redis]`. Credentials may also be given in the URLs; they are never logged.
-#[derive(Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSection {
     /// `redis://host:port` (or `rediss://` for TLS) of the server, or of cluster nodes.
@@ -351,7 +357,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
 }
 
 /// `[consumer]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsumerSection {
     /// Spans per batch (Sentry's `--max-batch-size`).
@@ -383,7 +389,7 @@ impl Default for ConsumerSection {
 }
 
 /// `[flusher]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlusherSection {
     /// Flush workers (`--flusher-processes`); never more than the assigned partitions.
@@ -414,7 +420,7 @@ impl Default for FlusherSection {
 
 /// `[buffer]`: Sentry's `spans.buffer.*` options (names without the prefix, `-` and `.` as
 /// `_`), durations in human form.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BufferSection {
     /// `spans.buffer.timeout`.
@@ -426,7 +432,8 @@ pub struct BufferSection {
     /// `spans.buffer.redis-ttl`.
     #[serde(with = "humantime_serde")]
     pub redis_ttl: Duration,
-    /// `spans.buffer.max-segment-bytes`.
+    /// `spans.buffer.max-segment-bytes`: bytes, or a size with a unit (`"10MiB"`).
+    #[serde(with = "size")]
     pub max_segment_bytes: u64,
     /// `spans.buffer.max-flush-segments`.
     pub max_flush_segments: usize,
@@ -524,7 +531,7 @@ impl BufferSection {
 }
 
 /// `[observability]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ObservabilitySection {
     /// Address of the Prometheus endpoint (`GET /metrics`); off when absent.

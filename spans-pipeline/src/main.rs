@@ -53,7 +53,8 @@ struct RunArgs {
     /// Shorthand for `--set redis.urls=[...]` with one URL.
     #[arg(long)]
     redis_url: Option<String>,
-    /// Check the configuration, print it (credentials hidden) and exit.
+    /// Check the configuration, print it as TOML that can be saved as the file (secrets left
+    /// out and named in a comment) and exit.
     #[arg(long)]
     check: bool,
 }
@@ -124,7 +125,7 @@ fn main() -> anyhow::Result<()> {
         let source = args.source();
         let config = source.load()?;
         if args.check {
-            println!("{config:#?}");
+            print!("{}", config.to_toml()?);
             return Ok(());
         }
         init_logs("info", config.observability.json_logs);
