@@ -32,6 +32,10 @@ enum Command {
     /// Write the reference workload (deterministic from its seed) as a JSONL file of
     /// `ingest-spans` message values, for `replay` and the benches.
     GenWorkload(spans_pipeline::workload::GenWorkloadArgs),
+    /// Report what is inside a live buffer (queues, due segments, flush lag, the largest
+    /// segments and hottest traces, memory per node and key family, leftovers); read-only and
+    /// bounded, safe on a production cluster.
+    Inspect(spans_pipeline::inspect::InspectArgs),
 }
 
 /// Options of `spans-pipeline run`. Settings come from the TOML file, then
@@ -143,6 +147,11 @@ fn main() -> anyhow::Result<()> {
     init_logs(level, false);
     match command {
         Command::Run(_) => {}
+        Command::Inspect(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report = runtime.block_on(spans_pipeline::inspect::run(&args))?;
+            println!("{report}");
+        }
         Command::Replay(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
             let report = runtime.block_on(spans_pipeline::replay::run(&args))?;

@@ -121,17 +121,12 @@ health_file = "{}"
 
 /// `run --check` with `args`; its stdout.
 fn check(config: &std::path::Path, args: &[&str]) -> String {
-    let output = process::run_command(config, "broker:9092")
-        .arg("--check")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    process::succeed(
+        process::run_command(config, "broker:9092")
+            .arg("--check")
+            .args(args),
+    )
+    .0
 }
 
 #[test]

@@ -17,6 +17,7 @@
 pub mod codec;
 pub mod connection;
 pub mod error;
+pub mod inspect;
 pub mod keys;
 pub mod options;
 pub mod output;

@@ -24,6 +24,14 @@ pub fn run_command(config: &Path, bootstrap_servers: &str) -> Command {
     command
 }
 
+/// Runs `command` to its end, asserting it succeeded; its stdout and stderr.
+pub fn succeed(command: &mut Command) -> (String, String) {
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(output.status.success(), "{}: {stderr}", output.status);
+    (String::from_utf8(output.stdout).unwrap(), stderr)
+}
+
 /// How long [`wait_for_log`] waits for a line.
 const LOG_TIMEOUT: Duration = Duration::from_secs(60);
 
