@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use integration_tests::kafka::MockKafka;
 use integration_tests::redis_server::RedisServer;
 use integration_tests::secure_redis::{AclRedis, TlsRedis, USER};
-use process::{RunProcess, wait_for_log};
+use process::{RunProcess, free_port, scrape, wait_for_log};
 use redis::{ClientTlsConfig, TlsCertificates};
 use spans_pipeline::buffer::{BufferOptions, RedisConnection, SpansBuffer};
 use support::{SpanSpec, flush_until_empty, spans};
@@ -462,25 +462,6 @@ metrics_listen = "127.0.0.1:{metrics_port}"
         redis.urls()[0],
         redis.password(),
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn scrape(port: u16) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
 }
 
 /// `spans-pipeline run` on `kafka` with every log level on, so no secret can hide in a level

@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::buffer::connection::{CommandBatch, RedisConnection};
 use crate::buffer::error::BufferError;
 use crate::buffer::keys::{self, KeyFamily, SegmentKey};
-use crate::buffer::store::{as_f64, as_optional_u64, as_string, info_field, into_array};
+use crate::buffer::store::{as_optional_u64, as_string, first_score, info_field, into_array};
 
 /// Steps of a redirect chain followed before giving up (the script's own limit).
 const MAX_REDIRECT_STEPS: usize = 100;
@@ -552,10 +552,7 @@ impl BufferInspector {
             else {
                 break;
             };
-            let oldest_deadline = match into_array("ZRANGE", oldest)?.get(1) {
-                Some(score) => Some(as_f64(score)? as i64),
-                None => None,
-            };
+            let oldest_deadline = first_score(oldest)?;
             let mut queue = QueueReport {
                 key: name.clone(),
                 depth: as_optional_u64(depth)?.unwrap_or(0),

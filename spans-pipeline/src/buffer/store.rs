@@ -941,6 +941,36 @@ impl SpansBufferStore {
     }
 }
 
+impl SpansBufferStore {
+    /// The earliest deadline in each queue (`ZRANGE 0 0 WITHSCORES`), `None` for an empty one,
+    /// for the flush-lag gauge.
+    pub async fn oldest_deadlines(
+        &self,
+        queues: &[String],
+    ) -> Result<Vec<Option<i64>>, BufferError> {
+        let mut batch = CommandBatch::new();
+        for queue in queues {
+            let mut oldest = redis::cmd("ZRANGE");
+            oldest.arg(queue).arg(0).arg(0).arg("WITHSCORES");
+            batch.add(queue.clone(), oldest);
+        }
+        self.conn
+            .execute(batch)
+            .await?
+            .into_iter()
+            .map(first_score)
+            .collect()
+    }
+}
+
+/// The score of a `ZRANGE … WITHSCORES` reply's first entry; `None` when it is empty.
+pub(crate) fn first_score(reply: Value) -> Result<Option<i64>, BufferError> {
+    match into_array("ZRANGE", reply)?.get(1) {
+        Some(score) => Ok(Some(as_f64(score)? as i64)),
+        None => Ok(None),
+    }
+}
+
 /// Appends the payloads of one stored member of `segment` to `out`. A member that looks like a
 /// zstd frame but does not decompress is logged with its segment and counted, and adds
 /// nothing: failing the whole flush instead would stop every segment of the worker's shards
