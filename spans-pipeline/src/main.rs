@@ -4,6 +4,7 @@
 //! own tokio runtime, which must not be the thread they run on.
 
 use clap::{Args, Parser, Subcommand};
+use spans_pipeline::progress::Progress;
 
 // The buffer allocates a buffer per payload, frame and command; mimalloc's thread-local free
 // lists take about a fifth off the flush's CPU compared with the system allocator (see
@@ -159,12 +160,20 @@ fn main() -> anyhow::Result<()> {
         }
         Command::GenWorkload(args) => {
             let shape = args.shape().map_err(anyhow::Error::msg)?;
+            let mut progress = Progress::stderr("gen-workload", "spans", None);
+            progress.set_message("generating");
             let spans = spans_pipeline::workload::generate(&shape);
+            progress.set_total(spans.len() as u64);
+            progress.set_message("writing");
             let file = std::fs::File::create(&args.out).map_err(|error| {
                 anyhow::anyhow!("cannot create {}: {error}", args.out.display())
             })?;
-            let summary =
-                spans_pipeline::workload::write_jsonl(&spans, std::io::BufWriter::new(file))?;
+            let summary = spans_pipeline::workload::write_jsonl_reporting(
+                &spans,
+                std::io::BufWriter::new(file),
+                &mut |written| progress.set_position(written),
+            )?;
+            progress.finish();
             eprintln!(
                 "wrote {} spans in {} traces to {} ({} payload bytes, mean {:.1}); blake2b-256 {}",
                 summary.spans,

@@ -123,7 +123,7 @@ impl Progress {
         self.message = message.into();
         match &mut self.sink {
             Sink::Bar(bar) => bar.set_message(self.message.clone()),
-            Sink::Lines { .. } => self.line(true),
+            Sink::Lines { .. } => self.line(false),
         }
     }
 
