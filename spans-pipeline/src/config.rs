@@ -21,7 +21,7 @@ use redis::{ClientTlsConfig, TlsCertificates};
 use rill::backends::kafka::{
     InitialOffset, KafkaConsumerConfig, KafkaProducerConfig, RebalanceProtocol,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::buffer::{BufferOptions, output};
 use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch, ProducePolicy};
@@ -33,6 +33,8 @@ use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch, ProducePolicy
 /// latency, and a lost lock costs a segment flushed twice. `docs/decisions.md` says why the
 /// produce timeout is not the bound.
 pub const MIN_FLUSH_LOCK_TTL: Duration = Duration::from_secs(3);
+mod effective;
+pub mod size;
 
 /// librdkafka's setting of the largest message a producer accepts.
 const MESSAGE_MAX_BYTES: &str = "message.max.bytes";
@@ -78,10 +80,13 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+    /// The configuration could not be written as TOML (`run --check`).
+    #[error("cannot print the configuration as toml")]
+    Print(#[from] toml::ser::Error),
 }
 
 /// The whole configuration.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Kafka: brokers, group, topics, client overrides.
@@ -102,7 +107,7 @@ pub struct Config {
 
 /// `[kafka]`. Security settings (`security.protocol`, `sasl.*`, `ssl.*`) go in the overrides,
 /// which are passed to librdkafka as they are; secret values among them are never printed.
-#[derive(Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSection {
     /// `host:port,...` of the brokers.
@@ -249,7 +254,7 @@ fn invalid(error: &toml::de::Error, text: &str) -> ConfigError {
 }
 
 /// `[redis]`. Credentials may also be given in the URLs; they are never logged.
-#[derive(Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSection {
     /// `redis://host:port` (or `rediss://` for TLS) of the server, or of cluster nodes.
@@ -365,7 +370,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
 }
 
 /// `[consumer]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsumerSection {
     /// Spans per batch (Sentry's `--max-batch-size`).
@@ -397,7 +402,7 @@ impl Default for ConsumerSection {
 }
 
 /// `[flusher]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlusherSection {
     /// Flush workers (`--flusher-processes`); never more than the assigned partitions.
@@ -428,7 +433,7 @@ impl Default for FlusherSection {
 
 /// `[buffer]`: Sentry's `spans.buffer.*` options (names without the prefix, `-` and `.` as
 /// `_`), durations in human form.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BufferSection {
     /// `spans.buffer.timeout`.
@@ -440,7 +445,8 @@ pub struct BufferSection {
     /// `spans.buffer.redis-ttl`.
     #[serde(with = "humantime_serde")]
     pub redis_ttl: Duration,
-    /// `spans.buffer.max-segment-bytes`.
+    /// `spans.buffer.max-segment-bytes`: bytes, or a size with a unit (`"10MiB"`).
+    #[serde(with = "size")]
     pub max_segment_bytes: u64,
     /// `spans.buffer.max-flush-segments`.
     pub max_flush_segments: usize,
@@ -538,7 +544,7 @@ impl BufferSection {
 }
 
 /// `[observability]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ObservabilitySection {
     /// Address of the Prometheus endpoint (`GET /metrics`); off when absent.

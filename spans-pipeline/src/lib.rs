@@ -9,13 +9,17 @@
 //! - [`run`]: the consumer as a service (metrics, health, signals, reload);
 //! - [`demo`]: the whole pipeline on an embedded mock Kafka and a local Redis;
 //! - [`replay`]: feeds a recorded workload through the buffer and reports throughput;
-//! - [`workload`]: the reference workload, deterministic from a seed.
+//! - [`workload`]: the reference workload, deterministic from a seed;
+//! - [`inspect`]: a read-only report of what is inside a live buffer;
+//! - [`progress`]: progress of the long commands, a bar on a terminal, lines elsewhere.
 
 pub mod buffer;
 pub mod config;
 pub mod consumer;
 pub mod demo;
+pub mod inspect;
 pub mod metrics;
+pub mod progress;
 pub mod replay;
 pub mod run;
 pub mod span;

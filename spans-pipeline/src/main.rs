@@ -4,6 +4,7 @@
 //! own tokio runtime, which must not be the thread they run on.
 
 use clap::{Args, Parser, Subcommand};
+use spans_pipeline::progress::Progress;
 
 // The buffer allocates a buffer per payload, frame and command; mimalloc's thread-local free
 // lists take about a fifth off the flush's CPU compared with the system allocator (see
@@ -32,6 +33,10 @@ enum Command {
     /// Write the reference workload (deterministic from its seed) as a JSONL file of
     /// `ingest-spans` message values, for `replay` and the benches.
     GenWorkload(spans_pipeline::workload::GenWorkloadArgs),
+    /// Report what is inside a live buffer (queues, due segments, flush lag, the largest
+    /// segments and hottest traces, memory per node and key family, leftovers); read-only and
+    /// bounded, safe on a production cluster.
+    Inspect(spans_pipeline::inspect::InspectArgs),
 }
 
 /// Options of `spans-pipeline run`. Settings come from the TOML file, then
@@ -53,7 +58,8 @@ struct RunArgs {
     /// Shorthand for `--set redis.urls=[...]` with one URL.
     #[arg(long)]
     redis_url: Option<String>,
-    /// Check the configuration, print it (credentials hidden) and exit.
+    /// Check the configuration, print it as TOML that can be saved as the file (secrets left
+    /// out and named in a comment) and exit.
     #[arg(long)]
     check: bool,
 }
@@ -124,7 +130,7 @@ fn main() -> anyhow::Result<()> {
         let source = args.source();
         let config = source.load()?;
         if args.check {
-            println!("{config:#?}");
+            print!("{}", config.to_toml()?);
             return Ok(());
         }
         init_logs("info", config.observability.json_logs);
@@ -142,6 +148,11 @@ fn main() -> anyhow::Result<()> {
     init_logs(level, false);
     match command {
         Command::Run(_) => {}
+        Command::Inspect(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report = runtime.block_on(spans_pipeline::inspect::run(&args))?;
+            println!("{report}");
+        }
         Command::Replay(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
             let report = runtime.block_on(spans_pipeline::replay::run(&args))?;
@@ -149,12 +160,20 @@ fn main() -> anyhow::Result<()> {
         }
         Command::GenWorkload(args) => {
             let shape = args.shape().map_err(anyhow::Error::msg)?;
+            let mut progress = Progress::stderr("gen-workload", "spans", None);
+            progress.set_message("generating");
             let spans = spans_pipeline::workload::generate(&shape);
+            progress.set_total(spans.len() as u64);
+            progress.set_message("writing");
             let file = std::fs::File::create(&args.out).map_err(|error| {
                 anyhow::anyhow!("cannot create {}: {error}", args.out.display())
             })?;
-            let summary =
-                spans_pipeline::workload::write_jsonl(&spans, std::io::BufWriter::new(file))?;
+            let summary = spans_pipeline::workload::write_jsonl_reporting(
+                &spans,
+                std::io::BufWriter::new(file),
+                &mut |written| progress.set_position(written),
+            )?;
+            progress.finish();
             eprintln!(
                 "wrote {} spans in {} traces to {} ({} payload bytes, mean {:.1}); blake2b-256 {}",
                 summary.spans,

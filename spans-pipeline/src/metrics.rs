@@ -65,3 +65,57 @@ pub const REDIS_MEMORY_RATIO: &str = "spans.buffer.redis_memory_ratio";
 pub const OUTCOMES: &str = "spans.buffer.outcomes";
 /// Segments waiting in each flush queue (tag `shard`), sampled once a second per worker.
 pub const STORED_SEGMENTS: &str = "spans.buffer.stored_segments";
+/// Seconds the worker's clock is past the earliest deadline of each flush queue (tag
+/// `shard`), 0 when nothing is due: how far the flush is behind. Sampled with
+/// [`STORED_SEGMENTS`].
+pub const FLUSH_LAG_SECONDS: &str = "spans.buffer.flush_lag_seconds";
+/// Spans per batch written by `process_spans`.
+pub const PROCESS_BATCH_SPANS: &str = "spans.buffer.process_spans.batch_spans";
+
+/// Counters of the consumer and of `rill`, each with the label values it can take, that the
+/// dashboard (`dashboards/spans-pipeline.json`) queries. [`register`] starts them at zero.
+const COUNTERS: &[(&str, &[(&str, &str)])] = &[
+    (PROCESS_SPANS, &[]),
+    (PROCESS_FAILURES, &[]),
+    (FLUSHED_SEGMENTS, &[]),
+    (FLUSHED_SPANS, &[]),
+    (DROPPED_SPANS, &[]),
+    (EXPIRED_BEFORE_FLUSH, &[]),
+    (EMPTY_SEGMENTS, &[]),
+    (LOCK_CONTENTION, &[]),
+    (FLUSHER_BACKPRESSURE, &[]),
+    (FLUSHER_HARD_BACKPRESSURE, &[]),
+    (FLUSHER_PRODUCE, &[("status", "ok")]),
+    (FLUSHER_PRODUCE, &[("status", "failed")]),
+    (FLUSHER_PRODUCE_FAILED_SPANS, &[]),
+    (FLUSHER_ERRORS, &[("phase", "flush")]),
+    (FLUSHER_ERRORS, &[("phase", "done")]),
+    (INVALID_PAYLOADS, &[]),
+    (FLUSH_LOCKS_LOST, &[]),
+    (OUTCOMES, &[("reason", "produce_failed")]),
+    (OUTCOMES, &[("reason", "segment_too_large")]),
+    (rill::metrics::MESSAGES_POLLED, &[]),
+    (rill::metrics::MESSAGES_REJECTED, &[]),
+    (rill::metrics::PAUSES, &[]),
+    (rill::metrics::COMMITS, &[]),
+    (rill::metrics::COMMIT_FAILURES, &[]),
+    (
+        rill::metrics::INVALID_MESSAGES,
+        &[("outcome", "dead_lettered")],
+    ),
+    (rill::metrics::INVALID_MESSAGES, &[("outcome", "skipped")]),
+    (rill::metrics::DLQ_UNDELIVERABLE, &[]),
+];
+
+/// Starts every counter the dashboard queries at zero, so a counter of a rare event (a pause,
+/// a dead letter, a lost span) is exported before its first event: `rate()` then reads 0
+/// rather than no data, and the dashboard's test can check that every series exists.
+pub fn register() {
+    for (name, labels) in COUNTERS {
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(key, value)| metrics::Label::new(*key, *value))
+            .collect();
+        metrics::counter!(*name, labels).increment(0);
+    }
+}

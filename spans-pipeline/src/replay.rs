@@ -21,6 +21,7 @@ use crate::buffer::{
     BufferError, BufferOptions, PreparedBatch, ProcessStats, RedisConnection, SpansBuffer, Ticket,
     WriteOrder,
 };
+use crate::progress::Progress;
 use crate::span::Span;
 
 /// Clock used to flush everything: far beyond any deadline in the workload.
@@ -214,6 +215,9 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
     // Timed: decoding, preparing and writing. Each batch is prepared while the previous one
     // is being written, as the consumer does; writes stay in order (a ticket per batch), and
     // each starts the moment the one before it completes.
+    let mut display = Progress::stderr("replay", "spans", Some(lines.len() as u64));
+    display.set_message("ingesting");
+    let mut read = 0;
     let cpu_before = redis_cpu_secs(&nodes)?;
     let started = Instant::now();
     let scripts = Arc::new(WriteOrder::new());
@@ -230,6 +234,8 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
                 spans.push(span);
             }
         }
+        read += batch.len() as u64;
+        display.set_position(read);
         if spans.is_empty() {
             continue;
         }
@@ -283,6 +289,7 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
             if flush.segments.is_empty() {
                 break;
             }
+            display.set_message(format!("flushed {} spans", report.spans_out));
             let messages: Vec<Vec<Vec<u8>>> = flush
                 .segments
                 .iter()
@@ -327,6 +334,8 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
         );
         report.missing_spans = seen.values().filter(|&&count| count == 0).count();
     }
+    display.set_message(format!("done, {} spans out", report.spans_out));
+    display.finish();
     report.keys_left = keys_left(&nodes)?;
     Ok(report)
 }

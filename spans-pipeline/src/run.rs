@@ -111,6 +111,7 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
             .with_http_listener(address)
             .install()
             .map_err(|error| RunError::Metrics(error.to_string()))?;
+        crate::metrics::register();
         tracing::info!(%address, "Serving Prometheus metrics.");
     }
     let connection = runtime

@@ -143,13 +143,23 @@ pub fn generate(shape: &WorkloadShape) -> Vec<GeneratedSpan> {
 }
 
 /// Writes the load as JSONL, one message value a line, and says what it wrote.
-pub fn write_jsonl(
+pub fn write_jsonl(spans: &[GeneratedSpan], out: impl Write) -> std::io::Result<WorkloadSummary> {
+    write_jsonl_reporting(spans, out, &mut |_| {})
+}
+
+/// [`write_jsonl`], telling `written` how many spans are written every 10,000 spans (for a
+/// progress display).
+pub fn write_jsonl_reporting(
     spans: &[GeneratedSpan],
     mut out: impl Write,
+    written: &mut dyn FnMut(u64),
 ) -> std::io::Result<WorkloadSummary> {
     let mut digest = blake2::Blake2b::<blake2::digest::consts::U32>::new();
     let mut bytes = 0;
-    for span in spans {
+    for (index, span) in spans.iter().enumerate() {
+        if index % 10_000 == 0 {
+            written(index as u64);
+        }
         out.write_all(&span.payload)?;
         out.write_all(b"\n")?;
         digest.update(&span.payload);
@@ -157,6 +167,7 @@ pub fn write_jsonl(
         bytes += span.payload.len();
     }
     out.flush()?;
+    written(spans.len() as u64);
     Ok(WorkloadSummary {
         spans: spans.len(),
         traces: spans

@@ -118,3 +118,45 @@ health_file = "{}"
         "the killed span was flushed"
     );
 }
+
+/// `run --check` with `args`; its stdout.
+fn check(config: &std::path::Path, args: &[&str]) -> String {
+    process::succeed(
+        process::run_command(config, "broker:9092")
+            .arg("--check")
+            .args(args),
+    )
+    .0
+}
+
+#[test]
+fn check_prints_toml_that_saved_as_the_file_checks_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.toml");
+    std::fs::write(
+        &first,
+        "[buffer]\nmax_segment_bytes = \"8MiB\"\nroot_timeout = \"5s\"\n[kill_switch]\nprojects = [9, 2]\n",
+    )
+    .unwrap();
+    let printed = check(
+        &first,
+        &[
+            "--set",
+            "flusher.workers=3",
+            "--set",
+            "redis.password=hunter2",
+        ],
+    );
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(
+        printed.contains("max_segment_bytes = \"8MiB\""),
+        "{printed}"
+    );
+    let saved = dir.path().join("saved.toml");
+    std::fs::write(&saved, &printed).unwrap();
+
+    // The saved file alone gives the same configuration; only the password must be given again.
+    let again = check(&saved, &["--set", "redis.password=hunter2"]);
+
+    assert_eq!(again, printed);
+}

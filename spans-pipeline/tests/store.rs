@@ -397,6 +397,11 @@ async fn queue_sizes_counts_segments_per_queue() {
             .await
             .unwrap();
         assert_eq!(sizes, [2, 0]);
+        let oldest = store
+            .oldest_deadlines(&[QUEUE.to_owned(), "span-buf:q:empty".to_owned()])
+            .await
+            .unwrap();
+        assert_eq!(oldest, [Some(1), None]);
     })
     .await;
 }

@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use futures::future::try_join_all;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo,
+};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, TlsCertificates, Value};
 
 use crate::buffer::keys;
@@ -117,22 +119,69 @@ impl RedisConnection {
     /// Runs `cmd` on every master and returns each one's reply (a single reply when
     /// standalone), for per-server figures such as `INFO`.
     pub async fn on_each_master(&self, cmd: Cmd) -> RedisResult<Vec<Value>> {
+        let replies = self.on_each_master_by_address(cmd).await?;
+        Ok(replies.into_iter().map(|(_, reply)| reply).collect())
+    }
+
+    /// As [`RedisConnection::on_each_master`], each reply with the `host:port` of its master
+    /// (`None` for the standalone server), so the master can be asked again with
+    /// [`RedisConnection::on_master`] (a `SCAN` cursor is only valid on its server).
+    pub async fn on_each_master_by_address(
+        &self,
+        cmd: Cmd,
+    ) -> RedisResult<Vec<(Option<String>, Value)>> {
         match self {
-            Self::Standalone(conn) => Ok(vec![cmd.query_async(&mut conn.clone()).await?]),
+            Self::Standalone(conn) => Ok(vec![(None, cmd.query_async(&mut conn.clone()).await?)]),
             Self::Cluster(conn) => {
                 // Without a response policy the cluster client maps each node to its reply.
                 let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
                 match conn.clone().route_command(cmd, routing).await? {
                     Value::Map(replies) => replies
                         .into_iter()
-                        .map(|(_, reply)| match reply {
-                            Value::ServerError(error) => Err(error.into()),
-                            reply => Ok(reply),
+                        .map(|(address, reply)| {
+                            let address: String = redis::from_redis_value(address)
+                                .map_err(redis::RedisError::from)?;
+                            match reply {
+                                Value::ServerError(error) => Err(error.into()),
+                                reply => Ok((Some(address), reply)),
+                            }
                         })
                         .collect(),
-                    reply => Ok(vec![reply]),
+                    reply => Ok(vec![(None, reply)]),
                 }
             }
+        }
+    }
+
+    /// Runs `cmd` on the master at `address` (`host:port`, from
+    /// [`RedisConnection::on_each_master_by_address`]); the standalone server when `None`.
+    pub async fn on_master(&self, address: Option<&str>, cmd: Cmd) -> RedisResult<Value> {
+        let reply = match (self, address) {
+            (Self::Standalone(conn), _) => cmd.query_async(&mut conn.clone()).await?,
+            (Self::Cluster(conn), None) => conn.clone().req_packed_command(&cmd).await?,
+            (Self::Cluster(conn), Some(address)) => {
+                let (host, port) = address.rsplit_once(':').ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "a cluster node address without a port",
+                    ))
+                })?;
+                let port = port.parse().map_err(|_| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "a cluster node address with a bad port",
+                    ))
+                })?;
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_owned(),
+                    port,
+                });
+                conn.clone().route_command(cmd, routing).await?
+            }
+        };
+        match reply {
+            Value::ServerError(error) => Err(error.into()),
+            reply => Ok(reply),
         }
     }
 

@@ -141,6 +141,120 @@ pub fn hash_slot_input(key: &[u8]) -> &[u8] {
     key
 }
 
+/// The kinds of key the buffer stores, told apart by their shape (see the table of
+/// `docs/redis-data-model.md`); `spans-pipeline inspect` counts and measures them per family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyFamily {
+    /// `span-buf:s:{<pt>:<salt>}:<salt>`: the payloads of one subsegment.
+    Payload,
+    /// `span-buf:s:{<pt>}:<root>`: a segment's payloads in the legacy merged layout.
+    LegacySegment,
+    /// `span-buf:mk:`: a segment's member-keys index.
+    MemberKeys,
+    /// `span-buf:ssr:`: a trace's redirect map.
+    Redirect,
+    /// `span-buf:hrs:`: the segment has seen its root.
+    HasRoot,
+    /// `span-buf:ic:`: spans ingested into a segment.
+    IngestedCount,
+    /// `span-buf:ibc:`: bytes ingested into a segment.
+    IngestedBytes,
+    /// `span-buf:fl:`: a flush lock.
+    FlushLock,
+    /// `span-buf:q:`: a flush queue.
+    Queue,
+    /// Any other key under the prefix.
+    Other,
+}
+
+impl KeyFamily {
+    /// Every family, in the order reports list them.
+    pub const ALL: [Self; 10] = [
+        Self::Payload,
+        Self::LegacySegment,
+        Self::MemberKeys,
+        Self::Redirect,
+        Self::HasRoot,
+        Self::IngestedCount,
+        Self::IngestedBytes,
+        Self::FlushLock,
+        Self::Queue,
+        Self::Other,
+    ];
+
+    /// The family of `key`; `None` for a key outside the buffer's prefix.
+    pub fn of(key: &str) -> Option<Self> {
+        let rest = key.strip_prefix(PREFIX)?;
+        let (kind, _) = rest.split_once(':').unwrap_or((rest, ""));
+        Some(match kind {
+            "q" => Self::Queue,
+            "ssr" => Self::Redirect,
+            "mk" => Self::MemberKeys,
+            "hrs" => Self::HasRoot,
+            "ic" => Self::IngestedCount,
+            "ibc" => Self::IngestedBytes,
+            "fl" => Self::FlushLock,
+            "s" => match hash_tag(key).map(|tag| tag.matches(':').count()) {
+                Some(1) => Self::LegacySegment,
+                Some(2) => Self::Payload,
+                _ => Self::Other,
+            },
+            _ => Self::Other,
+        })
+    }
+
+    /// The name used in reports and in the `family` label of metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Payload => "payload",
+            Self::LegacySegment => "legacy_segment",
+            Self::MemberKeys => "member_keys",
+            Self::Redirect => "redirect",
+            Self::HasRoot => "has_root",
+            Self::IngestedCount => "ingested_count",
+            Self::IngestedBytes => "ingested_bytes",
+            Self::FlushLock => "flush_lock",
+            Self::Queue => "queue",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// The segment a per-segment metadata key (`hrs`, `ic`, `ibc`, `fl`) belongs to.
+pub fn segment_of_metadata(key: &str) -> Option<SegmentKey> {
+    let rest = key.strip_prefix(PREFIX)?;
+    let (kind, segment) = rest.split_once(':')?;
+    matches!(kind, "hrs" | "ic" | "ibc" | "fl")
+        .then(|| SegmentKey::parse(segment))
+        .flatten()
+}
+
+/// The segment of a member-keys index `span-buf:mk:{<pt>}:<id>`.
+pub fn segment_of_member_keys(key: &str) -> Option<SegmentKey> {
+    let rest = key.strip_prefix(PREFIX)?.strip_prefix("mk:{")?;
+    let (project_and_trace, id) = rest.split_once("}:")?;
+    Some(SegmentKey::new(project_and_trace, id))
+}
+
+/// The `<pt>` of a redirect map `span-buf:ssr:{<pt>}` or of a payload key
+/// `span-buf:s:{<pt>:<salt>}:<salt>`.
+pub fn trace_of(key: &str) -> Option<&str> {
+    let tag = hash_tag(key)?;
+    match KeyFamily::of(key)? {
+        KeyFamily::Redirect => Some(tag),
+        KeyFamily::Payload => tag.rsplit_once(':').map(|(pt, _)| pt),
+        _ => None,
+    }
+}
+
+/// The text between the first `{` and the next `}`.
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let len = key[open + 1..].find('}')?;
+    Some(&key[open + 1..open + 1 + len])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +298,38 @@ mod tests {
         }
         assert_eq!(hash_slot_input(payload("1:a", "s").as_bytes()), b"1:a:s");
         assert_eq!(hash_slot_input(b"span-buf:q:1"), b"span-buf:q:1");
+    }
+
+    #[test]
+    fn every_key_shape_has_its_family_and_parses_back() {
+        let pt = project_and_trace(1, "a");
+        let segment = SegmentKey::new(&pt, "b");
+        for (key, family) in [
+            (payload(&pt, "x"), KeyFamily::Payload),
+            (segment.to_string(), KeyFamily::LegacySegment),
+            (member_keys(&segment), KeyFamily::MemberKeys),
+            (redirect_map(&pt), KeyFamily::Redirect),
+            (has_root_span(&segment), KeyFamily::HasRoot),
+            (ingested_count(&segment), KeyFamily::IngestedCount),
+            (ingested_bytes(&segment), KeyFamily::IngestedBytes),
+            (flush_lock(&segment), KeyFamily::FlushLock),
+            (queue(Some(2), 0), KeyFamily::Queue),
+            ("span-buf:zz".to_owned(), KeyFamily::Other),
+        ] {
+            assert_eq!(KeyFamily::of(&key), Some(family), "{key}");
+        }
+        assert_eq!(KeyFamily::of("other:key"), None);
+        assert_eq!(
+            segment_of_metadata(&ingested_bytes(&segment)),
+            Some(segment.clone())
+        );
+        assert_eq!(segment_of_metadata(&member_keys(&segment)), None);
+        assert_eq!(
+            segment_of_member_keys(&member_keys(&segment)),
+            Some(segment)
+        );
+        assert_eq!(trace_of(&payload(&pt, "x")), Some("1:a"));
+        assert_eq!(trace_of(&redirect_map(&pt)), Some("1:a"));
+        assert_eq!(trace_of(&queue(None, 1)), None);
     }
 }

@@ -17,6 +17,7 @@
 pub mod codec;
 pub mod connection;
 pub mod error;
+pub mod inspect;
 pub mod keys;
 pub mod options;
 pub mod output;
@@ -482,6 +483,7 @@ fn record_process_metrics(
 ) {
     metrics::counter!(names::PROCESS_SPANS).increment(stats.spans as u64);
     metrics::histogram!(names::PROCESS_SUBSEGMENTS).record(stats.subsegments as f64);
+    metrics::histogram!(names::PROCESS_BATCH_SPANS).record(stats.spans as f64);
     for sample in inserted.iter().filter_map(|i| i.sampled.as_ref()) {
         metrics::histogram!(names::EVALSHA_LATENCY_US).record(sample.latency_us as f64);
         if let Some(depth) = sample.metric("redirect_depth") {

@@ -914,12 +914,7 @@ impl SpansBufferStore {
         let mut usage = MemoryUsage::default();
         for reply in self.conn.on_each_master(info).await? {
             let text: String = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
-            let field = |name: &str| {
-                text.lines()
-                    .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-                    .and_then(|value| value.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
+            let field = |name: &str| info_field(&text, name);
             usage.used_bytes += field("used_memory");
             usage.available_bytes += match field("maxmemory") {
                 0 => field("total_system_memory"),
@@ -943,6 +938,36 @@ impl SpansBufferStore {
             .into_iter()
             .map(|v| as_optional_u64(v).map(Option::unwrap_or_default))
             .collect()
+    }
+}
+
+impl SpansBufferStore {
+    /// The earliest deadline in each queue (`ZRANGE 0 0 WITHSCORES`), `None` for an empty one,
+    /// for the flush-lag gauge.
+    pub async fn oldest_deadlines(
+        &self,
+        queues: &[String],
+    ) -> Result<Vec<Option<i64>>, BufferError> {
+        let mut batch = CommandBatch::new();
+        for queue in queues {
+            let mut oldest = redis::cmd("ZRANGE");
+            oldest.arg(queue).arg(0).arg(0).arg("WITHSCORES");
+            batch.add(queue.clone(), oldest);
+        }
+        self.conn
+            .execute(batch)
+            .await?
+            .into_iter()
+            .map(first_score)
+            .collect()
+    }
+}
+
+/// The score of a `ZRANGE … WITHSCORES` reply's first entry; `None` when it is empty.
+pub(crate) fn first_score(reply: Value) -> Result<Option<i64>, BufferError> {
+    match into_array("ZRANGE", reply)?.get(1) {
+        Some(score) => Ok(Some(as_f64(score)? as i64)),
+        None => Ok(None),
     }
 }
 
@@ -1083,7 +1108,7 @@ fn check_spread_replies(command: &'static str, replies: &[Value]) -> Result<(), 
     Ok(())
 }
 
-fn into_array(command: &'static str, value: Value) -> Result<Vec<Value>, BufferError> {
+pub(crate) fn into_array(command: &'static str, value: Value) -> Result<Vec<Value>, BufferError> {
     match value {
         Value::Array(items) | Value::Set(items) => Ok(items),
         Value::Nil => Ok(Vec::new()),
@@ -1099,7 +1124,7 @@ fn as_bytes(command: &'static str, value: Value) -> Result<Vec<u8>, BufferError>
     }
 }
 
-fn as_string(command: &'static str, value: &Value) -> Result<String, BufferError> {
+pub(crate) fn as_string(command: &'static str, value: &Value) -> Result<String, BufferError> {
     match value {
         Value::BulkString(bytes) => {
             String::from_utf8(bytes.clone()).map_err(|_| BufferError::unexpected(command, value))
@@ -1110,7 +1135,7 @@ fn as_string(command: &'static str, value: &Value) -> Result<String, BufferError
     }
 }
 
-fn as_f64(value: &Value) -> Result<f64, BufferError> {
+pub(crate) fn as_f64(value: &Value) -> Result<f64, BufferError> {
     match value {
         Value::Double(d) => Ok(*d),
         Value::Int(n) => Ok(*n as f64),
@@ -1120,7 +1145,7 @@ fn as_f64(value: &Value) -> Result<f64, BufferError> {
     }
 }
 
-fn as_optional_u64(value: Value) -> Result<Option<u64>, BufferError> {
+pub(crate) fn as_optional_u64(value: Value) -> Result<Option<u64>, BufferError> {
     match value {
         Value::Nil => Ok(None),
         Value::Int(n) => Ok(Some(u64::try_from(n).unwrap_or(0))),
@@ -1131,7 +1156,7 @@ fn as_optional_u64(value: Value) -> Result<Option<u64>, BufferError> {
     }
 }
 
-fn as_i64(value: &Value) -> Result<i64, BufferError> {
+pub(crate) fn as_i64(value: &Value) -> Result<i64, BufferError> {
     match value {
         Value::Int(n) => Ok(*n),
         other => as_string("EVALSHA", other)?
@@ -1188,6 +1213,14 @@ fn parse_inserted(
         merged_segment_span_ids,
         sampled,
     })
+}
+
+/// The number `name` of an `INFO` reply's text; 0 when it is missing.
+pub(crate) fn info_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 /// Memory of the buffer's Redis servers, summed, from [`SpansBufferStore::memory_usage`].

@@ -31,7 +31,7 @@ pub struct SpanMessage {
 
 /// Spans to drop at the consumer (`spans.drop-in-buffer`): any match on organization,
 /// project, trace or partition drops the span.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KillSwitch {
     /// Organization ids.

@@ -161,7 +161,8 @@ pub(super) async fn run_worker(
     let mut failures: u32 = 0;
     while !context.shared.stop.load(Ordering::SeqCst) && tenure.holds() {
         if gauged_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-            record_stored_segments(&buffer, &queues).await;
+            let now = seconds(SystemTime::now()) + context.shared.drift.load(Ordering::SeqCst);
+            record_queue_gauges(&buffer, &queues, now).await;
             gauged_at = Some(std::time::Instant::now());
         }
         let system_now = seconds(SystemTime::now());
@@ -254,14 +255,18 @@ async fn report_losses(context: &WorkerContext, flush: &crate::buffer::Flush) {
 }
 
 /// Sets the stored-segments gauge of each shard (`ZCARD` of its queue), as Sentry's consumer
-/// does on every batch; here once a second per worker.
-async fn record_stored_segments(buffer: &SpansBuffer, queues: &[(u16, String)]) {
+/// does on every batch, and the flush-lag gauge (how far `now` is past the queue's earliest
+/// deadline); here once a second per worker.
+async fn record_queue_gauges(buffer: &SpansBuffer, queues: &[(u16, String)], now: i64) {
     let keys: Vec<String> = queues.iter().map(|(_, key)| key.clone()).collect();
-    match buffer.store().queue_sizes(&keys).await {
-        Ok(sizes) => {
-            for ((shard, _), size) in queues.iter().zip(sizes) {
-                metrics::gauge!(names::STORED_SEGMENTS, "shard" => shard.to_string())
-                    .set(size as f64);
+    let store = buffer.store();
+    match futures::try_join!(store.queue_sizes(&keys), store.oldest_deadlines(&keys)) {
+        Ok((sizes, oldest)) => {
+            for (((shard, _), size), oldest) in queues.iter().zip(sizes).zip(oldest) {
+                let shard = shard.to_string();
+                metrics::gauge!(names::STORED_SEGMENTS, "shard" => shard.clone()).set(size as f64);
+                let lag = oldest.map_or(0, |deadline| (now - deadline).max(0));
+                metrics::gauge!(names::FLUSH_LAG_SECONDS, "shard" => shard).set(lag as f64);
             }
         }
         Err(error) => tracing::debug!(error = %ErrorChain(&error), "Reading queue sizes failed."),

@@ -32,6 +32,7 @@ pub use local_redis::{LocalRedis, LocalRedisError};
 
 use crate::buffer::{BufferOptions, RedisConnection, SpansBufferStore};
 use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitchHandle, SpansStrategyFactory};
+use crate::progress::Progress;
 use crate::workload::{GeneratedSpan, WorkloadShape, generate};
 
 const INPUT: &str = "ingest-spans";
@@ -70,7 +71,7 @@ pub struct DemoSettings {
     pub cluster: bool,
     /// Seed of the synthetic load.
     pub seed: u64,
-    /// Print a progress line every second.
+    /// Show progress on stderr (a bar on a terminal, a line a second otherwise).
     pub progress: bool,
 }
 
@@ -223,15 +224,18 @@ pub fn run(settings: &DemoSettings) -> Result<DemoReport, DemoError> {
     let reader = OutputReader::start(&bootstrap, OUTPUT_PARTITIONS)?;
 
     let started = Instant::now();
-    let (produced_at, malformed) = produce(&bootstrap, &load, settings, &reader)?;
+    let mut display = settings
+        .progress
+        .then(|| Progress::stderr("demo", "spans out", Some(load.len() as u64)));
+    let (produced_at, malformed) = produce(&bootstrap, &load, settings, &reader, &mut display)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while reader.distinct() < load.len() && Instant::now() < deadline {
-        progress(settings, load.len(), load.len(), &reader);
+        progress(&mut display, load.len(), load.len(), &reader);
         std::thread::sleep(Duration::from_millis(200));
     }
-    progress(settings, load.len(), load.len(), &reader);
-    if settings.progress {
-        eprintln!();
+    progress(&mut display, load.len(), load.len(), &reader);
+    if let Some(display) = &mut display {
+        display.finish();
     }
     let elapsed = started.elapsed();
 
@@ -350,6 +354,7 @@ fn produce(
     load: &[GeneratedSpan],
     settings: &DemoSettings,
     reader: &OutputReader,
+    display: &mut Option<Progress>,
 ) -> Result<(HashMap<String, Instant>, usize), DemoError> {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -390,8 +395,8 @@ fn produce(
             );
             malformed += 1;
         }
-        if last_progress.elapsed() > Duration::from_secs(1) {
-            progress(settings, index + 1, load.len(), reader);
+        if last_progress.elapsed() > Duration::from_millis(200) {
+            progress(display, index + 1, load.len(), reader);
             last_progress = Instant::now();
         }
     }
@@ -471,13 +476,14 @@ fn partition_of(trace_id: &str, partitions: i32) -> i32 {
     i32::try_from(hash % u64::try_from(partitions.max(1)).unwrap_or(1)).unwrap_or(0)
 }
 
-fn progress(settings: &DemoSettings, produced: usize, total: usize, reader: &OutputReader) {
-    if settings.progress {
-        eprint!(
-            "\rproduced {produced:>8}/{total}  segments out {:>8}  spans out {:>8}   ",
-            reader.segments.load(Ordering::Relaxed),
-            reader.distinct()
-        );
+/// Shows the spans out so far, with what was produced and the segments out beside them.
+fn progress(display: &mut Option<Progress>, produced: usize, total: usize, reader: &OutputReader) {
+    if let Some(display) = display {
+        display.set_message(format!(
+            "produced {produced}/{total}, segments out {}",
+            reader.segments.load(Ordering::Relaxed)
+        ));
+        display.set_position(reader.distinct() as u64);
     }
 }
 

@@ -45,6 +45,44 @@ idle_sleep = "50ms"
     )
 }
 
+/// Runs `command` to its end, asserting it succeeded; its stdout and stderr.
+pub fn succeed(command: &mut Command) -> (String, String) {
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(output.status.success(), "{}: {stderr}", output.status);
+    (String::from_utf8(output.stdout).unwrap(), stderr)
+}
+
+/// A loopback port nothing listens on now, for a child's metrics endpoint.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /metrics` of a child's Prometheus endpoint on `port`: the whole HTTP response.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// `--set` values of a consumer that batches, commits and flushes within a test's patience.
+pub const QUICK: [&str; 5] = [
+    "consumer.max_batch_time=50ms",
+    "consumer.commit_interval=50ms",
+    "flusher.idle_sleep=50ms",
+    "buffer.root_timeout=1s",
+    "buffer.timeout=2s",
+];
+
 /// How long [`wait_for_log`] waits for a line.
 const LOG_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -82,27 +120,6 @@ pub fn read_log(path: &Path) -> String {
         }
     }
     log
-}
-
-/// A loopback port free at the time of the call (for `metrics_listen`).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The consumer's Prometheus page at `port` (`GET /metrics`), headers included.
-pub fn scrape(port: u16) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
 }
 
 /// The value of the metric `name` (without labels) on a scraped page, if it is there.
