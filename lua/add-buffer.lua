@@ -13,6 +13,11 @@ few calls instead of one per trace. A call with one key and one record is exactl
 algorithm; its reads are gathered up front (HMGET, MGET) and its writes applied once at the
 end, because each redis.call costs microseconds of the shard's single thread.
 
+Two checks Sentry's script does not make keep `ic` equal to what a flush can load, with the
+same keys (see docs/decisions.md): a subsegment whose salt is already counted (a retried or
+replayed batch) is not counted again, and a child segment whose flush lock is held is not
+merged into its parent while it is being flushed.
+
 The shard spends as much time in Lua as in commands, so the code avoids what Redis' Lua makes
 expensive (measured in instructions per operation): tables and closures created per record or
 per span, `ipairs`, global lookups, `tonumber` and number-to-string conversions (numbers passed
@@ -72,16 +77,6 @@ local EMPTY = {}
 local function now_us()
     local t = call("TIME")
     return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
--- A counter of an id outside the up-front read (a detach target, named by a salt).
-local function read_counter(values, prefix, id)
-    local value = values[id]
-    if value == nil then
-        value = call("GET", prefix .. id)
-        values[id] = value
-    end
-    return value
 end
 
 local argc = #argv
@@ -183,6 +178,7 @@ local function apply_group(pt, position, count, reply)
     local lookup_keys = {}
     local lookups = 0
     local root_lookups = {}
+    local salt_lookups = {}
     local child_lookups = {}
     local roots = {}
     local depths = {}
@@ -217,6 +213,11 @@ local function apply_group(pt, position, count, reply)
             lookup_keys[lookups] = lock_prefix .. root
             locks[root] = lookups
         end
+        -- The counter of the segment the salt names: it exists only if this very subsegment
+        -- was written before and detached (a retry or a replay), see "already counted" below.
+        lookups = lookups + 1
+        lookup_keys[lookups] = count_prefix .. argv[start + 6]
+        salt_lookups[r] = lookups
         -- Point every span of the subsegment at the (pre-detach) segment root.
         child_lookups[r] = lookups + 1
         for i = start + RECORD_FIELDS, start + RECORD_FIELDS - 1 + sizes[r] do
@@ -263,33 +264,52 @@ local function apply_group(pt, position, count, reply)
     for root, index in pairs(locks) do
         locks[root] = values[index]
     end
+    for r = 1, records do
+        local salt = argv[starts[r] + 6]
+        if counts[salt] == nil then
+            counts[salt] = values[salt_lookups[r]] or false
+        end
+    end
 
-    -- The byte counters of the children that turned out to be segment roots. A byte counter is
-    -- written and deleted with its span counter, so a span without one has none either.
-    local byte_keys = {}
-    local byte_ids = {}
+    -- The byte counters of the children that turned out to be segment roots, and (with flush
+    -- locks on) their locks: a child segment being flushed is not merged (see below). A byte
+    -- counter is written and deleted with its span counter, so a span without one has none
+    -- either. Only calls that merge read these.
+    local child_keys = {}
+    local child_ids = {}
+    local child_into = {}
     for r = 1, records do
         local start = starts[r]
         local parent = argv[start + 1]
         local root = roots[r]
+        local check_lock = argv[start + 7] == "true"
         local index = child_lookups[r]
         for i = start + RECORD_FIELDS, start + RECORD_FIELDS - 1 + sizes[r] do
             local child = argv[i]
             if child ~= parent and child ~= root then
-                if values[index] and counts[child] == nil and bytes[child] == nil then
-                    bytes[child] = false
-                    byte_ids[#byte_ids + 1] = child
-                    byte_keys[#byte_keys + 1] = bytes_prefix .. child
+                if values[index] then
+                    if counts[child] == nil and bytes[child] == nil then
+                        bytes[child] = false
+                        child_ids[#child_ids + 1] = child
+                        child_into[#child_ids] = bytes
+                        child_keys[#child_ids] = bytes_prefix .. child
+                    end
+                    if check_lock and locks[child] == nil then
+                        locks[child] = false
+                        child_ids[#child_ids + 1] = child
+                        child_into[#child_ids] = locks
+                        child_keys[#child_ids] = lock_prefix .. child
+                    end
                 end
                 index = index + 1
             end
         end
     end
-    for first = 1, #byte_keys, CHUNK do
-        local last = min(first + CHUNK - 1, #byte_keys)
-        local page = call("MGET", unpack(byte_keys, first, last))
+    for first = 1, #child_keys, CHUNK do
+        local last = min(first + CHUNK - 1, #child_keys)
+        local page = call("MGET", unpack(child_keys, first, last))
         for i = first, last do
-            bytes[byte_ids[i]] = page[i - first + 1]
+            child_into[i][child_ids[i]] = page[i - first + 1]
         end
     end
 
@@ -317,6 +337,11 @@ local function apply_group(pt, position, count, reply)
     local reply_base = #reply
     local too_large_of = {}
     local locked_of = {}
+    local already_counted_of = {}
+    -- Segment each salt of this call went to, and the member-keys indexes the common path
+    -- already added its salt to (they still need their TTL).
+    local seen = {}
+    local listed_in = {}
     for r = 1, records do
         local start = starts[r]
         local parent = argv[start + 1]
@@ -349,7 +374,10 @@ local function apply_group(pt, position, count, reply)
                         counts[child] = child_count
                     end
                 end
-                if child_count then
+                -- A child segment that is being flushed stays as it is: its flush produces its
+                -- spans and its cleanup deletes its keys, so merging it would count its spans
+                -- in this segment, which could not load them.
+                if child_count and not locks[child] then
                     byte_count = byte_count + (bytes[child] or 0)
                     if merging == nil then
                         merging = { child }
@@ -362,86 +390,122 @@ local function apply_group(pt, position, count, reply)
         end
         -- Detach into a segment of its own when the target is too big or is being flushed. No
         -- payload moves: the payload key is already named by the salt.
+        local salt = argv[start + 6]
         local max_segment_bytes = argv[start + 5] + 0
         local too_large = max_segment_bytes > 0 and (bytes[root] or 0) + byte_count > max_segment_bytes
         local locked = argv[start + 7] == "true" and locks[root] ~= false
-        local target = root
-        if too_large or locked then
-            target = argv[start + 6]
-            read_counter(counts, count_prefix, target)
-            read_counter(bytes, bytes_prefix, target)
-        end
-        too_large_of[r] = too_large
-        locked_of[r] = locked
-        local span_count = (counts[target] or 0) + sizes[r]
 
-        -- Merge the segments of former roots into this one: counters, then their member-keys
-        -- index (paged with SSCAN rather than SUNIONSTORE, because the target can be huge).
-        local salts = pending_salts[target]
-        if salts == nil then
-            salts = {}
-            pending_salts[target] = salts
-            pending_order[#pending_order + 1] = target
-        end
-        pending_ttl[target] = ttl
-        local merged = EMPTY
-        if merging ~= nil then
-            merged = {}
-            for m = 1, #merging do
-                local child = merging[m]
-                local child_count = counts[child]
-                -- A span listed twice is merged once.
-                if child_count then
-                    span_count = span_count + child_count
-                    counts[child] = false
-                    if count_ttls[child] == nil then
-                        written_counts[#written_counts + 1] = child
+        -- Already counted: a subsegment written before (a retried batch, or the same batch read
+        -- again) comes with the same salt. It is then a detached segment of its own (the salt's
+        -- counter exists) or listed in its segment's member keys. Counting it again would make
+        -- `ic` exceed what the segment can load, a loss that never happened. On the common path
+        -- the SADD of the salt is the check; it replaces the SADD at the end.
+        local counted_in = seen[salt]
+        local listed = false
+        if counted_in == nil then
+            if counts[salt] then
+                counted_in = salt
+            elseif counts[root] then
+                if too_large or locked then
+                    if call("SISMEMBER", member_keys_prefix .. root, salt) == 1 then
+                        counted_in = root
                     end
-                    count_ttls[child] = ttl
-                    if bytes[child] then
-                        bytes[child] = false
-                        if byte_ttls[child] == nil then
-                            written_bytes[#written_bytes + 1] = child
-                        end
-                        byte_ttls[child] = ttl
-                    end
-                    -- Its salts join this segment's pending SADD; its index is deleted at the end.
-                    local key = member_keys_prefix .. child
-                    local cursor = "0"
-                    repeat
-                        local page = call("SSCAN", key, cursor, "COUNT", MERGE_PAGE)
-                        cursor = page[1]
-                        local members = page[2]
-                        local n = #salts
-                        for j = 1, #members do
-                            salts[n + j] = members[j]
-                        end
-                    until cursor == "0"
-                    removed_member_keys[#removed_member_keys + 1] = child
-                    local child_salts = pending_salts[child]
-                    if child_salts ~= nil and child_salts ~= salts then
-                        local n = #salts
-                        for j = 1, #child_salts do
-                            salts[n + j] = child_salts[j]
-                        end
-                        pending_salts[child] = {}
-                    end
-                    merged[#merged + 1] = child
+                elseif call("SADD", member_keys_prefix .. root, salt) == 0 then
+                    counted_in = root
+                else
+                    listed = true
                 end
             end
         end
+        local target = root
+        if counted_in ~= nil then
+            target = counted_in
+            too_large = false
+            locked = false
+        elseif too_large or locked then
+            -- The salt's counter was read above and is absent, so its byte counter is too.
+            target = salt
+            bytes[target] = false
+        end
+        too_large_of[r] = too_large
+        locked_of[r] = locked
+        already_counted_of[r] = counted_in ~= nil
+        seen[salt] = target
+        local merged = EMPTY
+        if counted_in == nil then
+            local span_count = (counts[target] or 0) + sizes[r]
 
-        salts[#salts + 1] = argv[start + 6]
-        counts[target] = span_count
-        if count_ttls[target] == nil then
-            written_counts[#written_counts + 1] = target
+            -- Merge the segments of former roots into this one: counters, then their member-keys
+            -- index (paged with SSCAN rather than SUNIONSTORE, because the target can be huge).
+            local salts = pending_salts[target]
+            if salts == nil then
+                salts = {}
+                pending_salts[target] = salts
+                pending_order[#pending_order + 1] = target
+            end
+            pending_ttl[target] = ttl
+            if merging ~= nil then
+                merged = {}
+                for m = 1, #merging do
+                    local child = merging[m]
+                    local child_count = counts[child]
+                    -- A span listed twice is merged once.
+                    if child_count then
+                        span_count = span_count + child_count
+                        counts[child] = false
+                        if count_ttls[child] == nil then
+                            written_counts[#written_counts + 1] = child
+                        end
+                        count_ttls[child] = ttl
+                        if bytes[child] then
+                            bytes[child] = false
+                            if byte_ttls[child] == nil then
+                                written_bytes[#written_bytes + 1] = child
+                            end
+                            byte_ttls[child] = ttl
+                        end
+                        -- Its salts join this segment's pending SADD; its index is deleted at the end.
+                        local key = member_keys_prefix .. child
+                        local cursor = "0"
+                        repeat
+                            local page = call("SSCAN", key, cursor, "COUNT", MERGE_PAGE)
+                            cursor = page[1]
+                            local members = page[2]
+                            local n = #salts
+                            for j = 1, #members do
+                                salts[n + j] = members[j]
+                            end
+                        until cursor == "0"
+                        removed_member_keys[#removed_member_keys + 1] = child
+                        local child_salts = pending_salts[child]
+                        if child_salts ~= nil and child_salts ~= salts then
+                            local n = #salts
+                            for j = 1, #child_salts do
+                                salts[n + j] = child_salts[j]
+                            end
+                            pending_salts[child] = {}
+                        end
+                        merged[#merged + 1] = child
+                    end
+                end
+            end
+
+            if listed then
+                listed_in[target] = true
+            else
+                salts[#salts + 1] = salt
+            end
+            counts[target] = span_count
+            if count_ttls[target] == nil then
+                written_counts[#written_counts + 1] = target
+            end
+            count_ttls[target] = ttl
+            bytes[target] = (bytes[target] or 0) + byte_count
+            if byte_ttls[target] == nil then
+                written_bytes[#written_bytes + 1] = target
+            end
+            byte_ttls[target] = ttl
         end
-        count_ttls[target] = ttl
-        bytes[target] = (bytes[target] or 0) + byte_count
-        if byte_ttls[target] == nil then
-            written_bytes[#written_bytes + 1] = target
-        end
-        byte_ttls[target] = ttl
 
         local base = reply_base + (r - 1) * 6
         reply[base + 1] = segment_prefix .. target
@@ -490,11 +554,13 @@ local function apply_group(pt, position, count, reply)
     for i = 1, #pending_order do
         local span_id = pending_order[i]
         local salts = pending_salts[span_id]
+        local key = member_keys_prefix .. span_id
         if #salts > 0 then
-            local key = member_keys_prefix .. span_id
             for first = 1, #salts, CHUNK do
                 call("SADD", key, unpack(salts, first, min(first + CHUNK - 1, #salts)))
             end
+        end
+        if #salts > 0 or listed_in[span_id] then
             call("EXPIRE", key, pending_ttl[span_id])
         end
     end
@@ -518,6 +584,7 @@ local function apply_group(pt, position, count, reply)
                 "redirect_depth", depths[r],
                 "detached_segment_too_large", too_large_of[r] and 1 or 0,
                 "detached_segment_locked", locked_of[r] and 1 or 0,
+                "already_counted", already_counted_of[r] and 1 or 0,
                 "span_count", sizes[r],
             }
         end

@@ -137,9 +137,8 @@ fn main() -> anyhow::Result<()> {
         spans_pipeline::run::run(source, config)?;
         return Ok(());
     }
-    // The demo's output is its progress line and summary; warnings (such as the spurious
-    // "ingested but not flushed" of a child segment merged mid-flush, docs/decisions.md) are
-    // shown with RUST_LOG=warn.
+    // The demo's output is its progress line and summary; warnings are shown with
+    // RUST_LOG=warn.
     let level = if matches!(command, Command::Demo(_)) {
         "error"
     } else {

@@ -12,6 +12,8 @@ pub const REDIRECT_DEPTH: &str = "spans.buffer.redirect_depth";
 pub const DETACHED_TOO_LARGE: &str = "spans.buffer.detached_segment_too_large";
 /// Sampled subsegments detached because the segment was flush-locked.
 pub const DETACHED_LOCKED: &str = "spans.buffer.detached_segment_locked";
+/// Sampled subsegments written again (a retry or a replay) and not counted a second time.
+pub const ALREADY_COUNTED: &str = "spans.buffer.subsegment_already_counted";
 /// Candidates whose flush lock was held by someone else.
 pub const LOCK_CONTENTION: &str = "spans.buffer.flush_segments.lock_contention";
 /// Segments flushed.

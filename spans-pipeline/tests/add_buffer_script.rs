@@ -298,6 +298,117 @@ async fn detaches_when_segment_is_flush_locked() {
     .await;
 }
 
+async fn counters(conn: &RedisConnection, id: &str) -> (Option<String>, Option<String>) {
+    let key = segment(id);
+    (
+        get(conn, &format!("span-buf:ic:{key}")).await,
+        get(conn, &format!("span-buf:ibc:{key}")).await,
+    )
+}
+
+fn counted(spans: u64, bytes: u64) -> (Option<String>, Option<String>) {
+    (Some(spans.to_string()), Some(bytes.to_string()))
+}
+
+#[tokio::test]
+async fn a_subsegment_written_again_is_counted_once() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        // Merged into its segment: the salt is listed in the segment's member keys.
+        let (key, _, metrics, _) = call(&conn, Call::new("a", &["b", "c"], 20, "salt-1")).await;
+        assert_eq!(metric(&metrics, "already_counted"), 0);
+        let (again, _, metrics, merged) =
+            call(&conn, Call::new("a", &["b", "c"], 20, "salt-1")).await;
+        assert_eq!((again, merged.len()), (key, 0));
+        assert_eq!(metric(&metrics, "already_counted"), 1);
+        assert_eq!(counters(&conn, "a").await, counted(2, 20));
+
+        // Detached while the segment was locked: the salt names a segment of its own. Written
+        // again once the lock is gone, it stays counted there, not in `a` as well.
+        let lock = format!("span-buf:fl:{}", segment("a"));
+        let _: () = conn.clone().set_ex(&lock, 1, 60).await.unwrap();
+        let mut detached = Call::new("a", &["d"], 10, "salt-2");
+        detached.check_lock = true;
+        let (key, ..) = call(&conn, detached).await;
+        assert_eq!(key, segment("salt-2"));
+        let _: () = conn.clone().del(&lock).await.unwrap();
+        let mut again = Call::new("a", &["d"], 10, "salt-2");
+        again.check_lock = true;
+        let (key, _, metrics, _) = call(&conn, again).await;
+        assert_eq!(key, segment("salt-2"));
+        assert_eq!(metric(&metrics, "already_counted"), 1);
+        assert_eq!(counters(&conn, "a").await, counted(2, 20));
+        assert_eq!(counters(&conn, "salt-2").await, counted(1, 10));
+
+        // Written again while its segment is locked, or over the byte limit now that its own
+        // bytes are counted: it is already in the segment and does not detach.
+        let _: () = conn.clone().set_ex(&lock, 1, 60).await.unwrap();
+        let mut locked = Call::new("a", &["b", "c"], 20, "salt-1");
+        locked.check_lock = true;
+        locked.max_bytes = 30;
+        let (key, _, metrics, _) = call(&conn, locked).await;
+        assert_eq!(key, segment("a"));
+        assert_eq!(metric(&metrics, "detached_segment_locked"), 0);
+        assert_eq!(metric(&metrics, "detached_segment_too_large"), 0);
+        assert_eq!(counters(&conn, "a").await, counted(2, 20));
+        assert_eq!(members(&conn, &member_keys("a")).await, ["salt-1"]);
+        support::assert_ttls(&redis);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_subsegment_written_by_sentrys_script_and_written_again_is_counted_once() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        // The keys Sentry's script leaves for subsegment `salt-1` (spans `b`, `c` under `a`).
+        let a = segment("a");
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(format!("span-buf:ssr:{{{PT}}}"), &[("b", "a"), ("c", "a")])
+            .sadd(member_keys("a"), "salt-1")
+            .set_ex(format!("span-buf:ic:{a}"), 2, 3600)
+            .set_ex(format!("span-buf:ibc:{a}"), 20, 3600);
+        let _: () = pipe.query_async(&mut conn.clone()).await.unwrap();
+
+        let (key, ..) = call(&conn, Call::new("a", &["b", "c"], 20, "salt-1")).await;
+        assert_eq!(key, a);
+        assert_eq!(counters(&conn, "a").await, counted(2, 20));
+        call(&conn, Call::new("a", &["e"], 5, "salt-3")).await;
+        assert_eq!(counters(&conn, "a").await, counted(3, 25));
+        assert_eq!(
+            members(&conn, &member_keys("a")).await,
+            ["salt-1", "salt-3"]
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_child_segment_being_flushed_is_not_merged_into_its_parent() {
+    for_each_mode(|redis: TestRedis| async move {
+        let conn = connect(&redis).await;
+        // `c` waits under `b`, which is a segment of its own; a flush holds its lock.
+        call(&conn, Call::new("b", &["c"], 10, "salt-c")).await;
+        let lock = format!("span-buf:fl:{}", segment("b"));
+        let _: () = conn.clone().set_ex(&lock, 1, 60).await.unwrap();
+
+        let mut parent = Call::new("a", &["a", "b"], 20, "salt-ab");
+        parent.has_root = true;
+        parent.check_lock = true;
+        let (key, _, _, merged) = call(&conn, parent).await;
+        assert_eq!(key, segment("a"));
+        assert!(merged.is_empty(), "{merged:?}");
+        assert_eq!(counters(&conn, "a").await, counted(2, 20));
+        // The child keeps what its flush loads and its cleanup deletes.
+        assert_eq!(counters(&conn, "b").await, counted(1, 10));
+        assert_eq!(members(&conn, &member_keys("b")).await, ["salt-c"]);
+        assert_eq!(members(&conn, &member_keys("a")).await, ["salt-ab"]);
+
+        support::assert_ttls(&redis);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn follows_redirect_chains_and_keeps_old_entries() {
     for_each_mode(|redis: TestRedis| async move {

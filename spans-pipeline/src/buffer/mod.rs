@@ -495,6 +495,9 @@ fn record_process_metrics(
         if let Some(n) = sample.metric("detached_segment_locked") {
             metrics::counter!(names::DETACHED_LOCKED).increment(n.max(0) as u64);
         }
+        if let Some(n) = sample.metric("already_counted") {
+            metrics::counter!(names::ALREADY_COUNTED).increment(n.max(0) as u64);
+        }
         if sample.latency_us > latency_threshold_ms * 1000 {
             tracing::warn!(
                 latency_us = sample.latency_us,
