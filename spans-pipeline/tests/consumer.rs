@@ -73,3 +73,36 @@ fn spans_in_segments_out_on_standalone_redis() {
 fn spans_in_segments_out_on_redis_cluster() {
     spans_in_segments_out(RedisMode::Cluster);
 }
+
+/// A write Redis refuses the same way at every retry (here `WRONGTYPE`: the trace's redirect
+/// map is a string) stops the consumer with the error instead of retrying forever, and the
+/// batch is not committed.
+#[test]
+fn a_write_refused_for_good_stops_the_consumer_without_committing_it() {
+    let kafka = support::kafka(1);
+    let redis = TestRedis::start(RedisMode::Standalone);
+    redis.flush_all();
+    let runtime = runtime();
+    let trace = "3".repeat(32);
+    let _: () = redis::cmd("SET")
+        .arg(format!("span-buf:ssr:{{1:{trace}}}"))
+        .arg("not a hash")
+        .query(&mut redis.node_connections()[0])
+        .unwrap();
+    kafka
+        .produce(
+            INPUT,
+            [span(&trace, &id('a'), None, 1)]
+                .iter()
+                .map(String::as_bytes),
+            |_| 0,
+        )
+        .unwrap();
+
+    let consumer = ConsumerSetup::default().start(&kafka, &redis, &runtime);
+    let (result, _) = consumer.wait_for_exit();
+
+    let error = format!("{:?}", result.unwrap_err());
+    assert!(error.contains("WRONGTYPE"), "{error}");
+    assert_eq!(support::committed(&kafka, 1), [None]);
+}

@@ -66,8 +66,9 @@ impl ProcessSpans {
     ///
     /// # Errors
     ///
-    /// [`TaskError::Failed`] when the batch cannot be encoded (compression failed); the
-    /// pipeline stops rather than skip spans.
+    /// [`TaskError::Failed`] when the batch cannot be encoded (compression failed) or Redis
+    /// refuses it with an error that repeats at every retry; the pipeline stops rather than
+    /// skip spans or retry forever.
     pub fn task(
         &self,
         batch: Message<Vec<SpanMessage>>,
@@ -77,24 +78,37 @@ impl ProcessSpans {
         let (scripts, queues) = (Arc::clone(&self.scripts), Arc::clone(&self.queues));
         async move {
             let now = clock(batch.payload());
-            let prepared = prepare(&buffer, batch.payload());
-            if let Ok(prepared) = &prepared {
-                until_done(|| buffer.write_payloads(prepared)).await;
+            // The first error that ends this batch; every ticket is still finished, so the
+            // batches behind it are not stranded while the pipeline stops.
+            let mut failed = None;
+            let mut prepared = prepare(&buffer, batch.payload())
+                .map_err(|error| failed = Some(error))
+                .ok();
+            if let Some(batch) = &prepared
+                && let Err(error) = until_done(|| buffer.write_payloads(batch)).await
+            {
+                failed = Some(error);
+                prepared = None;
             }
             scripts.wait_for_turn(&script_ticket).await;
             let written = match &prepared {
-                Ok(prepared) => Some(until_done(|| buffer.write_scripts(prepared)).await),
-                Err(_) => None,
+                Some(prepared) => until_done(|| buffer.write_scripts(prepared))
+                    .await
+                    .map_err(|error| failed = Some(error))
+                    .ok(),
+                None => None,
             };
             scripts.finish(script_ticket);
             queues.wait_for_turn(&queue_ticket).await;
-            if let Some(written) = &written {
-                until_done(|| buffer.queue_segments(written, now)).await;
+            if let Some(written) = &written
+                && let Err(error) = until_done(|| buffer.queue_segments(written, now)).await
+            {
+                failed = Some(error);
             }
             queues.finish(queue_ticket);
-            match prepared {
-                Ok(_) => Ok(batch.map(|_| now)),
-                Err(error) => Err(TaskError::Failed(Box::new(error))),
+            match failed {
+                None => Ok(batch.map(|_| now)),
+                Some(error) => Err(TaskError::Failed(Box::new(error))),
             }
         }
     }
@@ -126,8 +140,11 @@ fn prepare(buffer: &SpansBuffer, batch: &[SpanMessage]) -> Result<PreparedBatch,
     buffer.prepare(&spans)
 }
 
-/// Runs `attempt` until Redis accepts it, backing off between attempts.
-async fn until_done<T, F, Fut>(mut attempt: F) -> T
+/// Runs `attempt` until Redis accepts it, backing off between attempts, or until it fails
+/// with an error that would repeat at every retry (`NOPERM`, `WRONGTYPE`, a script error, a
+/// reply the store does not understand): that one is returned, and stops the pipeline before
+/// the batch is committed, instead of a retry loop that never ends.
+async fn until_done<T, F, Fut>(mut attempt: F) -> Result<T, BufferError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, BufferError>>,
@@ -135,7 +152,12 @@ where
     let mut backoff = FIRST_BACKOFF;
     loop {
         match attempt().await {
-            Ok(done) => return done,
+            Ok(done) => return Ok(done),
+            Err(error) if !error.is_transient() => {
+                tracing::error!(error = %ErrorChain(&error), "Writing spans to Redis failed with an error that repeats at every retry; stopping the pipeline.");
+                metrics::counter!(names::PROCESS_FAILURES).increment(1);
+                return Err(error);
+            }
             Err(error) => {
                 tracing::warn!(error = %ErrorChain(&error), retry_in = ?backoff, "Writing spans to Redis failed; retrying.");
                 metrics::counter!(names::PROCESS_FAILURES).increment(1);
