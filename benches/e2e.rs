@@ -72,6 +72,8 @@ const AHEAD_BYTES: usize = 8 << 20;
 /// The tick that ends the workload clock: this long after the last span, past the 60 s
 /// timeout.
 const TICK_AFTER_SECS: f64 = 70.0;
+/// After the tick, how long the output may stay silent before the spans not out are lost.
+const STALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a run may take before the bench gives up.
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -594,6 +596,7 @@ fn broker_main(args: &Args) -> Result<(), BoxError> {
     let mut reported_committed = false;
     let mut ticked = false;
     let mut reported_out = false;
+    let (mut last_out, mut last_progress) = (0, Instant::now());
     let started = Instant::now();
     loop {
         match received.try_recv() {
@@ -634,8 +637,22 @@ fn broker_main(args: &Args) -> Result<(), BoxError> {
                 println!("committed {}", unix_nanos(now));
             }
         }
-        if !reported_out && reader.spans.load(Ordering::Acquire) >= load.len() {
+        let out = reader.spans.load(Ordering::Acquire);
+        if out != last_out {
+            last_out = out;
+            last_progress = Instant::now();
+        }
+        // Spans the buffer lost never come out: once nothing came for a while after the tick,
+        // the run ends there and the report counts them.
+        let stalled = ticked && last_progress.elapsed() > STALL_TIMEOUT;
+        if !reported_out && (out >= load.len() || stalled) {
             reported_out = true;
+            if stalled {
+                eprintln!(
+                    "broker: {out} of {} spans out, nothing more for {STALL_TIMEOUT:?}",
+                    load.len()
+                );
+            }
             let last = *reader.last_arrival.lock().map_err(|_| "poisoned")?;
             println!("all-out {}", unix_nanos(last));
         }
