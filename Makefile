@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: deps deps-extra demo test msrv check-fmt fmt lint unit doc bench bench-build soak test-tansu
+.PHONY: deps deps-extra demo test msrv check-fmt fmt lint unit doc bench bench-build bench-e2e soak test-tansu
 
 ## Installs (as root) or names the system packages the build and tests need.
 deps:
@@ -47,6 +47,14 @@ bench: deps-extra
 
 bench-build: deps-extra
 	$(CARGO) bench -p benches --features arroyo --no-run
+
+## The consumer end to end on the reference workload (200k spans, production flush timeouts,
+## mock Kafka in a child process, a local redis-server) against the replay of the same workload,
+## alternating; prints a summary of medians. `make bench-e2e E2E_ARGS="--spans 40000 --runs 1"`
+## for a quick run. Not part of `test`.
+E2E_ARGS ?=
+bench-e2e: deps
+	$(CARGO) bench -p benches --bench e2e -- $(E2E_ARGS)
 
 ## The soak test (release build, about 3 minutes): two minutes of load through the `run` binary;
 ## memory flat, Redis empty at the end, every span out exactly once. Not part of `test`.

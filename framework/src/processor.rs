@@ -254,10 +254,14 @@ pub enum RunError {
 ///
 /// A rejected message is kept (with any messages polled after it, up to
 /// [`max_pending_messages`](ProcessorConfig::with_max_pending_messages)) and retried at most
-/// once per [`retry_interval`](ProcessorConfig::with_retry_interval), while the consumer keeps
-/// being polled so assignment changes are handled. After
-/// [`backpressure_grace`](ProcessorConfig::with_backpressure_grace) of continuous rejection all
-/// partitions are paused; they resume when a message is accepted.
+/// once per [`retry_interval`](ProcessorConfig::with_retry_interval). While it waits, further
+/// messages stay in the consumer's own queue: the consumer is polled for one event per
+/// [`poll_timeout`](ProcessorConfig::with_poll_timeout), so assignment changes are handled
+/// without piling messages up. After
+/// [`backpressure_grace`](ProcessorConfig::with_backpressure_grace) of continuous rejection, or
+/// with the pending queue full, all partitions are paused; they resume once every waiting
+/// message was accepted, so one accepted message does not resume what the next rejection
+/// pauses again.
 ///
 /// # Commits
 ///
@@ -317,6 +321,8 @@ pub struct StreamProcessor<T, C> {
     handle: ProcessorHandle,
     backpressure_since: Option<Instant>,
     retry_at: Option<Instant>,
+    /// When the consumer was last polled.
+    consumer_polled_at: Option<Instant>,
     paused: Vec<Partition>,
     committed: HashMap<Partition, u64>,
     /// Positions whose commit failed transiently, retried with the next commit.
@@ -344,6 +350,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
             handle: ProcessorHandle::default(),
             backpressure_since: None,
             retry_at: None,
+            consumer_polled_at: None,
             paused: Vec::new(),
             committed: HashMap::new(),
             uncommitted: HashMap::new(),
@@ -474,10 +481,27 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
     /// [`poll_timeout`](Self::poll_timeout)), then takes messages already there without
     /// waiting, up to [`EVENTS_PER_ITERATION`] or a full pending queue. An assignment change
     /// ends the round, so the new pipeline is polled at once.
+    ///
+    /// While the pipeline rejects, messages are left in the consumer (librdkafka keeps its
+    /// prefetch) rather than piled into `pending`: the consumer is then polled only once per
+    /// [`poll_timeout`](ProcessorConfig::with_poll_timeout), for one event, so assignment
+    /// changes are still handled, and the loop waits for the next retry instead. Pausing would
+    /// throw the prefetch away; a pipeline bound by its writer rejects most of the time.
     fn poll_consumer(&mut self) -> Result<(), RunError> {
-        let mut timeout = self.poll_timeout(self.clock.now());
+        let now = self.clock.now();
+        let mut timeout = self.poll_timeout(now);
+        let holding_back = self.backpressure_since.is_some() && !self.pending.is_empty();
+        if holding_back
+            && self
+                .consumer_polled_at
+                .is_some_and(|at| now.saturating_duration_since(at) < self.config.poll_timeout)
+        {
+            self.clock.sleep(timeout);
+            return Ok(());
+        }
+        self.consumer_polled_at = Some(now);
         let polled_before = self.stats.messages_polled;
-        let result = self.take_ready_events(&mut timeout);
+        let result = self.take_ready_events(&mut timeout, holding_back);
         // One metric update per round, not per message: a recorder's lookup costs more than
         // the bookkeeping of a message.
         let polled = self.stats.messages_polled - polled_before;
@@ -487,8 +511,17 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         result
     }
 
-    fn take_ready_events(&mut self, timeout: &mut Duration) -> Result<(), RunError> {
-        for _ in 0..EVENTS_PER_ITERATION {
+    fn take_ready_events(
+        &mut self,
+        timeout: &mut Duration,
+        holding_back: bool,
+    ) -> Result<(), RunError> {
+        let events = if holding_back {
+            1
+        } else {
+            EVENTS_PER_ITERATION
+        };
+        for _ in 0..events {
             match self.consumer.poll(*timeout) {
                 Ok(Some(event)) => {
                     let is_message = matches!(event, ConsumerEvent::Message(_));
@@ -761,22 +794,31 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         let sustained = self.backpressure_since.is_some_and(|since| {
             now.saturating_duration_since(since) >= self.config.backpressure_grace
         });
-        let should_pause = sustained || self.pending.len() >= self.config.max_pending_messages;
-        if should_pause && self.paused.is_empty() {
+        let full = self.pending.len() >= self.config.max_pending_messages;
+        if (sustained || full) && self.paused.is_empty() {
             let mut partitions: Vec<Partition> = self.ledger.partitions().cloned().collect();
             if partitions.is_empty() {
                 return Ok(());
             }
             partitions.sort();
-            tracing::warn!(
-                partitions = partitions.len(),
-                "Pausing consumer after sustained backpressure."
-            );
+            if sustained {
+                tracing::warn!(
+                    partitions = partitions.len(),
+                    "Pausing consumer after sustained backpressure."
+                );
+            } else {
+                tracing::info!(
+                    partitions = partitions.len(),
+                    "Pausing consumer: the pending queue is full."
+                );
+            }
             self.consumer.pause(&partitions)?;
             self.paused = partitions;
             self.stats.pauses += 1;
             ::metrics::counter!(metrics::PAUSES).increment(1);
-        } else if !should_pause && !self.paused.is_empty() {
+        } else if self.pending.is_empty() && !self.paused.is_empty() {
+            // Resumed only once everything waiting was taken: the pipeline has room again.
+            // Resuming at the first accepted message paused again at the next rejection.
             let paused = std::mem::take(&mut self.paused);
             tracing::info!(partitions = paused.len(), "Resuming consumer.");
             self.consumer.resume(&paused)?;

@@ -105,6 +105,74 @@ impl<'a> Span<'a> {
     }
 }
 
+/// Where a decoded span's fields sit in its message bytes, so the span can be rebuilt
+/// later without parsing the message again: the consumer validates each message in its decode
+/// step and the buffer needs the same fields when it writes the batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpanLayout {
+    trace_id: std::ops::Range<usize>,
+    span_id: std::ops::Range<usize>,
+    parent_span_id: Option<std::ops::Range<usize>>,
+    segment_id: Option<std::ops::Range<usize>>,
+    project_id: u64,
+    organization_id: u64,
+    is_segment_span: bool,
+}
+
+impl SpanLayout {
+    /// The layout of `span`, or `None` when one of its ids is not a slice of its bytes (it was
+    /// unescaped into a copy): such a span is decoded again when needed.
+    pub fn of(span: &Span<'_>) -> Option<Self> {
+        let range = |text: &Cow<'_, str>| match text {
+            Cow::Borrowed(text) => {
+                let start = (text.as_ptr() as usize).checked_sub(span.payload.as_ptr() as usize)?;
+                let end = start + text.len();
+                (end <= span.payload.len()).then_some(start..end)
+            }
+            Cow::Owned(_) => None,
+        };
+        let optional = |text: &Option<Cow<'_, str>>| match text {
+            Some(text) => range(text).map(Some),
+            None => Some(None),
+        };
+        Some(Self {
+            trace_id: range(&span.trace_id)?,
+            span_id: range(&span.span_id)?,
+            parent_span_id: optional(&span.parent_span_id)?,
+            segment_id: optional(&span.segment_id)?,
+            project_id: span.project_id,
+            organization_id: span.organization_id,
+            is_segment_span: span.is_segment_span,
+        })
+    }
+
+    /// The span these bytes decoded to, rebuilt from the layout; `None` if `payload` is not
+    /// the message the layout was taken from.
+    pub fn span<'a>(&self, payload: &'a [u8], partition: u16) -> Option<Span<'a>> {
+        let text = |range: &std::ops::Range<usize>| {
+            payload
+                .get(range.clone())
+                .and_then(|bytes| std::str::from_utf8(bytes).ok())
+                .map(Cow::Borrowed)
+        };
+        let optional = |range: &Option<std::ops::Range<usize>>| match range {
+            Some(range) => text(range).map(Some),
+            None => Some(None),
+        };
+        Some(Span {
+            trace_id: text(&self.trace_id)?,
+            span_id: text(&self.span_id)?,
+            parent_span_id: optional(&self.parent_span_id)?,
+            segment_id: optional(&self.segment_id)?,
+            project_id: self.project_id,
+            organization_id: self.organization_id,
+            is_segment_span: self.is_segment_span,
+            partition,
+            payload,
+        })
+    }
+}
+
 #[derive(Default)]
 struct SpanFields<'a> {
     organization_id: Option<u64>,
@@ -380,6 +448,25 @@ mod tests {
     use super::*;
 
     const VALID: &str = r#"{"organization_id":1,"project_id":12,"trace_id":"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","span_id":"aaaaaaaaaaaaaaaa","parent_span_id":"cccccccccccccccc","start_timestamp":1699999999.0,"end_timestamp":1700000000,"received":1700000000.5,"retention_days":90,"name":"GET","status":"ok","attributes":{"other":{"type":"string","value":"x"}},"links":null}"#;
+
+    #[test]
+    fn a_layout_rebuilds_the_span_it_was_taken_from() {
+        let span = Span::decode(VALID.as_bytes(), 3).unwrap();
+        let layout = SpanLayout::of(&span).unwrap();
+
+        assert_eq!(layout.span(VALID.as_bytes(), 3), Some(span));
+    }
+
+    #[test]
+    fn an_escaped_id_has_no_layout() {
+        let message = VALID.replace(
+            r#""span_id":"aaaaaaaaaaaaaaaa""#,
+            r#""span_id":"aaaaaaa\u0061aaaaaaaa""#,
+        );
+        let span = Span::decode(message.as_bytes(), 0).unwrap();
+
+        assert_eq!(SpanLayout::of(&span), None);
+    }
 
     fn with(field: &str, value: &str) -> String {
         let mut object: sonic_rs::Value = sonic_rs::from_str(VALID).unwrap();

@@ -64,6 +64,8 @@ pub struct Reduce<T, B, I, F, N> {
     batch: Option<Batch<B>>,
     /// Messages added since the previous poll: whether the stream is busy.
     added_since_poll: bool,
+    /// The window closed while the next step was busy: the batch is offered on every poll.
+    overdue: bool,
     next_step: N,
     carried_over: CarriedOver<B>,
     clock: SharedClock,
@@ -89,6 +91,7 @@ impl<T, B, I, F, N> Reduce<T, B, I, F, N> {
             max_batch_time,
             batch: None,
             added_since_poll: false,
+            overdue: false,
             next_step,
             carried_over: CarriedOver::new(),
             clock: SystemClock::shared(),
@@ -139,12 +142,42 @@ where
 {
     /// Forwards the current batch, if any; it is held if the next step is full.
     fn flush(&mut self, reason: &'static str) -> Result<(), InvalidMessage> {
+        self.overdue = false;
         let Some(batch) = self.batch.take() else {
             return Ok(());
         };
         ::metrics::counter!(metrics::BATCHES_FLUSHED, "reason" => reason).increment(1);
         let message = Message::derived(batch.value, batch.offsets);
         self.carried_over.forward(&mut self.next_step, message)
+    }
+
+    /// Offers the batch whose window closed to the next step; if the next step is busy, the
+    /// batch stays open and keeps growing until it is full or the next step takes it (a group
+    /// commit: the batch size follows the load, the window only bounds latency when idle).
+    fn flush_when_taken(&mut self) -> Result<(), InvalidMessage> {
+        let Some(batch) = self.batch.take() else {
+            return Ok(());
+        };
+        let message = Message::derived(batch.value, batch.offsets);
+        match self.next_step.submit(message) {
+            Ok(()) => {
+                self.overdue = false;
+                ::metrics::counter!(metrics::BATCHES_FLUSHED, "reason" => "time").increment(1);
+                Ok(())
+            }
+            Err(SubmitError::MessageRejected(message)) => {
+                self.overdue = true;
+                let offsets = message.committable();
+                self.batch = Some(Batch {
+                    value: message.into_payload(),
+                    offsets,
+                    weight: batch.weight,
+                    started: batch.started,
+                });
+                Ok(())
+            }
+            Err(SubmitError::InvalidMessage(invalid)) => Err(invalid),
+        }
     }
 
     fn window_closed(&self, now: Instant) -> bool {
@@ -165,12 +198,15 @@ where
     fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
         self.carried_over.poll_next(&mut self.next_step)?;
         let busy = std::mem::take(&mut self.added_since_poll);
-        if self.batch.is_some()
-            && !self.carried_over.is_holding()
-            && let Some(now) = self.sampler.sample(&*self.clock, busy)
-            && self.window_closed(now)
-        {
-            self.flush("time")?;
+        if self.batch.is_some() && !self.carried_over.is_holding() {
+            let due = self.overdue
+                || self
+                    .sampler
+                    .sample(&*self.clock, busy)
+                    .is_some_and(|now| self.window_closed(now));
+            if due {
+                self.flush_when_taken()?;
+            }
         }
         Ok(self.carried_over.take_commit())
     }
@@ -208,6 +244,7 @@ where
             .hand_over(&mut self.next_step, deadline, &*self.clock)?;
         if expired(&*self.clock, deadline) {
             self.batch = None;
+            self.overdue = false;
         } else {
             self.flush("join")?;
         }
@@ -221,12 +258,18 @@ where
 
     fn terminate(&mut self) {
         self.batch = None;
+        self.overdue = false;
         self.carried_over.clear();
         self.next_step.terminate();
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let window = self.batch.as_ref().map(|b| b.started + self.max_batch_time);
+        // An overdue batch waits for the next step, whose deadline says when to look again.
+        let window = self
+            .batch
+            .as_ref()
+            .filter(|_| !self.overdue)
+            .map(|b| b.started + self.max_batch_time);
         earliest(window, self.next_step.next_deadline())
     }
 }

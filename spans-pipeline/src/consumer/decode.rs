@@ -4,8 +4,9 @@
 //! Validation happens here, one message at a time, because this is the last place where a bad
 //! message can be named by its own partition and offset: an invalid span goes to the
 //! dead-letter queue with the field that is wrong, and the pipeline goes on. What travels on is
-//! the raw message (shared, not copied) and the two facts the batch step needs; the buffer
-//! decodes the span again, borrowing from those bytes, when it writes the batch.
+//! the raw message (shared, not copied), the two facts the batch step needs, and where the
+//! span's fields sit in the bytes ([`SpanLayout`]), so the buffer rebuilds the span without
+//! parsing the message a second time.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -14,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rill::backends::kafka::KafkaPayload;
 use rill::{InvalidMessage, Message, SubmitError};
 
-use crate::span::Span;
+use crate::span::{Span, SpanLayout};
 
 /// A validated span message on its way to the buffer.
 #[derive(Clone, Debug)]
@@ -27,6 +28,23 @@ pub struct SpanMessage {
     pub timestamp_secs: i64,
     /// Whether the kill-switch drops it (the `Filter` after this step removes it).
     pub killed: bool,
+    /// Where the decoded fields sit in the bytes; `None` when an id had escapes.
+    pub layout: Option<SpanLayout>,
+}
+
+impl SpanMessage {
+    /// The span, rebuilt from its layout, or decoded again when it has none.
+    pub fn span(&self) -> Result<Span<'_>, crate::span::SpanError> {
+        let value = self.payload.value().unwrap_or_default();
+        match self
+            .layout
+            .as_ref()
+            .and_then(|layout| layout.span(value, self.partition))
+        {
+            Some(span) => Ok(span),
+            None => Span::decode(value, self.partition),
+        }
+    }
 }
 
 /// Spans to drop at the consumer (`spans.drop-in-buffer`): any match on organization,
@@ -111,10 +129,10 @@ pub fn decode_span(
         return Err(invalid(&message, "partition index above 65535".to_owned())
             .unwrap_or(SubmitError::MessageRejected(message)));
     };
-    let killed = {
+    let (killed, layout) = {
         let value = message.payload().value().unwrap_or_default();
         match Span::decode(value, partition) {
-            Ok(span) => kill_switch.matches(&span),
+            Ok(span) => (kill_switch.matches(&span), SpanLayout::of(&span)),
             Err(error) => {
                 return Err(invalid(&message, error.to_string())
                     .unwrap_or(SubmitError::MessageRejected(message)));
@@ -127,6 +145,7 @@ pub fn decode_span(
         partition,
         timestamp_secs,
         killed,
+        layout,
     }))
 }
 

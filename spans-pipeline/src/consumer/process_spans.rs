@@ -127,10 +127,11 @@ fn prepare(buffer: &SpansBuffer, batch: &[SpanMessage]) -> Result<PreparedBatch,
     let spans: Vec<Span<'_>> = batch
         .iter()
         .filter_map(|message| {
-            let value = message.payload.value().unwrap_or_default();
-            // Validated by the decode step; a failure here would be a decoder bug, and that
-            // span is skipped rather than blocking the partition.
-            Span::decode(value, message.partition)
+            // Validated by the decode step, which kept where the fields are; a failure here
+            // would be a decoder bug, and that span is skipped rather than blocking the
+            // partition.
+            message
+                .span()
                 .inspect_err(|error| {
                     tracing::error!(%error, "A span validated earlier failed to decode.");
                 })
