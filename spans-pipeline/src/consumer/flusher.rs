@@ -169,7 +169,7 @@ pub(super) async fn run_worker(
         let now = system_now + context.shared.drift.load(Ordering::SeqCst);
         let flushed = match buffer.flush_segments(now).await {
             Ok(flush) => {
-                report_losses(&context, &flush).await;
+                report_losses(&context, &flush);
                 if flush.any_shard_at_limit {
                     let _ = health.backpressure_since.compare_exchange(
                         0,
@@ -232,7 +232,7 @@ fn retry_pause(idle_sleep: Duration, failures: u32) -> Duration {
 }
 
 /// Logs and records the spans a flush found missing.
-async fn report_losses(context: &WorkerContext, flush: &crate::buffer::Flush) {
+fn report_losses(context: &WorkerContext, flush: &crate::buffer::Flush) {
     for lost in &flush.lost {
         tracing::warn!(
             project_id = lost.project_id,
@@ -242,14 +242,12 @@ async fn report_losses(context: &WorkerContext, flush: &crate::buffer::Flush) {
             "Spans ingested but not flushed."
         );
         if let Some(outcomes) = &context.outcomes {
-            outcomes
-                .record(
-                    lost.organization_id,
-                    lost.project_id,
-                    lost.reason,
-                    lost.quantity,
-                )
-                .await;
+            outcomes.send(
+                lost.organization_id,
+                lost.project_id,
+                lost.reason,
+                lost.quantity,
+            );
         }
     }
 }
@@ -332,14 +330,12 @@ async fn produce_and_clean_up(
                     "Giving up spans of a segment that could not be produced."
                 );
                 if let Some(outcomes) = &context.outcomes {
-                    outcomes
-                        .record(
-                            segment.organization_id,
-                            segment.project_id,
-                            PRODUCE_FAILED,
-                            spans,
-                        )
-                        .await;
+                    outcomes.send(
+                        segment.organization_id,
+                        segment.project_id,
+                        PRODUCE_FAILED,
+                        spans,
+                    );
                 }
             }
         }

@@ -44,15 +44,12 @@ impl Outcomes {
         Self { producer, topic }
     }
 
-    /// Writes one record and waits for its delivery. A failure is logged: outcomes are
-    /// accounting, and the spans they describe are already gone.
-    pub async fn record(
-        &self,
-        organization_id: Option<u64>,
-        project_id: u64,
-        reason: &str,
-        quantity: u64,
-    ) {
+    /// Writes one record; its delivery is awaited on a task of its own, so a flush never
+    /// holds its segments' locks while an outcome's delivery takes its time (up to
+    /// librdkafka's `message.timeout.ms` for a topic the broker does not have). A failure is
+    /// logged: outcomes are accounting, and the spans they describe are already gone. Call
+    /// inside the tokio runtime.
+    pub fn send(&self, organization_id: Option<u64>, project_id: u64, reason: &str, quantity: u64) {
         let body = outcome_json(
             SystemTime::now(),
             organization_id,
@@ -60,28 +57,30 @@ impl Outcomes {
             reason,
             quantity,
         );
-        let result = match self.producer.produce(
+        let reason = reason.to_owned();
+        let delivery = self.producer.produce(
             &Destination::Topic(self.topic.clone()),
             KafkaPayload::new(None, Some(body)),
-        ) {
-            Ok(delivery) => delivery
-                .await
-                .map(|_| ())
-                .map_err(|error| error.to_string()),
-            Err(error) => Err(format!("{error:?}")),
-        };
-        match result {
-            Ok(()) => {
-                metrics::counter!(names::OUTCOMES, "reason" => reason.to_owned()).increment(1)
+        );
+        tokio::spawn(async move {
+            let result = match delivery {
+                Ok(delivery) => delivery
+                    .await
+                    .map(|_| ())
+                    .map_err(|error| error.to_string()),
+                Err(error) => Err(format!("{error:?}")),
+            };
+            match result {
+                Ok(()) => metrics::counter!(names::OUTCOMES, "reason" => reason).increment(1),
+                Err(error) => tracing::error!(
+                    error,
+                    project_id,
+                    reason,
+                    quantity,
+                    "Writing an outcome record failed."
+                ),
             }
-            Err(error) => tracing::error!(
-                error,
-                project_id,
-                reason,
-                quantity,
-                "Writing an outcome record failed."
-            ),
-        }
+        });
     }
 }
 
