@@ -269,9 +269,19 @@ impl TlsRedis {
     pub fn start(require_client_certificate: bool) -> Result<Self, SecureRedisError> {
         let certificates = TestCertificates::generate()?;
         let mut tls_ports = Vec::new();
-        let args = tls_args(&certificates, require_client_certificate, &mut tls_ports)?;
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let server = RedisServer::try_start_with_args(&args)?;
+        // The TLS port, too, may be taken by another test between choosing and binding it:
+        // a server that does not come up is started again on a new TLS port.
+        let mut attempt = 0;
+        let server = loop {
+            attempt += 1;
+            tls_ports.clear();
+            let args = tls_args(&certificates, require_client_certificate, &mut tls_ports)?;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            match RedisServer::try_start_with_args(&args) {
+                Err(RedisServerError::NotReady { .. }) if attempt < TLS_PORT_ATTEMPTS => {}
+                other => break other?,
+            }
+        };
         Ok(Self {
             nodes: TlsNodes::Standalone(server),
             tls_ports,
@@ -382,6 +392,9 @@ const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `redis-server` arguments that open a TLS port (recorded in `tls_ports`) with the test
 /// certificates.
+/// How many TLS ports a standalone TLS server is tried on before its start fails.
+const TLS_PORT_ATTEMPTS: u32 = 5;
+
 fn tls_args(
     certificates: &TestCertificates,
     require_client_certificate: bool,
