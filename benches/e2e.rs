@@ -57,7 +57,9 @@ use rill::{
 use spans_pipeline::buffer::{BufferOptions, RedisConnection};
 use spans_pipeline::consumer::{ConsumerSettings, KillSwitchHandle, SpansStrategyFactory};
 use spans_pipeline::replay::{ReplayArgs, keys_left, redis_cpu_secs};
-use spans_pipeline::workload::{GeneratedSpan, WorkloadShape, generate, write_jsonl};
+use spans_pipeline::workload::{
+    GeneratedSpan, WorkloadShape, clock_tick, generate, partition_of, write_jsonl,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -114,26 +116,6 @@ fn workload(spans: usize) -> Vec<GeneratedSpan> {
         spans,
         ..WorkloadShape::default()
     })
-}
-
-/// The span that ends the workload clock: a trace of its own.
-fn tick_span() -> GeneratedSpan {
-    let mut tick = generate(&WorkloadShape {
-        spans: 1,
-        seed: 0x7_1C4,
-        ..WorkloadShape::default()
-    });
-    tick.remove(0)
-}
-
-/// Relay routes by trace id; any fixed hash does here (FNV-1a).
-fn partition_of(trace_id: &str) -> i32 {
-    let hash = trace_id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-        });
-    (hash % PARTITIONS as u64) as i32
 }
 
 fn unix_nanos(at: SystemTime) -> u128 {
@@ -545,7 +527,7 @@ fn broker_main(args: &Args) -> Result<(), BoxError> {
         })
         .collect();
     for (index, span) in load.iter().enumerate() {
-        let feed = &mut feeds[partition_of(&span.trace_id) as usize];
+        let feed = &mut feeds[partition_of(&span.trace_id, PARTITIONS) as usize];
         feed.spans.push(index);
         let total = feed.bytes.last().copied().unwrap_or(0) + span.payload.len();
         feed.bytes.push(total);
@@ -601,7 +583,7 @@ fn broker_main(args: &Args) -> Result<(), BoxError> {
     loop {
         match received.try_recv() {
             Ok(command) if command == "tick" && !ticked => {
-                let tick = tick_span();
+                let tick = clock_tick();
                 let last = load.iter().map(|s| s.received).fold(f64::MIN, f64::max);
                 let mut record = BaseRecord::<str, [u8]>::to(INPUT)
                     .payload(&tick.payload)
@@ -751,7 +733,7 @@ impl OutputReader {
             Arc::clone(&reader.last_arrival),
             Arc::clone(&reader.messages),
         );
-        let tick = tick_span().span_id;
+        let tick = clock_tick().span_id;
         let thread = std::thread::spawn(move || {
             let finder = memchr::memmem::Finder::new(b"\"span_id\":");
             while !stop.load(Ordering::Acquire) {
@@ -813,7 +795,7 @@ fn output_report(load: &[GeneratedSpan], feeds: &[Feed], reader: &OutputReader) 
         *sizes.entry(span.trace_id.as_str()).or_insert(0_usize) += 1;
         sizes
     });
-    let tick = tick_span();
+    let tick = clock_tick();
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(load.len());
     let mut segments_of: HashMap<String, Vec<usize>> = HashMap::new();
     let mut latencies = Vec::with_capacity(load.len());

@@ -142,6 +142,30 @@ pub fn generate(shape: &WorkloadShape) -> Vec<GeneratedSpan> {
     spans
 }
 
+/// The partition of `partitions` that a trace's spans go to: all spans of a trace on one
+/// partition, as Relay routes them (any fixed hash does; this is FNV-1a of the trace id).
+pub fn partition_of(trace_id: &str, partitions: i32) -> i32 {
+    let hash = trace_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    i32::try_from(hash % u64::from(partitions.unsigned_abs().max(1))).unwrap_or(0)
+}
+
+/// A span of a trace of its own, for a feeder to send after a load, stamped past the flush
+/// timeouts, so the consumer's clock (which follows the messages' timestamps) moves on and
+/// every segment of the load comes due, as later traffic would make it. Its trace is not
+/// part of any load generated from another seed.
+pub fn clock_tick() -> GeneratedSpan {
+    let mut tick = generate(&WorkloadShape {
+        spans: 1,
+        seed: 0x7_1C4,
+        ..WorkloadShape::default()
+    });
+    tick.remove(0)
+}
+
 /// Writes the load as JSONL, one message value a line, and says what it wrote.
 pub fn write_jsonl(spans: &[GeneratedSpan], out: impl Write) -> std::io::Result<WorkloadSummary> {
     write_jsonl_reporting(spans, out, &mut |_| {})

@@ -1,25 +1,25 @@
 //! `spans-pipeline demo`: the whole consumer on an embedded default, with a readable summary.
 //!
 //! It starts librdkafka's mock Kafka cluster in this process and a local `redis-server` on a
-//! free port (or uses `--redis-url`), produces a synthetic trace load at a steady rate, runs the
-//! full pipeline (decode → batch → ProcessSpans → FlushSegments → CommitOffsets) with short
-//! flush timeouts, reads the output topic back, and reports: spans in, segments and spans out,
-//! spans lost (must be 0), duplicates, dead letters, end-to-end latency percentiles and
-//! throughput. A few malformed messages are mixed in to show the dead-letter queue at work.
+//! free port (or uses `--redis-url`), and runs the full pipeline (decode → batch →
+//! ProcessSpans → FlushSegments → CommitOffsets) with production's flush timeouts on the
+//! reference workload's shape. The consumer runs on workload time, as in production: each
+//! message's Kafka timestamp is its span's `received` time, and the feeder replays the traffic
+//! faster than it happened (`--rate`), so the demo takes seconds, not the minutes the traffic
+//! spans. A last span stamped past the longest timeout (the clock tick) moves workload time on
+//! once everything is committed, as later traffic would. The output topic is read back and
+//! the summary says what a user wants to know: traces in and how many came out as one complete
+//! segment, spans lost (must be 0), duplicates, dead letters (a few malformed messages are
+//! mixed in), keys left in Redis, and the throughput.
 
+mod feed;
 mod local_redis;
+mod output;
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::Message as _;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
-use rdkafka::{Offset, TopicPartitionList};
 use rill::Topic;
 use rill::backends::kafka::{
     KafkaConsumer, KafkaConsumerConfig, KafkaDlqProducer, KafkaPayload, KafkaProducer,
@@ -30,36 +30,36 @@ use rill::processor::{ProcessorConfig, StreamProcessor};
 
 pub use local_redis::{LocalRedis, LocalRedisError};
 
+use self::feed::Feeder;
+use self::output::{OutputReader, Tally};
 use crate::buffer::{BufferOptions, RedisConnection, SpansBufferStore};
 use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitchHandle, SpansStrategyFactory};
 use crate::progress::Progress;
-use crate::workload::{GeneratedSpan, WorkloadShape, generate};
+use crate::workload::{WorkloadShape, clock_tick, generate};
 
 const INPUT: &str = "ingest-spans";
 const OUTPUT: &str = "buffered-segments";
 const DLQ: &str = "ingest-spans-dlq";
-/// Every this many spans, one malformed message is produced too.
-const MALFORMED_EVERY: usize = 10_000;
-/// Most messages produced but not yet committed, per partition. librdkafka's mock broker keeps
-/// only about 5 MB (or 100 000 messages) of each partition's log and drops older data, so a
-/// producer running far ahead of the consumer would make the broker, not the pipeline, lose
-/// spans. The producer waits while the consumer is this far behind.
-const MAX_LAG_PER_PARTITION: u64 = 2_500;
-/// Partitions of the output topic. The same 5 MB cap applies there, and a flush writes up to
-/// `max-flush-segments` segments at once: spread over this many partitions a burst stays far
-/// below the cap, so the reader never finds data already dropped.
+const GROUP: &str = "process-spans";
+/// Partitions of the output topic. The mock broker keeps only about 5 MB of each partition,
+/// and a flush writes up to `max-flush-segments` segments at once: spread over this many
+/// partitions a burst stays far below that, so the reader never finds data already dropped.
 const OUTPUT_PARTITIONS: i32 = 32;
-
-/// Longest wait, once every span is out, for Redis to empty: the demo's flush timeouts (3 s)
-/// plus a flush iteration and its cleanup, with room to spare.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How far past the last span the clock tick is stamped: past the 60 s segment timeout.
+const TICK_AFTER: Duration = Duration::from_secs(70);
+/// Longest wait for every span to come out once everything is committed and the tick sent.
+const OUTPUT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait, once every span is out, for Redis to empty: the tick's own segment comes due
+/// a root timeout (10 s) after it, then a flush iteration and its cleanup, with room to spare.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the demo runs.
 #[derive(Clone, Debug)]
 pub struct DemoSettings {
-    /// Spans to produce.
+    /// Spans to produce, in traces of the reference workload's shape.
     pub spans: usize,
-    /// Spans produced per second.
+    /// Spans produced per second (the workload's own rate is 2,000 a second; the demo replays
+    /// it this much faster).
     pub rate: f64,
     /// Partitions of the input topic.
     pub partitions: i32,
@@ -95,12 +95,16 @@ impl Default for DemoSettings {
 pub struct DemoReport {
     /// Valid spans produced.
     pub spans_in: usize,
+    /// Traces they belong to.
+    pub traces_in: usize,
     /// Malformed messages produced.
     pub malformed_in: usize,
     /// Messages the consumer dead-lettered.
     pub dead_lettered: u64,
     /// Segment messages read from the output topic.
     pub segments_out: usize,
+    /// Traces that came out as exactly one segment holding every span of the trace.
+    pub whole_traces: usize,
     /// Distinct spans read from the output topic.
     pub spans_out: usize,
     /// Spans read more than once.
@@ -109,8 +113,10 @@ pub struct DemoReport {
     pub lost_spans: usize,
     /// Keys left in Redis after the last flush.
     pub redis_keys_left: u64,
-    /// End-to-end latency percentiles (produce → read back): p50, p90, p99, max.
-    pub latency: [Duration; 4],
+    /// Workload time the load spans (first to last `received`).
+    pub workload_time: Duration,
+    /// From the first span produced to every offset committed.
+    pub ingest_time: Duration,
     /// From the first span produced to the last span read back.
     pub elapsed: Duration,
 }
@@ -120,18 +126,38 @@ impl DemoReport {
     pub fn throughput(&self) -> f64 {
         self.spans_in as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
     }
+
+    /// Spans per second from the first produced to every offset committed.
+    pub fn ingest_rate(&self) -> f64 {
+        self.spans_in as f64 / self.ingest_time.as_secs_f64().max(f64::EPSILON)
+    }
+
+    /// Share of the traces that came out as one complete segment, in percent.
+    pub fn whole_share(&self) -> f64 {
+        100.0 * self.whole_traces as f64 / self.traces_in.max(1) as f64
+    }
 }
 
 impl std::fmt::Display for DemoReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let [p50, p90, p99, max] = self.latency;
-        writeln!(f, "spans in            {:>10}", self.spans_in)?;
+        writeln!(
+            f,
+            "spans in            {:>10}  in {} traces, {:.1?} of traffic replayed in {:.1?}",
+            self.spans_in, self.traces_in, self.workload_time, self.ingest_time
+        )?;
         writeln!(
             f,
             "malformed in        {:>10}  (dead-lettered: {})",
             self.malformed_in, self.dead_lettered
         )?;
-        writeln!(f, "segments out        {:>10}", self.segments_out)?;
+        writeln!(
+            f,
+            "segments out        {:>10}  {} of {} traces ({:.1} %) as one complete segment",
+            self.segments_out,
+            self.whole_traces,
+            self.traces_in,
+            self.whole_share()
+        )?;
         writeln!(
             f,
             "spans out           {:>10}  (duplicates: {})",
@@ -141,11 +167,13 @@ impl std::fmt::Display for DemoReport {
         writeln!(f, "redis keys left     {:>10}", self.redis_keys_left)?;
         writeln!(
             f,
-            "latency end to end  p50 {p50:.2?}  p90 {p90:.2?}  p99 {p99:.2?}  max {max:.2?}"
+            "ingest              {:>10.0} spans/s (first span produced → every offset committed)",
+            self.ingest_rate()
         )?;
         write!(
             f,
-            "throughput          {:>10.0} spans/s over {:.1?}",
+            "end to end          {:>10.0} spans/s (→ every span out, {:.1?}, flush timeouts on \
+             workload time)",
             self.throughput(),
             self.elapsed
         )
@@ -205,42 +233,69 @@ pub fn run(settings: &DemoSettings) -> Result<DemoReport, DemoError> {
 
     let load = generate(&WorkloadShape {
         spans: settings.spans,
-        rate: settings.rate,
         seed: settings.seed,
         ..WorkloadShape::default()
     });
+    let tick = clock_tick();
+    let workload_time = Duration::from_secs_f64(
+        load.last().map_or(0.0, |last| last.received)
+            - load.first().map_or(0.0, |first| first.received),
+    );
+    let traces_in = load
+        .iter()
+        .map(|span| &span.trace_id)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     eprintln!(
-        "demo: {} spans in {} traces at {:.0} spans/s; kafka (mock) {bootstrap}; redis {redis_url}",
+        "demo: {} spans in {traces_in} traces ({workload_time:.1?} of traffic) at {:.0} spans/s; \
+         kafka (mock) {bootstrap}; redis {redis_url}",
         load.len(),
-        load.iter()
-            .map(|span| &span.trace_id)
-            .collect::<std::collections::HashSet<_>>()
-            .len(),
         settings.rate
     );
 
     let (processor_handle, processor_thread) =
         start_consumer(&bootstrap, connection.clone(), settings, &runtime)?;
-    let reader = OutputReader::start(&bootstrap, OUTPUT_PARTITIONS)?;
+    let reader = OutputReader::start(&bootstrap, OUTPUT, OUTPUT_PARTITIONS)?;
 
-    let started = Instant::now();
     let mut display = settings
         .progress
         .then(|| Progress::stderr("demo", "spans out", Some(load.len() as u64)));
-    let (produced_at, malformed) = produce(&bootstrap, &load, settings, &reader, &mut display)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while reader.distinct() < load.len() && Instant::now() < deadline {
-        progress(&mut display, load.len(), load.len(), &reader);
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    progress(&mut display, load.len(), load.len(), &reader);
-    if let Some(display) = &mut display {
-        display.finish();
-    }
-    let elapsed = started.elapsed();
+    let mut feeder = Feeder::new(&bootstrap, INPUT, settings.partitions, GROUP)?;
+    let fed = feeder.feed(&load, settings.rate, |produced| {
+        progress(
+            &mut display,
+            &format!("produced {produced}/{}", load.len()),
+            &reader,
+        );
+    })?;
+    progress(
+        &mut display,
+        "waiting for every offset to be committed",
+        &reader,
+    );
+    feeder.wait_until_committed()?;
+    let ingest_time = fed.started.elapsed();
+    feeder.tick(&load, &tick, TICK_AFTER)?;
 
-    // Every span is out; let the flushers finish their cleanup, and flush the empty queue
-    // entries a late deadline update can leave (docs/decisions.md), before looking at Redis.
+    let deadline = Instant::now() + OUTPUT_TIMEOUT;
+    while reader.distinct() < load.len() && Instant::now() < deadline {
+        progress(
+            &mut display,
+            "clock tick sent: flushing the last segments",
+            &reader,
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let elapsed = fed.started.elapsed();
+    progress(
+        &mut display,
+        "every span out; waiting for Redis to empty",
+        &reader,
+    );
+
+    // Let the flushers finish their cleanup, and flush the tick's own segment and the empty
+    // queue entries a late deadline update can leave (docs/decisions.md), before counting the
+    // keys left.
     let store = runtime.block_on(SpansBufferStore::new(connection, BufferOptions::default()));
     let store = store.map_err(|error| DemoError::Other(error.to_string()))?;
     let keys_left = || {
@@ -260,22 +315,22 @@ pub fn run(settings: &DemoSettings) -> Result<DemoReport, DemoError> {
     while keys_left()? > 0 && Instant::now() < settle_deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
+    if let Some(display) = &mut display {
+        display.finish();
+    }
 
     processor_handle.signal_shutdown();
     let processor = processor_thread
         .join()
         .map_err(|_| DemoError::Other("consumer thread panicked".to_owned()))??;
-    let output = reader.stop();
-
     let redis_keys_left = keys_left()?;
+    let tally = reader.finish(&load, &tick.trace_id);
     Ok(report(
-        &load,
-        malformed,
+        &tally,
+        fed.malformed,
         processor.dead_lettered,
-        &produced_at,
-        &output,
         redis_keys_left,
-        elapsed,
+        [workload_time, ingest_time, elapsed],
     ))
 }
 
@@ -298,19 +353,19 @@ fn start_consumer(
         )
         .map_err(|error| DemoError::Other(error.to_string()))?,
     );
-    // Short flush timeouts so segments come out within seconds, and flush locks on: a
+    // Production's flush timeouts (the buffer's defaults: 60 s, 10 s for a segment whose root
+    // arrived) on workload time, and flush locks on, as `run` has them by default: a
     // subsegment that targets a segment being flushed then detaches into a segment of its own
     // instead of being orphaned by the flush's cleanup (docs/decisions.md).
     let options = BufferOptions {
-        root_timeout_secs: 1,
-        timeout_secs: 3,
         flush_lock_ttl_secs: 30,
         ..BufferOptions::default()
     };
+    // Batches close sooner than production's second, so that a demo of a few seconds shows
+    // its progress smoothly; the flusher looks for due segments ten times a second.
     let consumer_settings = ConsumerSettings {
-        max_batch_size: 2000,
         max_batch_time: Duration::from_millis(100),
-        commit_interval: Duration::from_millis(500),
+        commit_interval: Duration::from_millis(100),
         idle_sleep: Duration::from_millis(100),
         flush: FlushSettings {
             workers: settings.flusher_workers,
@@ -328,11 +383,8 @@ fn start_consumer(
         KillSwitchHandle::default(),
         runtime.handle().clone(),
     );
-    let consumer = KafkaConsumer::subscribe(
-        &KafkaConsumerConfig::new(bootstrap, "process-spans"),
-        &[INPUT],
-    )
-    .map_err(|error| DemoError::Other(error.to_string()))?;
+    let consumer = KafkaConsumer::subscribe(&KafkaConsumerConfig::new(bootstrap, GROUP), &[INPUT])
+        .map_err(|error| DemoError::Other(error.to_string()))?;
     let mut processor = StreamProcessor::new(consumer, factory)
         .with_config(ProcessorConfig::default().with_join_timeout(Duration::from_secs(30)))
         .with_dlq(DlqPolicy::new(KafkaDlqProducer::new(
@@ -347,288 +399,34 @@ fn start_consumer(
     Ok((handle, thread))
 }
 
-/// Produces the load paced by arrival times; returns when each span was produced and how many
-/// malformed messages were mixed in.
-fn produce(
-    bootstrap: &str,
-    load: &[GeneratedSpan],
-    settings: &DemoSettings,
-    reader: &OutputReader,
-    display: &mut Option<Progress>,
-) -> Result<(HashMap<String, Instant>, usize), DemoError> {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .create()?;
-    let lag = LagMonitor::new(bootstrap, settings.partitions)?;
-    let mut produced_at = HashMap::with_capacity(load.len());
-    let mut malformed = 0;
-    let mut start = Instant::now();
-    let mut last_progress = Instant::now();
-    for (index, span) in load.iter().enumerate() {
-        if index % 1000 == 999 {
-            let waited = lag.wait_until_below(
-                (index + malformed) as u64,
-                MAX_LAG_PER_PARTITION * u64::try_from(settings.partitions.max(1)).unwrap_or(1),
-            )?;
-            // Time spent waiting for the consumer shifts the schedule, not the rate.
-            start += waited;
-        }
-        let due = start + Duration::from_secs_f64(index as f64 / settings.rate.max(1.0));
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            producer.poll(Duration::ZERO);
-            std::thread::sleep(wait);
-        }
-        let partition = partition_of(&span.trace_id, settings.partitions);
-        send(
-            &producer,
-            BaseRecord::to(INPUT)
-                .payload(&span.payload)
-                .partition(partition),
-        );
-        produced_at.insert(span.span_id.clone(), Instant::now());
-        if index % MALFORMED_EVERY == MALFORMED_EVERY - 1 {
-            let broken = b"{\"span_id\": null, \"note\": \"malformed on purpose\"}".to_vec();
-            send(
-                &producer,
-                BaseRecord::to(INPUT).payload(&broken).partition(partition),
-            );
-            malformed += 1;
-        }
-        if last_progress.elapsed() > Duration::from_millis(200) {
-            progress(display, index + 1, load.len(), reader);
-            last_progress = Instant::now();
-        }
-    }
-    producer.flush(Duration::from_secs(30))?;
-    Ok((produced_at, malformed))
-}
-
-/// Reads the consumer group's committed offsets, to keep the producer within reach of it.
-struct LagMonitor {
-    client: BaseConsumer,
-    partitions: i32,
-}
-
-impl LagMonitor {
-    fn new(bootstrap: &str, partitions: i32) -> Result<Self, DemoError> {
-        let client: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", "process-spans")
-            .create()?;
-        Ok(Self { client, partitions })
-    }
-
-    /// Messages the group committed, over all partitions.
-    fn committed(&self) -> Result<u64, DemoError> {
-        let mut query = TopicPartitionList::new();
-        for partition in 0..self.partitions {
-            query.add_partition(INPUT, partition);
-        }
-        // The returned list is dropped here, before the client (librdkafka's destructor
-        // would otherwise wait for it forever).
-        let committed = self
-            .client
-            .committed_offsets(query, Duration::from_secs(10))?;
-        Ok(committed
-            .elements()
-            .iter()
-            .filter_map(|element| element.offset().to_raw())
-            .filter_map(|offset| u64::try_from(offset).ok())
-            .sum())
-    }
-
-    /// Waits while more than `max_lag` of `produced` messages are uncommitted; returns how
-    /// long it waited.
-    fn wait_until_below(&self, produced: u64, max_lag: u64) -> Result<Duration, DemoError> {
-        let started = Instant::now();
-        while produced.saturating_sub(self.committed()?) > max_lag {
-            if started.elapsed() > Duration::from_secs(60) {
-                return Err(DemoError::Other(
-                    "the consumer made no progress for a minute".to_owned(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(started.elapsed())
-    }
-}
-
-fn send(producer: &BaseProducer, mut record: BaseRecord<'_, (), Vec<u8>>) {
-    loop {
-        match producer.send(record) {
-            Ok(()) => return,
-            Err((_, back)) => {
-                record = back;
-                producer.poll(Duration::from_millis(5));
-            }
-        }
-    }
-}
-
-/// All spans of a trace on one partition, as Relay routes them.
-fn partition_of(trace_id: &str, partitions: i32) -> i32 {
-    let hash = trace_id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-        });
-    i32::try_from(hash % u64::try_from(partitions.max(1)).unwrap_or(1)).unwrap_or(0)
-}
-
-/// Shows the spans out so far, with what was produced and the segments out beside them.
-fn progress(display: &mut Option<Progress>, produced: usize, total: usize, reader: &OutputReader) {
+/// Shows the spans out so far, with what the demo is doing beside them.
+fn progress(display: &mut Option<Progress>, doing: &str, reader: &OutputReader) {
     if let Some(display) = display {
-        display.set_message(format!(
-            "produced {produced}/{total}, segments out {}",
-            reader.segments.load(Ordering::Relaxed)
-        ));
+        display.set_message(format!("{doing}, segments out {}", reader.segments()));
         display.set_position(reader.distinct() as u64);
     }
 }
 
-/// What the output reader collected.
-struct Output {
-    first_seen: HashMap<String, Instant>,
-    duplicates: usize,
-    segments: usize,
-}
-
-/// Reads the output topic on a thread of its own, noting when each span is first seen.
-struct OutputReader {
-    stop: Arc<AtomicBool>,
-    segments: Arc<AtomicUsize>,
-    distinct: Arc<AtomicUsize>,
-    thread: std::thread::JoinHandle<Output>,
-}
-
-impl OutputReader {
-    fn start(bootstrap: &str, partitions: i32) -> Result<Self, DemoError> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", "demo-output-reader")
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()?;
-        let mut assignment = TopicPartitionList::new();
-        for partition in 0..partitions {
-            assignment.add_partition_offset(OUTPUT, partition, Offset::Beginning)?;
-        }
-        consumer.assign(&assignment)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let segments = Arc::new(AtomicUsize::new(0));
-        let distinct = Arc::new(AtomicUsize::new(0));
-        let thread = {
-            let (stop, segments, distinct) = (
-                Arc::clone(&stop),
-                Arc::clone(&segments),
-                Arc::clone(&distinct),
-            );
-            std::thread::spawn(move || {
-                let mut output = Output {
-                    first_seen: HashMap::new(),
-                    duplicates: 0,
-                    segments: 0,
-                };
-                while !stop.load(Ordering::Relaxed) {
-                    let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) else {
-                        continue;
-                    };
-                    let now = Instant::now();
-                    output.segments += 1;
-                    segments.store(output.segments, Ordering::Relaxed);
-                    for span_id in span_ids(message.payload().unwrap_or_default()) {
-                        if output.first_seen.insert(span_id, now).is_some() {
-                            output.duplicates += 1;
-                        }
-                    }
-                    distinct.store(output.first_seen.len(), Ordering::Relaxed);
-                }
-                output
-            })
-        };
-        Ok(Self {
-            stop,
-            segments,
-            distinct,
-            thread,
-        })
-    }
-
-    fn distinct(&self) -> usize {
-        self.distinct.load(Ordering::Relaxed)
-    }
-
-    fn stop(self) -> Output {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or(Output {
-            first_seen: HashMap::new(),
-            duplicates: 0,
-            segments: 0,
-        })
-    }
-}
-
-/// The span ids of one `buffered-segments` message.
-fn span_ids(message: &[u8]) -> Vec<String> {
-    use sonic_rs::{JsonContainerTrait, JsonValueTrait};
-    let Ok(value) = sonic_rs::from_slice::<sonic_rs::Value>(message) else {
-        return Vec::new();
-    };
-    value
-        .get("spans")
-        .and_then(|spans| spans.as_array())
-        .map(|spans| {
-            spans
-                .iter()
-                .filter_map(|span| {
-                    span.get("span_id")
-                        .and_then(|id| id.as_str())
-                        .map(str::to_owned)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn report(
-    load: &[GeneratedSpan],
+    tally: &Tally,
     malformed: usize,
     dead_lettered: u64,
-    produced_at: &HashMap<String, Instant>,
-    output: &Output,
     redis_keys_left: u64,
-    elapsed: Duration,
+    [workload_time, ingest_time, elapsed]: [Duration; 3],
 ) -> DemoReport {
-    let mut latencies: Vec<Duration> = load
-        .iter()
-        .filter_map(|span| {
-            let seen = output.first_seen.get(&span.span_id)?;
-            Some(seen.saturating_duration_since(*produced_at.get(&span.span_id)?))
-        })
-        .collect();
-    latencies.sort_unstable();
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or_default()
-    };
     DemoReport {
-        spans_in: load.len(),
+        spans_in: tally.spans + tally.lost,
+        traces_in: tally.traces,
         malformed_in: malformed,
         dead_lettered,
-        segments_out: output.segments,
-        spans_out: output.first_seen.len(),
-        duplicate_spans: output.duplicates,
-        lost_spans: load.len() - latencies.len(),
+        segments_out: tally.segments,
+        whole_traces: tally.whole_traces,
+        spans_out: tally.spans,
+        duplicate_spans: tally.duplicates,
+        lost_spans: tally.lost,
         redis_keys_left,
-        latency: [
-            percentile(0.5),
-            percentile(0.9),
-            percentile(0.99),
-            percentile(1.0),
-        ],
+        workload_time,
+        ingest_time,
         elapsed,
     }
 }
