@@ -9,10 +9,12 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use integration_tests::redis_server::{RedisMode, TestRedis};
 use support::{
-    ConsumerSetup, DLQ, INPUT, OUTPUT, WAIT, id, runtime, segments, span, wait_until_drained,
+    ConsumerSetup, DLQ, INPUT, OUTPUT, WAIT, id, runtime, segments, span, wait_until,
+    wait_until_drained,
 };
 
 fn spans_in_segments_out(mode: RedisMode) {
@@ -105,4 +107,87 @@ fn a_write_refused_for_good_stops_the_consumer_without_committing_it() {
     let error = format!("{:?}", result.unwrap_err());
     assert!(error.contains("WRONGTYPE"), "{error}");
     assert_eq!(support::committed(&kafka, 1), [None]);
+}
+
+/// How long the test below keeps Redis refusing new clients: a fault's duration, long
+/// enough for the consumer's connections to retry and be refused several times.
+const REFUSING_CLIENTS_FOR: Duration = Duration::from_secs(3);
+
+/// A Redis that refuses new clients for a while (`ERR max number of clients reached`, a
+/// condition that passes) holds the consumer back but does not stop it: once Redis takes
+/// clients again, the spans written meanwhile come out and are committed.
+#[test]
+fn a_redis_refusing_new_clients_for_a_while_does_not_stop_the_consumer() {
+    let kafka = support::kafka(1);
+    let redis = TestRedis::start(RedisMode::Standalone);
+    redis.flush_all();
+    let runtime = runtime();
+    let consumer = ConsumerSetup::default().start(&kafka, &redis, &runtime);
+    let first = "4".repeat(32);
+    kafka
+        .produce(
+            INPUT,
+            [span(&first, &id('a'), None, 1)]
+                .iter()
+                .map(String::as_bytes),
+            |_| 0,
+        )
+        .unwrap();
+    wait_until_drained(&kafka, &redis, &[1]);
+
+    // Only this test's own connection may stay; every connection of the consumer is cut and
+    // each reconnect is refused until the limit is raised again.
+    let server = &redis.servers()[0];
+    let mut admin = server.connection();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(1)
+        .query(&mut admin)
+        .unwrap();
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query(&mut admin)
+        .unwrap();
+    let second = "5".repeat(32);
+    kafka
+        .produce(
+            INPUT,
+            [
+                span(&second, &id('c'), Some(&id('b')), 1),
+                span(&second, &id('b'), None, 1),
+            ]
+            .iter()
+            .map(String::as_bytes),
+            |_| 0,
+        )
+        .unwrap();
+    let refusing_until = Instant::now() + REFUSING_CLIENTS_FOR;
+    wait_until("Redis refused a client", || {
+        let stats: String = redis::cmd("INFO").arg("stats").query(&mut admin).unwrap();
+        !stats.contains("rejected_connections:0\r\n")
+    });
+    while Instant::now() < refusing_until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(10_000)
+        .query(&mut admin)
+        .unwrap();
+
+    wait_until_drained(&kafka, &redis, &[3]);
+    let output = kafka.read_topic(OUTPUT, 2, WAIT).unwrap();
+    let segments = segments(&output);
+    assert_eq!(
+        segments.keys().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from([id('a'), id('b')])
+    );
+    // Still running: `stop` panics if the consumer had stopped with an error.
+    consumer.stop();
 }

@@ -26,6 +26,35 @@ const TRANSIENT_CODES: &[&str] = &[
     "MISCONF",
 ];
 
+/// Parts of an `ERR` reply's message that mark a refusal the same command meets at every
+/// retry: a script that fails, a command or argument the server does not take. `ERR` is
+/// Redis' generic code, used as well for conditions that pass (`max number of clients
+/// reached`, a timeout in a module), so an `ERR` reply is deterministic only when its message
+/// says so; any other counts as one that passes, and the caller's backoff and health checks
+/// deal with it if it does not.
+const DETERMINISTIC_ERR_MESSAGES: &[&str] = &[
+    "script",
+    "unknown command",
+    "unknown subcommand",
+    "wrong number of arguments",
+    "syntax error",
+    "not an integer",
+    "not a valid float",
+    "invalid expire time",
+    "cluster support disabled",
+];
+
+/// Whether a server refusal with `code` and the rest of its message `detail` may pass.
+fn refusal_may_pass(code: &str, detail: &str) -> bool {
+    if code == "ERR" {
+        let detail = detail.to_ascii_lowercase();
+        return !DETERMINISTIC_ERR_MESSAGES
+            .iter()
+            .any(|part| detail.contains(part));
+    }
+    TRANSIENT_CODES.contains(&code)
+}
+
 /// Why a buffer operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -84,12 +113,13 @@ impl BufferError {
 
     /// Whether the same operation may succeed if retried later: the connection failed or
     /// timed out, or the server answered with a condition that passes (see `TRANSIENT_CODES`
-    /// in this module). Everything else (`NOPERM`, `WRONGTYPE`, a script error, a reply the
-    /// store does not understand, bad options) would fail again at every retry.
+    /// in this module, and an `ERR` whose message is not one of `DETERMINISTIC_ERR_MESSAGES`).
+    /// Everything else (`NOPERM`, `WRONGTYPE`, a script error, a reply the store does not
+    /// understand, bad options) would fail again at every retry.
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Redis(error) => match error.code() {
-                Some(code) => TRANSIENT_CODES.contains(&code),
+                Some(code) => refusal_may_pass(code, error.detail().unwrap_or_default()),
                 None => !matches!(
                     error.kind(),
                     redis::ErrorKind::Parse
@@ -98,7 +128,7 @@ impl BufferError {
                         | redis::ErrorKind::InvalidClientConfig
                 ),
             },
-            Self::Refused { code, .. } => TRANSIENT_CODES.contains(&code.as_str()),
+            Self::Refused { code, detail, .. } => refusal_may_pass(code, detail),
             Self::Interrupted(_) => true,
             Self::UnexpectedReply { .. }
             | Self::Decode(_)
@@ -124,6 +154,7 @@ mod tests {
             "LOADING Redis is loading the dataset in memory",
             "BUSY Redis is busy running a script.",
             "CLUSTERDOWN The cluster is down",
+            "ERR max number of clients reached",
         ] {
             assert!(refused(line).is_transient(), "{line}");
         }
@@ -131,10 +162,25 @@ mod tests {
             "WRONGTYPE Operation against a key holding the wrong kind of value",
             "NOPERM User flusher has no permissions to run the 'zrangebyscore' command",
             "ERR user_script:1: Script attempted to access nonexistent global variable 'x'",
+            "ERR Error running script (call to f_0123): @user_script:12: bad argument",
+            "ERR unknown command 'EVALSHA_RO', with args beginning with: ",
+            "ERR wrong number of arguments for 'zadd' command",
         ] {
             let error = refused(line);
             assert!(!error.is_transient(), "{line}");
             assert!(matches!(error, BufferError::Refused { .. }), "{error:?}");
+        }
+        for line in [
+            "ERR max number of clients reached",
+            "ERR user_script:1: Script attempted to access nonexistent global variable 'x'",
+        ] {
+            let reply = redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).unwrap();
+            let error = BufferError::Redis(reply.extract_error().unwrap_err());
+            assert_eq!(
+                error.is_transient(),
+                line.contains("clients"),
+                "{line} as a redis error"
+            );
         }
         let error = BufferError::unexpected("ZRANGEBYSCORE", &redis::Value::Int(1));
         assert!(matches!(error, BufferError::UnexpectedReply { .. }));
