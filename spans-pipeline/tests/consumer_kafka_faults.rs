@@ -30,7 +30,6 @@ use support::{
 };
 
 const PARTITIONS: i32 = 2;
-const OUTCOMES: &str = "outcomes";
 /// How long the broker stays down: longer than the consumer's session timeout and than the
 /// buffer's timeouts, so commits, fetches and segment produces all fail meanwhile.
 const BROKER_DOWN: Duration = Duration::from_secs(4);
@@ -67,13 +66,9 @@ fn drained_or_say_why(
 #[test]
 fn request_errors_and_a_broker_down_and_back_lose_no_span() {
     let kafka = support::kafka(PARTITIONS);
-    kafka.create_topic(OUTCOMES, 1).unwrap();
     let redis = TestRedis::start(RedisMode::Standalone);
     let runtime = runtime();
-    let setup = ConsumerSetup {
-        outcomes: Some(OUTCOMES),
-        ..ConsumerSetup::default()
-    };
+    let setup = ConsumerSetup::default();
     let before = Traces::new(0, 20, 4, PARTITIONS);
     let during_errors = Traces::new(20, 20, 4, PARTITIONS);
     let while_down = Traces::new(40, 20, 4, PARTITIONS);
@@ -152,10 +147,7 @@ fn request_errors_and_a_broker_down_and_back_lose_no_span() {
     expected.extend(during_errors.span_ids);
     expected.extend(while_down.span_ids);
     assert_all_flushed(&counts, &expected);
-    assert!(
-        kafka.read_all(OUTCOMES, support::WAIT).unwrap().is_empty(),
-        "no segment was given up"
-    );
+    support::assert_none_reported_lost(&kafka);
 }
 
 #[test]

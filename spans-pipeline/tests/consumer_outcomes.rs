@@ -16,7 +16,7 @@ use rill::{DeliveryError, DeliveryFuture, Destination, ProduceError, Producer};
 use spans_pipeline::consumer::ProducePolicy;
 use support::{ConsumerSetup, OUTPUT, Traces, kafka, runtime, wait_until_drained};
 
-const OUTCOMES: &str = "outcomes";
+use support::OUTCOMES;
 
 /// Fails every delivery to the output topic; everything else goes to Kafka.
 struct BrokenOutput {
@@ -43,7 +43,6 @@ impl Producer<KafkaPayload> for BrokenOutput {
 #[test]
 fn segments_that_cannot_be_produced_become_outcomes_and_the_consumer_goes_on() {
     let kafka = kafka(1);
-    kafka.create_topic(OUTCOMES, 1).unwrap();
     let redis = TestRedis::start(RedisMode::Standalone);
     let runtime = runtime();
     let attempts = Arc::new(AtomicUsize::new(0));
@@ -80,4 +79,9 @@ fn segments_that_cannot_be_produced_become_outcomes_and_the_consumer_goes_on() {
         assert!(text.contains(r#""outcome":3"#), "{text}");
     }
     assert!(kafka.read_all(OUTPUT, support::WAIT).unwrap().is_empty());
+    // What the fault tests read to tell a reported loss: here the real one, 2 × 4 spans.
+    assert_eq!(
+        support::reported_lost(&kafka),
+        std::collections::BTreeMap::from([("produce_failed".to_owned(), 8)])
+    );
 }

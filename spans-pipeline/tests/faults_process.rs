@@ -32,8 +32,8 @@ use rill::{DeliveryFuture, Destination, ProduceError, Producer};
 use sonic_rs::JsonValueTrait;
 use spans_pipeline::buffer::keys;
 use support::{
-    ConsumerSetup, INPUT, OUTPUT, Traces, assert_all_flushed, output_span_counts, output_spans,
-    runtime, wait_until, wait_until_drained,
+    ConsumerSetup, INPUT, OUTPUT, Traces, assert_all_flushed, assert_none_reported_lost,
+    output_span_counts, output_spans, runtime, wait_until, wait_until_drained,
 };
 
 const PARTITIONS: i32 = 2;
@@ -179,6 +179,7 @@ fn a_consumer_killed_mid_stream_and_restarted_flushes_every_span_duplicating_onl
     }
     let counts = output_span_counts(&kafka);
     assert_all_flushed(&counts, &all.span_ids);
+    assert_none_reported_lost(&kafka);
     let duplicated: BTreeMap<&String, &usize> =
         counts.iter().filter(|(_, count)| **count > 1).collect();
     let outside: Vec<&&String> = duplicated
@@ -282,6 +283,7 @@ fn a_consumer_joining_and_leaving_during_slow_flushes_loses_nothing_and_splits_n
 
     let counts = output_span_counts(&kafka);
     assert_all_flushed(&counts, &all.span_ids);
+    assert_none_reported_lost(&kafka);
     // A commit refused while the group rebalances can leave spans that were already flushed
     // to be read again by the next owner: whole segments flushed twice, and only of traces
     // produced while the rebalances were under way.

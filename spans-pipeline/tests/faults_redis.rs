@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use integration_tests::kafka::MockKafka;
 use integration_tests::redis_server::{RedisMode, RedisServer, TestRedis};
 use support::{
-    ConsumerSetup, Traces, assert_all_flushed, committed, output_span_counts, runtime, wait_until,
-    wait_until_drained,
+    ConsumerSetup, Traces, assert_all_flushed, assert_none_reported_lost, committed,
+    output_span_counts, runtime, wait_until, wait_until_drained,
 };
 
 /// A consumer that pauses its partitions after 100 ms of rejected input.
@@ -84,6 +84,7 @@ fn a_redis_paused_for_twenty_seconds_holds_commits_back_and_the_consumer_recover
 
     let counts = output_span_counts(&kafka);
     assert_all_flushed(&counts, &all.span_ids);
+    assert_none_reported_lost(&kafka);
     assert!(duplicates(&counts).is_empty(), "{:?}", duplicates(&counts));
     println!("drained {recovered_after:?} after the pause ended; {stats:?}");
 }
@@ -115,6 +116,7 @@ fn a_redis_blip_of_a_few_seconds_does_not_use_up_the_flush_worker_restarts() {
     consumer.stop();
 
     assert_all_flushed(&output_span_counts(&kafka), &all.span_ids);
+    assert_none_reported_lost(&kafka);
 }
 
 #[test]
@@ -170,6 +172,7 @@ fn a_redis_down_for_fifteen_seconds_holds_commits_back_and_the_consumer_resumes_
     );
     let counts = output_span_counts(&kafka);
     assert_all_flushed(&counts, &all.span_ids);
+    assert_none_reported_lost(&kafka);
     // A flush cut off by the crash after producing is flushed again: only spans that were in
     // Redis at the crash can be duplicated.
     let duplicated = duplicates(&counts);
@@ -222,6 +225,7 @@ fn a_redis_cluster_node_down_for_fifteen_seconds_holds_commits_back_and_the_cons
 
     let counts = output_span_counts(&kafka);
     assert_all_flushed(&counts, &all.span_ids);
+    assert_none_reported_lost(&kafka);
     assert!(duplicates(&counts).is_empty(), "{:?}", duplicates(&counts));
     println!("drained {recovered_after:?} after the node came back; {stats:?}");
 }
@@ -269,6 +273,7 @@ fn a_redis_refusing_writes_is_retried_with_backoff_and_the_consumer_resumes_once
     assert!(stats.pauses >= 1, "{stats:?}");
     let counts = output_span_counts(&kafka);
     assert_all_flushed(&counts, &all.span_ids);
+    assert_none_reported_lost(&kafka);
     assert!(duplicates(&counts).is_empty(), "{:?}", duplicates(&counts));
     println!("{refused} commands refused with OOM in {refusing:?}; {stats:?}");
 }
@@ -299,6 +304,7 @@ fn a_script_cache_flushed_while_spans_are_written_is_reloaded_and_nothing_is_los
     assert_eq!(stats.rejections, 0, "{stats:?}");
     let counts = output_span_counts(&kafka);
     assert_all_flushed(&counts, &traces.span_ids);
+    assert_none_reported_lost(&kafka);
     assert!(duplicates(&counts).is_empty(), "{:?}", duplicates(&counts));
     println!("{refused} script calls answered NOSCRIPT and were re-run; {stats:?}");
 }
@@ -405,6 +411,7 @@ fn a_redis_with_a_real_maxmemory_pauses_consumption_before_it_refuses_a_write_an
     assert!(stats.pauses >= 1, "{stats:?}");
     let counts = output_span_counts(&kafka);
     assert_all_flushed(&counts, &traces.span_ids);
+    assert_none_reported_lost(&kafka);
     assert!(duplicates(&counts).is_empty(), "{:?}", duplicates(&counts));
     println!(
         "idle {idle} bytes, maxmemory {maxmemory}, peak {peak} ({peak_ratio:.3} of maxmemory, \

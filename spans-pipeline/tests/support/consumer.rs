@@ -29,6 +29,9 @@ use spans_pipeline::consumer::{ConsumerSettings, KillSwitchHandle, SpansStrategy
 pub const INPUT: &str = "ingest-spans";
 pub const OUTPUT: &str = "buffered-segments";
 pub const DLQ: &str = "ingest-spans-dlq";
+/// The topic of outcome records: every consumer of [`ConsumerSetup`] writes there, so a test
+/// can check that what the consumer reports lost was really lost ([`reported_lost`]).
+pub const OUTCOMES: &str = "outcomes";
 pub const GROUP: &str = "process-spans";
 /// Longest any condition of these tests is waited for.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -109,13 +112,42 @@ impl Traces {
     }
 }
 
-/// A mock cluster with the input topic (`partitions` partitions), the output and the DLQ.
+/// A mock cluster with the input topic (`partitions` partitions), the output, the DLQ and
+/// the outcomes topic.
 pub fn kafka(partitions: i32) -> MockKafka {
     let kafka = MockKafka::start(1).unwrap();
     kafka.create_topic(INPUT, partitions).unwrap();
-    kafka.create_topic(OUTPUT, 1).unwrap();
-    kafka.create_topic(DLQ, 1).unwrap();
+    for topic in [OUTPUT, DLQ, OUTCOMES] {
+        kafka.create_topic(topic, 1).unwrap();
+    }
     kafka
+}
+
+/// Asserts that no consumer reported a loss on the outcomes topic: for a test in which every
+/// span came out, any reported loss is a false one.
+pub fn assert_none_reported_lost(kafka: &MockKafka) {
+    let lost = reported_lost(kafka);
+    assert!(
+        lost.is_empty(),
+        "spans reported lost although every span came out: {lost:?}"
+    );
+}
+
+/// Spans the consumers reported lost on the outcomes topic, by reason. Outcome records are
+/// delivered on a task of their own after the flush that found the loss, so this reads until
+/// the topic's end once the caller saw Redis drained, which is after every flush.
+pub fn reported_lost(kafka: &MockKafka) -> BTreeMap<String, u64> {
+    #[derive(serde::Deserialize)]
+    struct Outcome {
+        reason: String,
+        quantity: u64,
+    }
+    let mut lost = BTreeMap::new();
+    for record in kafka.read_all(OUTCOMES, WAIT).unwrap() {
+        let outcome: Outcome = serde_json::from_slice(record.payload.as_deref().unwrap()).unwrap();
+        *lost.entry(outcome.reason).or_default() += outcome.quantity;
+    }
+    lost
 }
 
 /// The runtime for Redis I/O and flush workers.
@@ -136,7 +168,7 @@ pub struct ConsumerSetup {
     pub processor: ProcessorConfig,
     /// The producer of flushed segments; the real Kafka producer when `None`.
     pub producer: Option<Arc<dyn Producer<KafkaPayload>>>,
-    /// The topic of outcome records, if any.
+    /// The topic of outcome records, if any ([`OUTCOMES`] by default, as `run` has them on).
     pub outcomes: Option<&'static str>,
 }
 
@@ -159,7 +191,7 @@ impl Default for ConsumerSetup {
                 .with_poll_timeout(Duration::from_millis(20))
                 .with_join_timeout(Duration::from_secs(10)),
             producer: None,
-            outcomes: None,
+            outcomes: Some(OUTCOMES),
         }
     }
 }
