@@ -56,7 +56,7 @@ use rill::{
 };
 use spans_pipeline::buffer::{BufferOptions, RedisConnection};
 use spans_pipeline::consumer::{ConsumerSettings, KillSwitchHandle, SpansStrategyFactory};
-use spans_pipeline::replay::{ReplayArgs, keys_left, redis_cpu_secs};
+use spans_pipeline::replay::{CommandStat, ReplayArgs, command_stats, keys_left, redis_cpu_secs};
 use spans_pipeline::workload::{
     GeneratedSpan, WorkloadShape, clock_tick, generate, partition_of, write_jsonl,
 };
@@ -162,7 +162,7 @@ fn main() -> Result<(), BoxError> {
         consumer_runs.push(consumer);
     }
     let _ = std::fs::remove_file(&file);
-    print_summary(&consumer_runs, &replay_runs);
+    print_summary(&consumer_runs, &replay_runs, load.len());
     Ok(())
 }
 
@@ -183,6 +183,7 @@ struct ConsumerRun {
     p50: Duration,
     p99: Duration,
     keys_left: u64,
+    commands: Vec<CommandStat>,
 }
 
 impl std::fmt::Display for ConsumerRun {
@@ -347,6 +348,7 @@ fn consumer_once(args: &Args, traces: usize) -> Result<ConsumerRun, BoxError> {
     broker.send("tick")?;
     let all_out: u128 = broker.expect("all-out")?.parse()?;
     let cpu = redis_cpu_secs(&nodes)? - cpu_before;
+    let commands = command_stats(&nodes)?;
     // The tick's own segment comes due 10 s after it; untimed.
     let deadline = Instant::now() + Duration::from_secs(30);
     while keys_left(&nodes)? > 0 && Instant::now() < deadline {
@@ -376,6 +378,7 @@ fn consumer_once(args: &Args, traces: usize) -> Result<ConsumerRun, BoxError> {
         p50: Duration::from_micros(report.p50_us),
         p99: Duration::from_micros(report.p99_us),
         keys_left,
+        commands,
     })
 }
 
@@ -387,6 +390,7 @@ struct ReplayRun {
     ingest_rate: f64,
     ingest_redis_per_100k: f64,
     redis_per_100k: f64,
+    commands: Vec<CommandStat>,
 }
 
 fn replay_once(file: &std::path::Path) -> Result<ReplayRun, BoxError> {
@@ -410,6 +414,7 @@ fn replay_once(file: &std::path::Path) -> Result<ReplayRun, BoxError> {
         ingest_rate: report.ingest.spans_per_sec,
         ingest_redis_per_100k: per_100k(report.ingest.redis_cpu_secs),
         redis_per_100k: per_100k(report.ingest.redis_cpu_secs + report.flush.redis_cpu_secs),
+        commands: command_stats(&[redis.url()])?,
     })
 }
 
@@ -421,7 +426,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn print_summary(consumer: &[ConsumerRun], replay: &[ReplayRun]) {
+fn print_summary(consumer: &[ConsumerRun], replay: &[ReplayRun], spans: usize) {
     let of = |f: fn(&ConsumerRun) -> f64| median(consumer.iter().map(f).collect());
     let replay_of = |f: fn(&ReplayRun) -> f64| median(replay.iter().map(f).collect());
     let ratios: Vec<f64> = consumer
@@ -484,6 +489,45 @@ fn print_summary(consumer: &[ConsumerRun], replay: &[ReplayRun]) {
         "  redis keys left          {:>10} (all runs)",
         consumer.iter().map(|r| r.keys_left).sum::<u64>()
     );
+    if let Some(replay) = replay.last() {
+        print_commands(last, replay, 100_000.0 / spans as f64);
+    }
+}
+
+/// The last run's Redis commands, consumer beside replay, per 100k spans: where Redis' time
+/// goes, and how the consumer's calls differ from the buffer's own.
+fn print_commands(consumer: &ConsumerRun, replay: &ReplayRun, per_100k: f64) {
+    println!("  redis commands per 100k spans (last run): calls and server time");
+    println!(
+        "    {:<14} {:>10} {:>10}   {:>10} {:>10}",
+        "command", "consumer", "ms", "replay", "ms"
+    );
+    let mut names: Vec<&str> = consumer
+        .commands
+        .iter()
+        .chain(&replay.commands)
+        .map(|stat| stat.command.as_str())
+        .collect();
+    let mut seen = HashSet::new();
+    names.retain(|name| seen.insert(*name));
+    let find = |stats: &[CommandStat], name: &str| {
+        stats
+            .iter()
+            .find(|stat| stat.command == name)
+            .map_or((0.0, 0.0), |stat| {
+                (
+                    stat.calls as f64 * per_100k,
+                    stat.usec as f64 / 1000.0 * per_100k,
+                )
+            })
+    };
+    for name in names.into_iter().take(10) {
+        let (calls, ms) = find(&consumer.commands, name);
+        let (replay_calls, replay_ms) = find(&replay.commands, name);
+        println!(
+            "    {name:<14} {calls:>10.0} {ms:>10.1}   {replay_calls:>10.0} {replay_ms:>10.1}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -397,6 +397,58 @@ pub fn redis_cpu_secs(nodes: &[String]) -> Result<f64, ReplayError> {
     Ok(total)
 }
 
+/// One command's share of the work of Redis servers, from `INFO commandstats`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandStat {
+    /// The command, lower case as Redis names it (`evalsha`, `sadd`, `zadd`, ...).
+    pub command: String,
+    /// How many times it ran.
+    pub calls: u64,
+    /// Microseconds of server time it took.
+    pub usec: u64,
+}
+
+/// What the servers at `nodes` ran since they started, summed over the nodes, most costly
+/// first.
+///
+/// # Errors
+///
+/// A server that cannot be reached or queried.
+pub fn command_stats(nodes: &[String]) -> Result<Vec<CommandStat>, ReplayError> {
+    let mut stats: Vec<CommandStat> = Vec::new();
+    for url in nodes {
+        let mut conn = redis::Client::open(url.as_str())?.get_connection()?;
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut conn)?;
+        for (command, fields) in info.lines().filter_map(|line| {
+            line.strip_prefix("cmdstat_")
+                .and_then(|line| line.split_once(':'))
+        }) {
+            let field = |name: &str| {
+                fields
+                    .split(',')
+                    .filter_map(|pair| pair.split_once('='))
+                    .find(|(key, _)| *key == name)
+                    .and_then(|(_, value)| value.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let (calls, usec) = (field("calls"), field("usec"));
+            match stats.iter_mut().find(|stat| stat.command == command) {
+                Some(stat) => {
+                    stat.calls += calls;
+                    stat.usec += usec;
+                }
+                None => stats.push(CommandStat {
+                    command: command.to_owned(),
+                    calls,
+                    usec,
+                }),
+            }
+        }
+    }
+    stats.sort_by(|a, b| b.usec.cmp(&a.usec));
+    Ok(stats)
+}
+
 /// Keys stored on the Redis servers at `nodes`, summed (`DBSIZE`).
 ///
 /// # Errors
