@@ -445,7 +445,7 @@ pub fn command_stats(nodes: &[String]) -> Result<Vec<CommandStat>, ReplayError> 
             }
         }
     }
-    stats.sort_by(|a, b| b.usec.cmp(&a.usec));
+    stats.sort_by_key(|stat| std::cmp::Reverse(stat.usec));
     Ok(stats)
 }
 
