@@ -52,10 +52,11 @@ use rill::backends::kafka::{
 use rill::processor::{ProcessorConfig, StreamProcessor};
 use rill::{
     CommitRequest, Message, Partition, ProcessingStrategy, ProcessingStrategyFactory, Producer,
-    StrategyError, SubmitError, Topic,
+    StrategyError, SubmitError,
 };
-use spans_pipeline::buffer::{BufferOptions, RedisConnection};
-use spans_pipeline::consumer::{ConsumerSettings, KillSwitchHandle, SpansStrategyFactory};
+use spans_pipeline::buffer::RedisConnection;
+use spans_pipeline::config::Config;
+use spans_pipeline::consumer::SpansStrategyFactory;
 use spans_pipeline::replay::{CommandStat, ReplayArgs, command_stats, keys_left, redis_cpu_secs};
 use spans_pipeline::workload::{
     GeneratedSpan, WorkloadShape, clock_tick, generate, partition_of, write_jsonl,
@@ -306,21 +307,14 @@ fn consumer_once(args: &Args, traces: usize) -> Result<ConsumerRun, BoxError> {
             // Segments are keyless: spread them, so no output partition overflows the mock.
             .with_override("sticky.partitioning.linger.ms", "0"),
     )?);
-    let settings = ConsumerSettings {
-        max_batch_time: args.batch_time,
-        commit_interval: Duration::from_millis(100),
-        ..ConsumerSettings::default()
-    };
-    let mut factory = SpansStrategyFactory::new(
-        connection,
-        BufferOptions::default(),
-        None,
-        producer,
-        Topic::new(OUTPUT),
-        settings,
-        KillSwitchHandle::default(),
-        runtime.handle().clone(),
-    );
+    let mut config = Config::default();
+    config.kafka.outcomes_topic = String::new();
+    // Sentry's buffer options as they are, flush locks off included.
+    config.buffer.flush_lock_ttl = Duration::ZERO;
+    config.consumer.max_batch_time = args.batch_time;
+    config.consumer.commit_interval = Duration::from_millis(100);
+    let mut factory =
+        SpansStrategyFactory::from_config(&config, connection, producer, runtime.handle().clone());
     let first = FirstSubmit::default();
     let timed = {
         let first = first.clone();

@@ -18,15 +18,14 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use integration_tests::kafka::MockKafka;
 use integration_tests::redis_server::RedisServer;
+use rill::Producer;
 use rill::backends::kafka::{
     KafkaConsumer, KafkaConsumerConfig, KafkaPayload, KafkaProducer, KafkaProducerConfig,
 };
 use rill::processor::{ProcessorConfig, StreamProcessor};
-use rill::{Producer, Topic};
-use spans_pipeline::buffer::{BufferOptions, RedisConnection};
-use spans_pipeline::consumer::{
-    ConsumerSettings, FlushSettings, KillSwitchHandle, SpansStrategyFactory,
-};
+use spans_pipeline::buffer::RedisConnection;
+use spans_pipeline::config::Config;
+use spans_pipeline::consumer::SpansStrategyFactory;
 use spans_pipeline::replay::{keys_left, redis_cpu_secs};
 use spans_pipeline::workload::{WorkloadShape, generate};
 
@@ -105,32 +104,17 @@ fn run_once(load: &[spans_pipeline::workload::GeneratedSpan]) -> Duration {
         )
         .expect("producer"),
     );
-    let options = BufferOptions {
-        root_timeout_secs: 1,
-        timeout_secs: 1,
-        flush_lock_ttl_secs: 30,
-        ..BufferOptions::default()
-    };
-    let settings = ConsumerSettings {
-        max_batch_time: Duration::from_millis(100),
-        commit_interval: Duration::from_millis(100),
-        idle_sleep: Duration::from_millis(50),
-        flush: FlushSettings {
-            workers: 2,
-            ..FlushSettings::default()
-        },
-        ..ConsumerSettings::default()
-    };
-    let factory = SpansStrategyFactory::new(
-        connection,
-        options,
-        None,
-        producer,
-        Topic::new(OUTPUT),
-        settings,
-        KillSwitchHandle::default(),
-        runtime.handle().clone(),
-    );
+    let mut config = Config::default();
+    config.kafka.outcomes_topic = String::new();
+    config.buffer.root_timeout = Duration::from_secs(1);
+    config.buffer.timeout = Duration::from_secs(1);
+    config.buffer.flush_lock_ttl = Duration::from_secs(30);
+    config.consumer.max_batch_time = Duration::from_millis(100);
+    config.consumer.commit_interval = Duration::from_millis(100);
+    config.flusher.idle_sleep = Duration::from_millis(50);
+    config.flusher.workers = 2;
+    let factory =
+        SpansStrategyFactory::from_config(&config, connection, producer, runtime.handle().clone());
     let consumer = KafkaConsumer::subscribe(
         &KafkaConsumerConfig::new(kafka.bootstrap_servers(), "bench")
             // Both cores are saturated here (Redis, the pipeline, the mock broker): a short

@@ -122,22 +122,13 @@ pub fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         ))
         .map_err(RunError::Redis)?;
     let producer = Arc::new(producer(&config)?);
-    let kill_switch = KillSwitchHandle::new(config.kill_switch.clone());
-    let factory = SpansStrategyFactory::new(
+    let factory = SpansStrategyFactory::from_config(
+        &config,
         connection,
-        config.buffer.options(),
-        config.kafka.slice_id,
         Arc::clone(&producer) as Arc<dyn Producer<KafkaPayload>>,
-        Topic::new(&config.kafka.output_topic),
-        config.consumer_settings(),
-        kill_switch.clone(),
         runtime.handle().clone(),
     );
-    let factory = if config.kafka.outcomes_topic.is_empty() {
-        factory
-    } else {
-        factory.with_outcomes(Topic::new(&config.kafka.outcomes_topic))
-    };
+    let kill_switch = factory.kill_switch();
     let settings = factory.settings();
     let topics: Vec<&str> = config
         .kafka

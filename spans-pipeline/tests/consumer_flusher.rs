@@ -23,7 +23,7 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use rill::backends::kafka::{KafkaPayload, KafkaProducer, KafkaProducerConfig};
 use rill::processor::RunError;
 use rill::{DeliveryError, DeliveryFuture, Destination, ProduceError, Producer};
-use spans_pipeline::consumer::{FlushError, FlushSettings};
+use spans_pipeline::consumer::FlushError;
 use spans_pipeline::metrics as names;
 use support::{
     ConsumerSetup, Traces, assert_all_flushed, committed, output_span_counts, runtime, wait_until,
@@ -224,11 +224,8 @@ impl Fixture {
 /// A fast consumer whose workers are replaced after 1 s of silence, producing with `producer`.
 fn setup(producer: &Arc<FaultyProducer>) -> ConsumerSetup {
     let mut setup = ConsumerSetup::default();
-    setup.settings.flush = FlushSettings {
-        max_unhealthy: Duration::from_secs(1),
-        max_restarts: 3,
-        ..FlushSettings::default()
-    };
+    setup.config.buffer.flusher_max_unhealthy = Duration::from_secs(1);
+    setup.config.flusher.max_restarts = 3;
     setup.processor = setup
         .processor
         .with_backpressure_grace(Duration::from_millis(100));
@@ -301,8 +298,8 @@ fn healthy_flush_workers_are_left_alone_under_a_limit_below_a_second() {
     // A worker with nothing to flush reports every 400 ms, never silent for the 500 ms limit;
     // its reports are whole seconds, which must not make it look silent when the second
     // changes.
-    setup.settings.idle_sleep = Duration::from_millis(400);
-    setup.settings.flush.max_unhealthy = Duration::from_millis(500);
+    setup.config.flusher.idle_sleep = Duration::from_millis(400);
+    setup.config.buffer.flusher_max_unhealthy = Duration::from_millis(500);
     let traces = Traces::new(0, 1, 2, 1);
     traces.produce(&fixture.kafka);
 
@@ -398,7 +395,7 @@ fn a_flush_worker_that_keeps_dying_fails_the_consumer() {
     let _serial = serial();
     let fixture = Fixture::new(RedisMode::Standalone, Fault::Panic, usize::MAX);
     let mut setup = setup(&fixture.producer);
-    setup.settings.flush.max_restarts = 1;
+    setup.config.flusher.max_restarts = 1;
     Traces::new(0, 1, 2, 1).produce(&fixture.kafka);
 
     let (result, _) = fixture.start(&setup).wait_for_exit();
@@ -427,7 +424,7 @@ fn a_flush_worker_whose_flushes_keep_failing_is_replaced_then_fails_the_consumer
     // No faulty sends: the flushes themselves fail.
     let fixture = Fixture::new(RedisMode::Standalone, Fault::Panic, 0);
     let mut setup = setup(&fixture.producer);
-    setup.settings.flush.max_restarts = 2;
+    setup.config.flusher.max_restarts = 2;
     let traces = Traces::new(0, 1, 2, 1);
     traces.produce(&fixture.kafka);
     let consumer = fixture.start(&setup);
@@ -464,9 +461,9 @@ fn a_flush_lock_is_kept_while_a_produce_outlasts_its_ttl() {
     );
     let (kafka, producer) = (&fixture.kafka, &fixture.producer);
     let mut setup = setup(producer);
-    setup.options.flush_lock_ttl_secs = 1;
+    setup.config.buffer.flush_lock_ttl = Duration::from_secs(1);
     // The produce is slow, not hung: the worker must not be replaced meanwhile.
-    setup.settings.flush.max_unhealthy = Duration::from_secs(10);
+    setup.config.buffer.flusher_max_unhealthy = Duration::from_secs(10);
     let mut traces = Traces::new(0, 1, 2, 1);
     traces.produce(kafka);
     let consumer = fixture.start(&setup);
@@ -518,8 +515,8 @@ fn a_lagging_flusher_pauses_consumption_until_it_catches_up() {
     let mut setup = setup(producer);
     // One segment per iteration and at least 20 ms per iteration: 150 due segments keep the
     // worker at its limit for seconds.
-    setup.options.max_flush_segments = 1;
-    setup.settings.flush.backpressure_after = Duration::from_secs(1);
+    setup.config.buffer.max_flush_segments = 1;
+    setup.config.buffer.flusher_backpressure = Duration::from_secs(1);
     let mut traces = Traces::new(0, 150, 0, 1);
     traces.produce(kafka);
 
@@ -574,7 +571,7 @@ fn start_on_a_full_redis(
     // summed over the nodes is over 0.1.
     set_maxmemory(redis, |used| used * 3);
     let mut setup = setup(producer);
-    setup.settings.flush.max_memory_ratio = 0.1;
+    setup.config.buffer.max_memory_percentage = 0.1;
     adjust(&mut setup);
     let mut traces = Traces::new(0, 10, 4, 1);
     traces.produce(kafka);
@@ -631,8 +628,8 @@ fn a_stop_while_redis_is_full_commits_every_batch_already_written() {
     let (kafka, redis) = (&fixture.kafka, &fixture.redis);
     let (consumer, _) = start_on_a_full_redis(&fixture, |setup| {
         // Nothing comes due while the test runs, so what was written stays in Redis.
-        setup.options.root_timeout_secs = 600;
-        setup.options.timeout_secs = 600;
+        setup.config.buffer.root_timeout = Duration::from_secs(600);
+        setup.config.buffer.timeout = Duration::from_secs(600);
     });
     // The batch written but held back by the full Redis is the pipeline's last: closing the
     // pipeline lets it through, so the stop commits it instead of waiting out the join

@@ -36,7 +36,7 @@ fn none_lost_when_a_second_consumer_joins_and_leaves(mode: RedisMode) {
     let runtime = runtime();
     // Two flush workers per consumer: the partitions are spread over them.
     let mut setup = ConsumerSetup::default();
-    setup.settings.flush.workers = 2;
+    setup.config.flusher.workers = 2;
     let before = Traces::new(0, 40, 4, PARTITIONS);
     let during = Traces::new(40, 40, 4, PARTITIONS);
     let after = Traces::new(80, 40, 4, PARTITIONS);

@@ -157,7 +157,7 @@ fn a_commit_due_while_the_broker_is_down_does_not_stop_the_consumer() {
     let runtime = runtime();
     let mut setup = ConsumerSetup::default();
     // The first commit comes due about 2 s after the spans are read: in the outage.
-    setup.settings.commit_interval = Duration::from_secs(2);
+    setup.config.consumer.commit_interval = Duration::from_secs(2);
     let traces = Traces::new(0, 20, 4, PARTITIONS);
     traces.produce(&kafka);
 

@@ -13,7 +13,6 @@ use std::time::Duration;
 use integration_tests::redis_server::{RedisMode, TestRedis};
 use rill::backends::kafka::{KafkaPayload, KafkaProducer, KafkaProducerConfig};
 use rill::{DeliveryError, DeliveryFuture, Destination, ProduceError, Producer};
-use spans_pipeline::consumer::ProducePolicy;
 use support::{ConsumerSetup, OUTPUT, Traces, kafka, runtime, wait_until_drained};
 
 use support::OUTCOMES;
@@ -55,10 +54,8 @@ fn segments_that_cannot_be_produced_become_outcomes_and_the_consumer_goes_on() {
         outcomes: Some(OUTCOMES),
         ..ConsumerSetup::default()
     };
-    setup.settings.produce = ProducePolicy {
-        attempts: 2,
-        backoff: Duration::from_millis(10),
-    };
+    setup.config.flusher.produce_attempts = 2;
+    setup.config.flusher.produce_backoff = Duration::from_millis(10);
     // Two traces of a root and three children each: two segments of four spans.
     let traces = Traces::new(1, 2, 3, 1);
     traces.produce(&kafka);

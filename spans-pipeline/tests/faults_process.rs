@@ -244,7 +244,7 @@ fn a_consumer_joining_and_leaving_during_slow_flushes_loses_nothing_and_splits_n
     };
     // A trace's spans all arrive long before a segment without its root would time out, so
     // every segment is one whole trace unless a flush is cut in two.
-    setup.options.timeout_secs = 10;
+    setup.config.buffer.timeout = Duration::from_secs(10);
     let mut all = Traces::default();
     let mut next = 0;
     produce_wave(&kafka, &mut all, &mut next, 20);

@@ -96,8 +96,8 @@ fn a_redis_blip_of_a_few_seconds_does_not_use_up_the_flush_worker_restarts() {
     let runtime = runtime();
     // A worker silent for 1 s is replaced, and three replacements in a row fail the consumer.
     let mut setup = setup();
-    setup.settings.flush.max_unhealthy = Duration::from_secs(1);
-    setup.settings.flush.max_restarts = 3;
+    setup.config.buffer.flusher_max_unhealthy = Duration::from_secs(1);
+    setup.config.flusher.max_restarts = 3;
     let before = Traces::new(0, 5, 2, 1);
     before.produce(&kafka);
     let consumer = setup.start(&kafka, &redis, &runtime);
@@ -133,8 +133,8 @@ fn a_redis_down_for_fifteen_seconds_holds_commits_back_and_the_consumer_resumes_
     before.produce(&kafka);
     // Segments wait 5 s for flushing, so the crash finds committed spans in Redis.
     let mut setup = setup();
-    setup.options.root_timeout_secs = 5;
-    setup.options.timeout_secs = 10;
+    setup.config.buffer.root_timeout = Duration::from_secs(5);
+    setup.config.buffer.timeout = Duration::from_secs(10);
     let consumer = setup.start(&kafka, &redis, &runtime);
     let written = before.per_partition(1)[0];
     wait_until("the spans before the crash are committed", || {
@@ -377,10 +377,10 @@ fn a_redis_with_a_real_maxmemory_pauses_consumption_before_it_refuses_a_write_an
     let mut setup = setup();
     // Uncompressed and held for five seconds before flushing, so memory builds up well past
     // the limit even on a slow machine.
-    setup.options.compression_level = -1;
-    setup.options.root_timeout_secs = 5;
-    setup.options.timeout_secs = 10;
-    setup.settings.flush.max_memory_ratio = MAX_RATIO;
+    setup.config.buffer.compression_level = -1;
+    setup.config.buffer.root_timeout = Duration::from_secs(5);
+    setup.config.buffer.timeout = Duration::from_secs(10);
+    setup.config.buffer.max_memory_percentage = MAX_RATIO;
     let consumer = setup.start(&kafka, &redis, &runtime);
 
     // About 0.5 MB of spans a second for five seconds: 2.6 MB in all, as the mock cluster keeps

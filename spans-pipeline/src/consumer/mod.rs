@@ -43,6 +43,7 @@ pub use process_spans::ProcessSpans;
 
 use crate::buffer::connection::RESPONSE_TIMEOUT;
 use crate::buffer::{BufferError, BufferOptions, RedisConnection, SpansBuffer};
+use crate::config::Config;
 
 /// Settings of the consumer's steps.
 #[derive(Clone, Debug)]
@@ -125,42 +126,47 @@ impl std::fmt::Debug for SpansStrategyFactory {
 }
 
 impl SpansStrategyFactory {
-    /// A factory writing to Redis through `connection` and flushing to `output` with
-    /// `producer`; Redis calls and flush workers run on `runtime`, which must not be the
-    /// thread the stream processor runs on.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    /// The consumer `config` describes, wired the one way `run`, the demo, the benches and the
+    /// tests all use: buffer options, batching, flush workers, slice id, output topic, the
+    /// outcomes topic (off when empty) and the kill-switch all come from `config`. It writes
+    /// to Redis through `connection` and produces flushed segments (and outcomes) with
+    /// `producer`; Redis calls and flush workers run on `runtime`, which must not be the thread
+    /// the stream processor runs on.
+    ///
+    /// `config` is taken as it is: [`Config::load`](crate::config::Config::load) has checked
+    /// it already, and tests may use values a file could not hold (a one-second flush lock).
+    pub fn from_config(
+        config: &Config,
         connection: RedisConnection,
-        options: BufferOptions,
-        slice_id: Option<u32>,
         producer: Arc<dyn Producer<KafkaPayload>>,
-        output: Topic,
-        settings: ConsumerSettings,
-        kill_switch: KillSwitchHandle,
         runtime: Handle,
     ) -> Self {
+        let outcomes = (!config.kafka.outcomes_topic.is_empty()).then(|| {
+            Outcomes::new(
+                Arc::clone(&producer),
+                Topic::new(&config.kafka.outcomes_topic),
+            )
+        });
         Self {
             connection,
-            settings: SettingsHandle::new(options, settings),
-            slice_id,
+            settings: SettingsHandle::new(config.buffer.options(), config.consumer_settings()),
+            slice_id: config.kafka.slice_id,
             producer,
-            output,
-            kill_switch,
+            output: Topic::new(&config.kafka.output_topic),
+            kill_switch: KillSwitchHandle::new(config.kill_switch.clone()),
             runtime,
-            outcomes: None,
+            outcomes,
         }
-    }
-
-    /// Writes outcome records for spans given up or lost at flush to `topic` (off by default).
-    #[must_use]
-    pub fn with_outcomes(mut self, topic: Topic) -> Self {
-        self.outcomes = Some(Outcomes::new(Arc::clone(&self.producer), topic));
-        self
     }
 
     /// The handle to replace the options and settings at run time.
     pub fn settings(&self) -> SettingsHandle {
         self.settings.clone()
+    }
+
+    /// The handle to replace the kill-switch at run time.
+    pub fn kill_switch(&self) -> KillSwitchHandle {
+        self.kill_switch.clone()
     }
 
     fn build(

@@ -33,7 +33,8 @@ pub use local_redis::{LocalRedis, LocalRedisError};
 use self::feed::Feeder;
 use self::output::{OutputReader, Tally};
 use crate::buffer::{BufferOptions, RedisConnection, SpansBufferStore};
-use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitchHandle, SpansStrategyFactory};
+use crate::config::Config;
+use crate::consumer::SpansStrategyFactory;
 use crate::progress::Progress;
 use crate::workload::{WorkloadShape, clock_tick, generate};
 
@@ -357,30 +358,20 @@ fn start_consumer(
     // arrived) on workload time, and flush locks on, as `run` has them by default: a
     // subsegment that targets a segment being flushed then detaches into a segment of its own
     // instead of being orphaned by the flush's cleanup (docs/decisions.md).
-    let options = BufferOptions {
-        flush_lock_ttl_secs: 30,
-        ..BufferOptions::default()
-    };
     // Batches close sooner than production's second, so that a demo of a few seconds shows
     // its progress smoothly; the flusher looks for due segments ten times a second.
-    let consumer_settings = ConsumerSettings {
-        max_batch_time: Duration::from_millis(100),
-        commit_interval: Duration::from_millis(100),
-        idle_sleep: Duration::from_millis(100),
-        flush: FlushSettings {
-            workers: settings.flusher_workers,
-            ..FlushSettings::default()
-        },
-        ..ConsumerSettings::default()
-    };
-    let factory = SpansStrategyFactory::new(
+    let mut config = Config::default();
+    config.kafka.output_topic = OUTPUT.to_owned();
+    config.kafka.outcomes_topic = String::new();
+    config.buffer.flush_lock_ttl = Duration::from_secs(30);
+    config.consumer.max_batch_time = Duration::from_millis(100);
+    config.consumer.commit_interval = Duration::from_millis(100);
+    config.flusher.idle_sleep = Duration::from_millis(100);
+    config.flusher.workers = settings.flusher_workers;
+    let factory = SpansStrategyFactory::from_config(
+        &config,
         connection,
-        options,
-        None,
         Arc::clone(&producer) as Arc<dyn rill::Producer<KafkaPayload>>,
-        Topic::new(OUTPUT),
-        consumer_settings,
-        KillSwitchHandle::default(),
         runtime.handle().clone(),
     );
     let consumer = KafkaConsumer::subscribe(&KafkaConsumerConfig::new(bootstrap, GROUP), &[INPUT])

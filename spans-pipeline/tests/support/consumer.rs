@@ -23,8 +23,9 @@ use rill::processor::{
 };
 use rill::{Partition, ProcessingStrategyFactory, Producer, Topic};
 use sonic_rs::{JsonContainerTrait, JsonValueTrait};
-use spans_pipeline::buffer::{BufferOptions, RedisConnection};
-use spans_pipeline::consumer::{ConsumerSettings, KillSwitchHandle, SpansStrategyFactory};
+use spans_pipeline::buffer::RedisConnection;
+use spans_pipeline::config::Config;
+use spans_pipeline::consumer::SpansStrategyFactory;
 
 pub const INPUT: &str = "ingest-spans";
 pub const OUTPUT: &str = "buffered-segments";
@@ -160,11 +161,11 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// How to build one consumer; [`ConsumerSetup::default`] is a fast one (short timeouts,
-/// small batches) with the real Kafka producer.
+/// small batches, flush locks off) with the real Kafka producer. The consumer is wired from
+/// `config` by [`SpansStrategyFactory::from_config`], as `spans-pipeline run` wires it.
 #[derive(Clone)]
 pub struct ConsumerSetup {
-    pub options: BufferOptions,
-    pub settings: ConsumerSettings,
+    pub config: Config,
     pub processor: ProcessorConfig,
     /// The producer of flushed segments; the real Kafka producer when `None`.
     pub producer: Option<Arc<dyn Producer<KafkaPayload>>>,
@@ -174,19 +175,17 @@ pub struct ConsumerSetup {
 
 impl Default for ConsumerSetup {
     fn default() -> Self {
+        let mut config = Config::default();
+        config.kafka.output_topic = OUTPUT.to_owned();
+        config.buffer.root_timeout = Duration::from_secs(1);
+        config.buffer.timeout = Duration::from_secs(2);
+        config.buffer.flush_lock_ttl = Duration::ZERO;
+        config.consumer.max_batch_size = 100;
+        config.consumer.max_batch_time = Duration::from_millis(50);
+        config.consumer.commit_interval = Duration::from_millis(50);
+        config.flusher.idle_sleep = Duration::from_millis(50);
         Self {
-            options: BufferOptions {
-                root_timeout_secs: 1,
-                timeout_secs: 2,
-                ..BufferOptions::default()
-            },
-            settings: ConsumerSettings {
-                max_batch_size: 100,
-                max_batch_time: Duration::from_millis(50),
-                commit_interval: Duration::from_millis(50),
-                idle_sleep: Duration::from_millis(50),
-                ..ConsumerSettings::default()
-            },
+            config,
             processor: ProcessorConfig::default()
                 .with_poll_timeout(Duration::from_millis(20))
                 .with_join_timeout(Duration::from_secs(10)),
@@ -218,19 +217,14 @@ impl ConsumerSetup {
             .producer
             .clone()
             .unwrap_or_else(|| Arc::clone(&kafka_producer) as Arc<dyn Producer<KafkaPayload>>);
-        let mut factory = SpansStrategyFactory::new(
+        let mut config = self.config.clone();
+        config.kafka.outcomes_topic = self.outcomes.unwrap_or_default().to_owned();
+        let mut factory = SpansStrategyFactory::from_config(
+            &config,
             connection,
-            self.options.clone(),
-            None,
             producer,
-            Topic::new(OUTPUT),
-            self.settings.clone(),
-            KillSwitchHandle::default(),
             runtime.handle().clone(),
         );
-        if let Some(topic) = self.outcomes {
-            factory = factory.with_outcomes(Topic::new(topic));
-        }
         let assignments = Arc::new(Mutex::new(Vec::new()));
         let recorded = Arc::clone(&assignments);
         let factory = move |partitions: &[Partition]| {
