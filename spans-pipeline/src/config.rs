@@ -23,8 +23,9 @@ use rill::backends::kafka::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::buffer::options::CONSUMER_FLUSH_LOCK_TTL;
 use crate::buffer::{BufferOptions, output};
-use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch, ProducePolicy};
+use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch};
 
 /// The shortest flush lock TTL other than 0 (no locks). A flush extends its locks every third
 /// of the TTL while it produces, so each extension has two thirds of the TTL to reach Redis,
@@ -86,7 +87,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Kafka: brokers, group, topics, client overrides.
@@ -94,15 +95,34 @@ pub struct Config {
     /// Redis: where the buffer lives.
     pub redis: RedisSection,
     /// The consumer's batching and commits.
-    pub consumer: ConsumerSection,
+    pub consumer: ConsumerSettings,
     /// The flush workers.
-    pub flusher: FlusherSection,
+    pub flusher: FlushSettings,
     /// Sentry's `spans.buffer.*` options.
-    pub buffer: BufferSection,
+    pub buffer: BufferOptions,
     /// `spans.drop-in-buffer`: spans dropped at the consumer.
     pub kill_switch: KillSwitch,
     /// Metrics, health and logs.
     pub observability: ObservabilitySection,
+}
+
+impl Default for Config {
+    /// Every section's defaults; `[buffer]` is Sentry's but for flush locks, which are on
+    /// (see [`CONSUMER_FLUSH_LOCK_TTL`]).
+    fn default() -> Self {
+        Self {
+            kafka: KafkaSection::default(),
+            redis: RedisSection::default(),
+            consumer: ConsumerSettings::default(),
+            flusher: FlushSettings::default(),
+            buffer: BufferOptions {
+                flush_lock_ttl: CONSUMER_FLUSH_LOCK_TTL,
+                ..BufferOptions::default()
+            },
+            kill_switch: KillSwitch::default(),
+            observability: ObservabilitySection::default(),
+        }
+    }
 }
 
 /// `[kafka]`. Security settings (`security.protocol`, `sasl.*`, `ssl.*`) go in the overrides,
@@ -130,9 +150,9 @@ pub struct KafkaSection {
     /// Kafka slice id (part of the queue keys), when running sliced.
     pub slice_id: Option<u32>,
     /// `eager` or `cooperative`.
-    pub rebalance_protocol: String,
+    pub rebalance_protocol: Rebalance,
     /// Where to start without a committed offset: `earliest`, `latest` or `error`.
-    pub initial_offset: String,
+    pub initial_offset: StartOffset,
     /// Longest time between two polls before the broker evicts the member.
     #[serde(with = "humantime_serde")]
     pub max_poll_interval: Duration,
@@ -153,11 +173,54 @@ impl Default for KafkaSection {
             dlq_required: false,
             outcomes_topic: "outcomes".to_owned(),
             slice_id: None,
-            rebalance_protocol: "cooperative".to_owned(),
-            initial_offset: "earliest".to_owned(),
+            rebalance_protocol: Rebalance::Cooperative,
+            initial_offset: StartOffset::Earliest,
             max_poll_interval: Duration::from_secs(300),
             consumer_overrides: BTreeMap::new(),
             producer_overrides: BTreeMap::new(),
+        }
+    }
+}
+
+/// `kafka.rebalance_protocol`: how partitions move between members.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rebalance {
+    /// Every member gives up everything at each rebalance (`range,roundrobin`).
+    Eager,
+    /// Only the partitions that move are revoked (`cooperative-sticky`).
+    #[default]
+    Cooperative,
+}
+
+impl From<Rebalance> for RebalanceProtocol {
+    fn from(rebalance: Rebalance) -> Self {
+        match rebalance {
+            Rebalance::Eager => Self::Eager,
+            Rebalance::Cooperative => Self::Cooperative,
+        }
+    }
+}
+
+/// `kafka.initial_offset`: where a partition without a committed offset is read from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartOffset {
+    /// The oldest message kept.
+    #[default]
+    Earliest,
+    /// Only what is produced from now on.
+    Latest,
+    /// Fail instead.
+    Error,
+}
+
+impl From<StartOffset> for InitialOffset {
+    fn from(offset: StartOffset) -> Self {
+        match offset {
+            StartOffset::Earliest => Self::Earliest,
+            StartOffset::Latest => Self::Latest,
+            StartOffset::Error => Self::Error,
         }
     }
 }
@@ -369,180 +432,6 @@ fn read_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
     })
 }
 
-/// `[consumer]`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ConsumerSection {
-    /// Spans per batch (Sentry's `--max-batch-size`).
-    pub max_batch_size: u64,
-    /// Longest a batch waits from its first span (`--max-batch-time-ms`).
-    #[serde(with = "humantime_serde")]
-    pub max_batch_time: Duration,
-    /// How often offsets are committed.
-    #[serde(with = "humantime_serde")]
-    pub commit_interval: Duration,
-    /// How long a rebalance or shutdown waits for the pipeline (and the flush workers).
-    #[serde(with = "humantime_serde")]
-    pub join_timeout: Duration,
-    /// How long the pipeline may reject input before the partitions are paused.
-    #[serde(with = "humantime_serde")]
-    pub backpressure_grace: Duration,
-}
-
-impl Default for ConsumerSection {
-    fn default() -> Self {
-        Self {
-            max_batch_size: 2000,
-            max_batch_time: Duration::from_secs(1),
-            commit_interval: Duration::from_secs(1),
-            join_timeout: Duration::from_secs(25),
-            backpressure_grace: Duration::from_secs(5),
-        }
-    }
-}
-
-/// `[flusher]`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FlusherSection {
-    /// Flush workers (`--flusher-processes`); never more than the assigned partitions.
-    pub workers: usize,
-    /// Pause of a worker after an iteration that flushed nothing.
-    #[serde(with = "humantime_serde")]
-    pub idle_sleep: Duration,
-    /// Sends per flushed message before its segment is given up (with an outcome).
-    pub produce_attempts: u32,
-    /// Pause before resending; doubles each time.
-    #[serde(with = "humantime_serde")]
-    pub produce_backoff: Duration,
-    /// Replacements of one worker before the consumer fails.
-    pub max_restarts: u32,
-}
-
-impl Default for FlusherSection {
-    fn default() -> Self {
-        Self {
-            workers: 1,
-            idle_sleep: Duration::from_secs(1),
-            produce_attempts: 3,
-            produce_backoff: Duration::from_millis(200),
-            max_restarts: 10,
-        }
-    }
-}
-
-/// `[buffer]`: Sentry's `spans.buffer.*` options (names without the prefix, `-` and `.` as
-/// `_`), durations in human form.
-#[derive(Clone, Debug, Deserialize, PartialEq, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BufferSection {
-    /// `spans.buffer.timeout`.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    /// `spans.buffer.root-timeout`.
-    #[serde(with = "humantime_serde")]
-    pub root_timeout: Duration,
-    /// `spans.buffer.redis-ttl`.
-    #[serde(with = "humantime_serde")]
-    pub redis_ttl: Duration,
-    /// `spans.buffer.max-segment-bytes`: bytes, or a size with a unit (`"10MiB"`).
-    #[serde(with = "size")]
-    pub max_segment_bytes: u64,
-    /// `spans.buffer.max-flush-segments`.
-    pub max_flush_segments: usize,
-    /// `spans.buffer.segment-page-size`.
-    pub segment_page_size: usize,
-    /// `spans.buffer.max-memory-percentage` (1.0 = off).
-    pub max_memory_percentage: f64,
-    /// `spans.buffer.flusher.backpressure-seconds`.
-    #[serde(with = "humantime_serde")]
-    pub flusher_backpressure: Duration,
-    /// `spans.buffer.flusher.max-unhealthy-seconds`.
-    #[serde(with = "humantime_serde")]
-    pub flusher_max_unhealthy: Duration,
-    /// `spans.buffer.flusher.flush-lock-ttl` (0 = off). Default 30 s, not Sentry's 0.
-    #[serde(with = "humantime_serde")]
-    pub flush_lock_ttl: Duration,
-    /// `spans.buffer.flusher.log-flushed-segments`.
-    pub log_flushed_segments: bool,
-    /// `spans.buffer.compression.level` (-1 = off, 0 = zstd's default).
-    pub compression_level: i32,
-    /// `spans.buffer.pipeline-batch-size` (0 = no split).
-    pub pipeline_batch_size: usize,
-    /// `spans.buffer.max-spans-per-evalsha` (0 = no split).
-    pub max_spans_per_evalsha: usize,
-    /// `spans.buffer.evalsha-latency-threshold`.
-    #[serde(with = "humantime_serde")]
-    pub evalsha_latency_threshold: Duration,
-    /// `spans.buffer.debug-traces`.
-    pub debug_traces: Vec<String>,
-    /// The script's metrics sample rate (1 call in N).
-    pub metrics_sample_rate: u32,
-    /// `spans.buffer.write-distributed-payloads`.
-    pub write_distributed_payloads: bool,
-    /// `spans.buffer.read-distributed-payloads`.
-    pub read_distributed_payloads: bool,
-    /// `spans.buffer.write-merged-payloads`.
-    pub write_merged_payloads: bool,
-}
-
-impl Default for BufferSection {
-    fn default() -> Self {
-        let sentry = BufferOptions::default();
-        Self {
-            timeout: Duration::from_secs(sentry.timeout_secs),
-            root_timeout: Duration::from_secs(sentry.root_timeout_secs),
-            redis_ttl: Duration::from_secs(sentry.redis_ttl_secs),
-            max_segment_bytes: sentry.max_segment_bytes,
-            max_flush_segments: sentry.max_flush_segments,
-            segment_page_size: sentry.segment_page_size,
-            max_memory_percentage: sentry.max_memory_percentage,
-            flusher_backpressure: Duration::from_secs(sentry.flusher_backpressure_secs),
-            flusher_max_unhealthy: Duration::from_secs(sentry.flusher_max_unhealthy_secs),
-            flush_lock_ttl: Duration::from_secs(30),
-            log_flushed_segments: sentry.log_flushed_segments,
-            compression_level: sentry.compression_level,
-            pipeline_batch_size: sentry.pipeline_batch_size,
-            max_spans_per_evalsha: sentry.max_spans_per_evalsha,
-            evalsha_latency_threshold: Duration::from_millis(sentry.evalsha_latency_threshold_ms),
-            debug_traces: sentry.debug_traces,
-            metrics_sample_rate: sentry.metrics_sample_rate,
-            write_distributed_payloads: sentry.write_distributed_payloads,
-            read_distributed_payloads: sentry.read_distributed_payloads,
-            write_merged_payloads: sentry.write_merged_payloads,
-        }
-    }
-}
-
-impl BufferSection {
-    /// The buffer options these settings stand for.
-    pub fn options(&self) -> BufferOptions {
-        BufferOptions {
-            timeout_secs: self.timeout.as_secs(),
-            root_timeout_secs: self.root_timeout.as_secs(),
-            redis_ttl_secs: self.redis_ttl.as_secs(),
-            max_segment_bytes: self.max_segment_bytes,
-            max_flush_segments: self.max_flush_segments,
-            segment_page_size: self.segment_page_size,
-            max_memory_percentage: self.max_memory_percentage,
-            flusher_backpressure_secs: self.flusher_backpressure.as_secs(),
-            flusher_max_unhealthy_secs: self.flusher_max_unhealthy.as_secs(),
-            flush_lock_ttl_secs: self.flush_lock_ttl.as_secs(),
-            log_flushed_segments: self.log_flushed_segments,
-            compression_level: self.compression_level,
-            pipeline_batch_size: self.pipeline_batch_size,
-            max_spans_per_evalsha: self.max_spans_per_evalsha,
-            evalsha_latency_threshold_ms: u64::try_from(self.evalsha_latency_threshold.as_millis())
-                .unwrap_or(u64::MAX),
-            debug_traces: self.debug_traces.clone(),
-            metrics_sample_rate: self.metrics_sample_rate,
-            write_distributed_payloads: self.write_distributed_payloads,
-            read_distributed_payloads: self.read_distributed_payloads,
-            write_merged_payloads: self.write_merged_payloads,
-        }
-    }
-}
-
 /// `[observability]`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -628,24 +517,6 @@ impl Config {
                 "needs a `kafka.dlq_topic`: without one, invalid messages are logged and skipped",
             );
         }
-        if !matches!(
-            self.kafka.rebalance_protocol.as_str(),
-            "eager" | "cooperative"
-        ) {
-            return fail(
-                "kafka.rebalance_protocol",
-                "must be `eager` or `cooperative`",
-            );
-        }
-        if !matches!(
-            self.kafka.initial_offset.as_str(),
-            "earliest" | "latest" | "error"
-        ) {
-            return fail(
-                "kafka.initial_offset",
-                "must be `earliest`, `latest` or `error`",
-            );
-        }
         if self.redis.urls.is_empty() {
             return fail("redis.urls", "at least one URL is needed");
         }
@@ -694,34 +565,10 @@ impl Config {
         if self.buffer.metrics_sample_rate == 0 {
             return fail("buffer.metrics_sample_rate", "must be at least 1");
         }
-        self.buffer
-            .options()
-            .validate()
-            .map_err(|error| ConfigError::Value {
-                key: "buffer",
-                reason: error.to_string(),
-            })
-    }
-
-    /// The consumer's step settings.
-    pub fn consumer_settings(&self) -> ConsumerSettings {
-        ConsumerSettings {
-            max_batch_size: self.consumer.max_batch_size,
-            max_batch_time: self.consumer.max_batch_time,
-            commit_interval: self.consumer.commit_interval,
-            idle_sleep: self.flusher.idle_sleep,
-            produce: ProducePolicy {
-                attempts: self.flusher.produce_attempts,
-                backoff: self.flusher.produce_backoff,
-            },
-            flush: FlushSettings {
-                workers: self.flusher.workers,
-                max_unhealthy: self.buffer.flusher_max_unhealthy,
-                backpressure_after: self.buffer.flusher_backpressure,
-                max_memory_ratio: self.buffer.max_memory_percentage,
-                max_restarts: self.flusher.max_restarts,
-            },
-        }
+        self.buffer.validate().map_err(|error| ConfigError::Value {
+            key: "buffer",
+            reason: error.to_string(),
+        })
     }
 
     /// The settings of the input consumer: typed ones from `[kafka]`, then every
@@ -729,15 +576,8 @@ impl Config {
     pub fn kafka_consumer_config(&self) -> KafkaConsumerConfig {
         let kafka = &self.kafka;
         let mut consumer = KafkaConsumerConfig::new(&kafka.bootstrap_servers, &kafka.group_id)
-            .with_rebalance_protocol(match kafka.rebalance_protocol.as_str() {
-                "eager" => RebalanceProtocol::Eager,
-                _ => RebalanceProtocol::Cooperative,
-            })
-            .with_initial_offset(match kafka.initial_offset.as_str() {
-                "latest" => InitialOffset::Latest,
-                "error" => InitialOffset::Error,
-                _ => InitialOffset::Earliest,
-            })
+            .with_rebalance_protocol(kafka.rebalance_protocol.into())
+            .with_initial_offset(kafka.initial_offset.into())
             .with_max_poll_interval(kafka.max_poll_interval);
         for (key, value) in &kafka.consumer_overrides {
             consumer = consumer.with_override(key, value);
@@ -805,13 +645,9 @@ impl Config {
     }
 }
 
-/// `value` in seconds, refused with `key` named when it has a fraction of a second, or is zero
-/// where zero does not work.
-fn whole_seconds(
-    key: &'static str,
-    value: Duration,
-    may_be_zero: bool,
-) -> Result<u64, ConfigError> {
+/// Refuses `value` with `key` named when it has a fraction of a second, or is zero where zero
+/// does not work.
+fn whole_seconds(key: &'static str, value: Duration, may_be_zero: bool) -> Result<(), ConfigError> {
     let shown = humantime::format_duration(value);
     if value.subsec_nanos() != 0 {
         return Err(ConfigError::Value {
@@ -827,7 +663,7 @@ fn whole_seconds(
             reason: "must be at least one second".to_owned(),
         });
     }
-    Ok(value.as_secs())
+    Ok(())
 }
 
 /// [`ConfigError::Override`] for `entry`, shown up to its key when it is about a secret.
@@ -928,13 +764,14 @@ mod tests {
     fn an_empty_file_gives_sentrys_defaults_with_locks_on() {
         let config = load("", &[], &[]).unwrap();
 
-        let options = config.buffer.options();
-        assert_eq!(options.timeout_secs, 60);
-        assert_eq!(options.root_timeout_secs, 10);
-        assert_eq!(options.redis_ttl_secs, 3600);
+        let options = &config.buffer;
+        assert_eq!(options.timeout, Duration::from_secs(60));
+        assert_eq!(options.root_timeout, Duration::from_secs(10));
+        assert_eq!(options.redis_ttl, Duration::from_secs(3600));
         assert_eq!(options.max_segment_bytes, 10 * 1024 * 1024);
         assert_eq!(options.max_flush_segments, 500);
-        assert_eq!(options.flush_lock_ttl_secs, 30);
+        assert_eq!(options.flush_lock_ttl, Duration::from_secs(30));
+        assert_eq!(config, Config::default());
         assert_eq!(config.consumer.max_batch_size, 2000);
         assert_eq!(config.kafka.output_topic, "buffered-segments");
     }
@@ -986,15 +823,32 @@ mod tests {
             ],
         )
         .unwrap();
-        let options = config.buffer.options();
+        let options = &config.buffer;
         assert_eq!(
             (
-                options.timeout_secs,
-                options.redis_ttl_secs,
-                options.flush_lock_ttl_secs
+                options.timeout.as_secs(),
+                options.redis_ttl.as_secs(),
+                options.flush_lock_ttl.as_secs()
             ),
             (2, 90, 0)
         );
+    }
+
+    #[test]
+    fn closed_sets_are_refused_naming_their_key_and_their_values() {
+        let error = load("", &[], &["kafka.rebalance_protocol=sticky"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("kafka.rebalance_protocol"), "{error}");
+        assert!(error.contains("`eager` or `cooperative`"), "{error}");
+        let config = load(
+            "[kafka]\ninitial_offset = \"latest\"\nrebalance_protocol = \"eager\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.kafka.initial_offset, StartOffset::Latest);
+        assert_eq!(config.kafka.rebalance_protocol, Rebalance::Eager);
     }
 
     #[test]
@@ -1026,7 +880,7 @@ mod tests {
         }
         for (value, secs) in [("0s", 0), ("3s", 3), ("30s", 30)] {
             let config = load("", &[], &[&format!("buffer.flush_lock_ttl={value}")]).unwrap();
-            assert_eq!(config.buffer.options().flush_lock_ttl_secs, secs, "{value}");
+            assert_eq!(config.buffer.flush_lock_ttl.as_secs(), secs, "{value}");
         }
     }
 
@@ -1039,9 +893,14 @@ mod tests {
         )
         .unwrap();
 
-        let flush = config.consumer_settings().flush;
-        assert_eq!(flush.backpressure_after, Duration::from_millis(1500));
-        assert_eq!(flush.max_unhealthy, Duration::from_millis(2500));
+        assert_eq!(
+            config.buffer.flusher_backpressure,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            config.buffer.flusher_max_unhealthy,
+            Duration::from_millis(2500)
+        );
     }
 
     #[test]

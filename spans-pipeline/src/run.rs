@@ -32,7 +32,9 @@ use rill::{Producer, Topic};
 
 use crate::buffer::RedisConnection;
 use crate::config::{Config, ConfigError, KafkaSection};
-use crate::consumer::{ErrorChain, KillSwitchHandle, SettingsHandle, SpansStrategyFactory};
+use crate::consumer::{
+    ErrorChain, KillSwitchHandle, PipelineSettings, SettingsHandle, SpansStrategyFactory,
+};
 
 /// How long the start-time check of the dead-letter topic waits for the brokers.
 const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -277,8 +279,7 @@ impl Reloader {
             || next.consumer != self.running.consumer
             || next.flusher != self.running.flusher
         {
-            self.settings
-                .replace(next.buffer.options(), next.consumer_settings());
+            self.settings.replace(PipelineSettings::of(&next));
             self.handle.request_rebuild();
             tracing::info!("Buffer and pipeline settings reloaded; rebuilding the pipeline.");
         }

@@ -7,6 +7,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use integration_tests::redis_server::{RedisMode, TestRedis};
 use sonic_rs::JsonValueTrait;
 use spans_pipeline::buffer::{
@@ -158,7 +160,7 @@ async fn payload_members_that_are_not_spans_are_dropped_and_counted_as_lost() {
 
 fn with_locks(ttl_secs: u64) -> BufferOptions {
     BufferOptions {
-        flush_lock_ttl_secs: ttl_secs,
+        flush_lock_ttl: Duration::from_secs(ttl_secs),
         ..BufferOptions::default()
     }
 }
@@ -688,7 +690,7 @@ async fn done_flush_cleans_up_everything() {
 /// Root b from partition 0 and child a from partition 1: the segment is in queues 0 and 1.
 async fn segment_in_two_queues(redis: &TestRedis, lock_ttl: u64) -> (SpansBuffer, SpansBuffer) {
     let options = BufferOptions {
-        flush_lock_ttl_secs: lock_ttl,
+        flush_lock_ttl: Duration::from_secs(lock_ttl),
         ..BufferOptions::default()
     };
     let mut a = buffer(redis, options.clone(), vec![0]).await;
@@ -732,7 +734,7 @@ async fn flush_lock_is_released_after_done() {
     for mode in TestRedis::MODES {
         let redis = start(mode);
         let options = BufferOptions {
-            flush_lock_ttl_secs: 60,
+            flush_lock_ttl: Duration::from_secs(60),
             ..BufferOptions::default()
         };
         let mut buffer = buffer(&redis, options, vec![0]).await;
@@ -809,7 +811,7 @@ async fn flush_lock_mixed_contention() {
         for (lock_ttl, total) in [(0, 8), (10, 6)] {
             let redis = start(mode);
             let options = BufferOptions {
-                flush_lock_ttl_secs: lock_ttl,
+                flush_lock_ttl: Duration::from_secs(lock_ttl),
                 ..BufferOptions::default()
             };
             let mut zero = buffer(&redis, options.clone(), vec![0]).await;
@@ -844,7 +846,7 @@ async fn flush_lock_detaches_a_subsegment_arriving_during_the_flush() {
     for mode in TestRedis::MODES {
         let redis = start(mode);
         let options = BufferOptions {
-            flush_lock_ttl_secs: 20,
+            flush_lock_ttl: Duration::from_secs(20),
             ..BufferOptions::default()
         };
         let mut buffer = buffer(&redis, options, vec![0]).await;
@@ -873,7 +875,7 @@ async fn a_lock_expired_before_cleanup_flushes_the_segment_again_with_its_new_sp
     for mode in TestRedis::MODES {
         let redis = start(mode);
         let options = BufferOptions {
-            flush_lock_ttl_secs: 60,
+            flush_lock_ttl: Duration::from_secs(60),
             ..BufferOptions::default()
         };
         let mut buffer = buffer(&redis, options, vec![0]).await;
@@ -1034,7 +1036,7 @@ async fn loss_accounting_reports_spans_ingested_but_not_loaded() {
 async fn empty_segments_count_as_expired_only_past_the_ttl() {
     for mode in TestRedis::MODES {
         let options = BufferOptions::default();
-        let threshold = (options.redis_ttl_secs - options.root_timeout_secs) as i64;
+        let threshold = (options.redis_ttl - options.root_timeout).as_secs() as i64;
         for (now, expired) in [(threshold + 1, 1), (threshold, 0)] {
             let redis = start(mode);
             let buffer = buffer(&redis, options.clone(), vec![0]).await;

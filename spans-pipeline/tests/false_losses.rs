@@ -9,6 +9,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use std::collections::BTreeMap;
 
 use integration_tests::redis_server::{RedisMode, TestRedis};
@@ -25,7 +27,7 @@ fn configurations() -> Vec<(RedisMode, BufferOptions)> {
                     mode,
                     BufferOptions {
                         max_spans_per_evalsha: per_call,
-                        flush_lock_ttl_secs: lock_ttl,
+                        flush_lock_ttl: Duration::from_secs(lock_ttl),
                         ..BufferOptions::default()
                     },
                 ));
@@ -39,7 +41,7 @@ fn with_locks(mode: RedisMode) -> (RedisMode, BufferOptions) {
     (
         mode,
         BufferOptions {
-            flush_lock_ttl_secs: 30,
+            flush_lock_ttl: Duration::from_secs(30),
             ..BufferOptions::default()
         },
     )
@@ -72,7 +74,8 @@ fn lost(flush: &spans_pipeline::buffer::Flush) -> u64 {
 async fn start_buffer(mode: RedisMode, options: BufferOptions) -> (TestRedis, SpansBuffer, String) {
     let context = format!(
         "{mode:?}, one call per subsegment: {}, lock ttl: {}",
-        options.max_spans_per_evalsha, options.flush_lock_ttl_secs
+        options.max_spans_per_evalsha,
+        options.flush_lock_ttl.as_secs()
     );
     let redis = start(mode);
     let buffer = buffer(&redis, options, vec![0]).await;

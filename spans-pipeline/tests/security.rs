@@ -67,7 +67,7 @@ impl Workload {
     fn options() -> BufferOptions {
         BufferOptions {
             max_segment_bytes: 150,
-            flush_lock_ttl_secs: 30,
+            flush_lock_ttl: Duration::from_secs(30),
             ..BufferOptions::default()
         }
     }

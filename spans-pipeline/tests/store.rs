@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use integration_tests::redis_server::TestRedis;
 use spans_pipeline::buffer::codec::PayloadEncoder;
 use spans_pipeline::buffer::keys;
@@ -117,7 +119,7 @@ async fn load_flush_candidates_sets_bad_queue_entries_aside_and_returns_the_othe
 async fn acquire_flush_locks_keeps_unlocked_candidates() {
     for_each_mode(|redis: TestRedis| async move {
         let options = BufferOptions {
-            flush_lock_ttl_secs: 30,
+            flush_lock_ttl: Duration::from_secs(30),
             ..BufferOptions::default()
         };
         let store = store(&redis, options).await;

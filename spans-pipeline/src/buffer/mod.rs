@@ -30,7 +30,7 @@ pub mod subsegment;
 pub mod write_order;
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub use connection::{CommandBatch, RedisConnection};
 pub use error::BufferError;
@@ -241,7 +241,7 @@ impl SpansBuffer {
         record_process_metrics(
             &stats,
             &batch.inserted,
-            self.options().evalsha_latency_threshold_ms,
+            self.options().evalsha_latency_threshold,
         );
         Ok(stats)
     }
@@ -278,7 +278,7 @@ impl SpansBuffer {
         let started = Instant::now();
         // One token per flush: its cleanup acts only on the locks that still hold it.
         let lock_token =
-            (options.flush_lock_ttl_secs > 0).then(|| uuid::Uuid::new_v4().simple().to_string());
+            (!options.flush_lock_ttl.is_zero()).then(|| uuid::Uuid::new_v4().simple().to_string());
         let (candidates, contention) = self
             .store
             .acquire_flush_locks(candidates, lock_token.as_deref().unwrap_or_default())
@@ -354,8 +354,8 @@ impl SpansBuffer {
             if segment.ingested.span_count.is_none() {
                 let options = self.store.options();
                 let age = now - segment.candidate.deadline
-                    + i64::try_from(options.root_timeout_secs).unwrap_or(0);
-                if age > i64::try_from(options.redis_ttl_secs).unwrap_or(i64::MAX) {
+                    + i64::try_from(options.root_timeout.as_secs()).unwrap_or(0);
+                if age > i64::try_from(options.redis_ttl.as_secs()).unwrap_or(i64::MAX) {
                     stats.expired_before_flush += 1;
                 }
             }
@@ -479,7 +479,7 @@ fn build_flushed_segment(segment: LoadedSegment) -> (FlushedSegment, u64) {
 fn record_process_metrics(
     stats: &ProcessStats,
     inserted: &[InsertedSubsegment],
-    latency_threshold_ms: u64,
+    latency_threshold: Duration,
 ) {
     metrics::counter!(names::PROCESS_SPANS).increment(stats.spans as u64);
     metrics::histogram!(names::PROCESS_SUBSEGMENTS).record(stats.subsegments as f64);
@@ -498,7 +498,7 @@ fn record_process_metrics(
         if let Some(n) = sample.metric("already_counted") {
             metrics::counter!(names::ALREADY_COUNTED).increment(n.max(0) as u64);
         }
-        if sample.latency_us > latency_threshold_ms * 1000 {
+        if u128::from(sample.latency_us) > latency_threshold.as_micros() {
             tracing::warn!(
                 latency_us = sample.latency_us,
                 "Slow add-buffer script call."

@@ -1,40 +1,60 @@
-//! Every `spans.buffer.*` option of Sentry's buffer that changes what the buffer does, with
-//! Sentry's defaults, plus the three payload-layout migration switches.
+//! Every `spans.buffer.*` option of Sentry's buffer that changes what the buffer does, plus the
+//! three payload-layout migration switches: the one definition of the configuration file's
+//! `[buffer]` section and of what the buffer runs with.
 //!
-//! Here field names are the option names with `-`/`.` turned into `_` and units in the names
-//! (`timeout_secs`); the consumer's configuration file (`[buffer]` in `config.rs`) has its own
-//! names with durations written out (`timeout = "10s"`) and maps onto these.
+//! Field names are Sentry's option names without the prefix, `-` and `.` as `_`; durations are
+//! [`Duration`]s, written the human way in the file (`timeout = "10s"`). The values Redis keeps
+//! in whole seconds (`timeout`, `root_timeout`, `redis_ttl`, `flush_lock_ttl`) are checked to be
+//! whole seconds where the configuration is loaded (`config.rs`), which names the key.
+//!
+//! [`BufferOptions::default`] is Sentry's defaults, flush locks off included. The file's
+//! `[buffer]` differs in one deliberate place: a missing `flush_lock_ttl` is 30 s
+//! ([`CONSUMER_FLUSH_LOCK_TTL`], see `docs/decisions.md`, "Flush locks are on by default").
 
-use serde::Deserialize;
+use std::time::Duration;
 
-/// Runtime options of the spans buffer.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+use serde::{Deserialize, Serialize};
+
+/// The flush lock TTL of the consumer's configuration when the file does not set one.
+pub const CONSUMER_FLUSH_LOCK_TTL: Duration = Duration::from_secs(30);
+
+/// Runtime options of the spans buffer, and the `[buffer]` section of the configuration.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BufferOptions {
-    /// `spans.buffer.timeout`: seconds a segment without its root waits for more spans.
-    pub timeout_secs: u64,
-    /// `spans.buffer.root-timeout`: seconds a segment that has seen its root waits.
-    pub root_timeout_secs: u64,
+    /// `spans.buffer.timeout`: how long a segment without its root waits for more spans.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// `spans.buffer.root-timeout`: how long a segment that has seen its root waits.
+    #[serde(with = "humantime_serde")]
+    pub root_timeout: Duration,
     /// `spans.buffer.redis-ttl`: TTL of every buffer key, refreshed on write.
-    pub redis_ttl_secs: u64,
+    #[serde(with = "humantime_serde")]
+    pub redis_ttl: Duration,
     /// `spans.buffer.max-segment-bytes`: ingest-time detach threshold (uncompressed bytes,
-    /// 0 = unlimited) and flush-time chunk size of output messages.
+    /// 0 = unlimited) and flush-time chunk size of output messages; bytes, or a size with a
+    /// unit (`"10MiB"`).
+    #[serde(with = "crate::config::size")]
     pub max_segment_bytes: u64,
     /// `spans.buffer.max-flush-segments`: segments per flush call, divided across shards.
     pub max_flush_segments: usize,
     /// `spans.buffer.segment-page-size`: `SSCAN COUNT` when loading payloads.
     pub segment_page_size: usize,
     /// `spans.buffer.max-memory-percentage`: Redis used/available ratio that pauses the
-    /// consumer (1.0 = off). Read by the consumer, carried here with the other options.
+    /// consumer (1.0 = off).
     pub max_memory_percentage: f64,
     /// `spans.buffer.flusher.backpressure-seconds`: how long a flusher may stay at its limit
     /// before the consumer rejects messages.
-    pub flusher_backpressure_secs: u64,
-    /// `spans.buffer.flusher.max-unhealthy-seconds`: flusher hang detection.
-    pub flusher_max_unhealthy_secs: u64,
-    /// `spans.buffer.flusher.flush-lock-ttl`: per-segment flush lock TTL in seconds
-    /// (0 = locks off; >0 also detaches subsegments that target a locked segment).
-    pub flush_lock_ttl_secs: u64,
+    #[serde(with = "humantime_serde")]
+    pub flusher_backpressure: Duration,
+    /// `spans.buffer.flusher.max-unhealthy-seconds`: a flush worker silent for longer is
+    /// replaced.
+    #[serde(with = "humantime_serde")]
+    pub flusher_max_unhealthy: Duration,
+    /// `spans.buffer.flusher.flush-lock-ttl`: per-segment flush lock TTL (0 = locks off; above
+    /// 0 also detaches subsegments that target a locked segment).
+    #[serde(with = "humantime_serde", default = "consumer_flush_lock_ttl")]
+    pub flush_lock_ttl: Duration,
     /// `spans.buffer.flusher.log-flushed-segments`: log every flushed segment.
     pub log_flushed_segments: bool,
     /// `spans.buffer.compression.level`: zstd level, 0 = zstd default, -1 = off.
@@ -43,9 +63,10 @@ pub struct BufferOptions {
     pub pipeline_batch_size: usize,
     /// `spans.buffer.max-spans-per-evalsha`: span ids per script call (0 = no split).
     pub max_spans_per_evalsha: usize,
-    /// `spans.buffer.evalsha-latency-threshold`: script calls slower than this many
-    /// milliseconds (when sampled) are logged.
-    pub evalsha_latency_threshold_ms: u64,
+    /// `spans.buffer.evalsha-latency-threshold`: script calls slower than this (when sampled)
+    /// are logged.
+    #[serde(with = "humantime_serde")]
+    pub evalsha_latency_threshold: Duration,
     /// `spans.buffer.debug-traces`: trace ids that get verbose debug logs.
     pub debug_traces: Vec<String>,
     /// The script's `metrics_sample_rate`: script metrics are gathered for 1 call in N.
@@ -61,24 +82,29 @@ pub struct BufferOptions {
     pub write_merged_payloads: bool,
 }
 
+/// The file's default of `flush_lock_ttl`; see the module docs.
+fn consumer_flush_lock_ttl() -> Duration {
+    CONSUMER_FLUSH_LOCK_TTL
+}
+
 impl Default for BufferOptions {
     fn default() -> Self {
         Self {
-            timeout_secs: 60,
-            root_timeout_secs: 10,
-            redis_ttl_secs: 3600,
+            timeout: Duration::from_secs(60),
+            root_timeout: Duration::from_secs(10),
+            redis_ttl: Duration::from_secs(3600),
             max_segment_bytes: 10 * 1024 * 1024,
             max_flush_segments: 500,
             segment_page_size: 100,
             max_memory_percentage: 1.0,
-            flusher_backpressure_secs: 10,
-            flusher_max_unhealthy_secs: 60,
-            flush_lock_ttl_secs: 0,
+            flusher_backpressure: Duration::from_secs(10),
+            flusher_max_unhealthy: Duration::from_secs(60),
+            flush_lock_ttl: Duration::ZERO,
             log_flushed_segments: false,
             compression_level: 0,
             pipeline_batch_size: 0,
             max_spans_per_evalsha: 0,
-            evalsha_latency_threshold_ms: 100,
+            evalsha_latency_threshold: Duration::from_millis(100),
             debug_traces: Vec::new(),
             metrics_sample_rate: 100,
             write_distributed_payloads: true,
@@ -134,13 +160,13 @@ mod tests {
     #[test]
     fn defaults_match_sentry() {
         let options = BufferOptions::default();
-        assert_eq!(options.timeout_secs, 60);
-        assert_eq!(options.root_timeout_secs, 10);
-        assert_eq!(options.redis_ttl_secs, 3600);
+        assert_eq!(options.timeout, Duration::from_secs(60));
+        assert_eq!(options.root_timeout, Duration::from_secs(10));
+        assert_eq!(options.redis_ttl, Duration::from_secs(3600));
         assert_eq!(options.max_segment_bytes, 10_485_760);
         assert_eq!(options.max_flush_segments, 500);
         assert_eq!(options.segment_page_size, 100);
-        assert_eq!(options.flush_lock_ttl_secs, 0);
+        assert_eq!(options.flush_lock_ttl, Duration::ZERO);
         assert_eq!(options.compression_level, 0);
         assert!(options.validate().is_ok());
         assert!(
@@ -167,12 +193,12 @@ mod tests {
     }
 
     #[test]
-    fn deserializes_partial_settings_with_defaults() {
-        let options: BufferOptions =
-            sonic_rs::from_str(r#"{"timeout_secs": 5, "flush_lock_ttl_secs": 20}"#).unwrap();
-        assert_eq!(options.timeout_secs, 5);
-        assert_eq!(options.flush_lock_ttl_secs, 20);
-        assert_eq!(options.root_timeout_secs, 10);
-        assert!(sonic_rs::from_str::<BufferOptions>(r#"{"nope": 1}"#).is_err());
+    fn a_section_without_a_flush_lock_ttl_has_the_consumers_locks_on() {
+        let options: BufferOptions = toml::from_str("timeout = \"5s\"").unwrap();
+        assert_eq!(options.timeout, Duration::from_secs(5));
+        assert_eq!(options.root_timeout, Duration::from_secs(10));
+        assert_eq!(options.flush_lock_ttl, CONSUMER_FLUSH_LOCK_TTL);
+        let off: BufferOptions = toml::from_str("flush_lock_ttl = \"0s\"").unwrap();
+        assert_eq!(off.flush_lock_ttl, Duration::ZERO);
     }
 }

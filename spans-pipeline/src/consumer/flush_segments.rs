@@ -13,14 +13,15 @@
 //!   and waits at start until every worker has completed an iteration: a flusher that cannot
 //!   run must not let the consumer fill Redis;
 //! - watches every worker: one whose task ended, or that has not completed an iteration for
-//!   `max_unhealthy` (hung, or every flush failing), is stopped for good (its generation is
+//!   `flusher_max_unhealthy` (hung, or every flush failing), is stopped for good (its generation is
 //!   retired and its task aborted) and replaced after a backoff that doubles with each
 //!   replacement in a row (1 s to 30 s), so a Redis outage of a few seconds costs a few
 //!   replacements, not all of them; after `max_restarts` replacements in a row the pipeline
-//!   fails loudly. A replacement that flushed for a while (`max_unhealthy`, at least 10 s)
+//!   fails loudly. A replacement that flushed for a while (`flusher_max_unhealthy`, at least
+//!   10 s)
 //!   clears the count;
 //! - rejects input (`MessageRejected`) while a worker has been at its flush limit for longer
-//!   than `backpressure_after`, or while Redis memory is above `max_memory_ratio`;
+//!   than `flusher_backpressure`, or while Redis memory is above `max_memory_percentage`;
 //! - on join (revocation, shutdown) stops the workers at their next iteration boundary, so no
 //!   flush is left half produced, within the join deadline.
 
@@ -37,43 +38,47 @@ use tokio::task::JoinHandle;
 
 use super::decode::seconds;
 use super::flusher::{WorkerContext, WorkerHealth, run_worker, shard_label};
+use serde::{Deserialize, Serialize};
+
 use crate::buffer::{BufferError, BufferOptions, RedisConnection, SpansBufferStore};
 use crate::metrics as names;
 
-/// Settings of [`FlushSegments`] (Sentry's `spans.buffer.flusher.*` options).
-#[derive(Clone, Debug)]
+/// The flush workers: the `[flusher]` section of the configuration. Sentry's
+/// `spans.buffer.flusher.*` options that govern them (`flusher_max_unhealthy`,
+/// `flusher_backpressure`, `max_memory_percentage`) are [`BufferOptions`], in `[buffer]`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct FlushSettings {
-    /// Most workers (`flusher-workers`, default 1); never more than the shards.
+    /// Flush workers (`--flusher-processes`); never more than the assigned partitions.
     pub workers: usize,
-    /// A worker silent for longer is replaced; startup may take twice as long (default 60 s).
-    /// Workers report in whole seconds, so a fraction of a second counts as a whole one.
-    pub max_unhealthy: Duration,
-    /// A worker at its flush limit for longer makes the step reject input (default 10 s);
-    /// rounded up to whole seconds like `max_unhealthy`.
-    pub backpressure_after: Duration,
-    /// Redis used/available ratio above which input is rejected; 1.0 turns it off (default).
-    pub max_memory_ratio: f64,
-    /// Replacements of one worker before the pipeline fails (default 10).
+    /// Pause of a worker after an iteration that flushed nothing (Sentry: 1 s).
+    #[serde(with = "humantime_serde")]
+    pub idle_sleep: Duration,
+    /// Sends per flushed message before its segment is given up (with an outcome).
+    pub produce_attempts: u32,
+    /// Pause before resending; doubles each time.
+    #[serde(with = "humantime_serde")]
+    pub produce_backoff: Duration,
+    /// Replacements of one worker before the consumer fails.
     pub max_restarts: u32,
-}
-
-impl FlushSettings {
-    /// How long [`FlushSegments::start`] waits at most for every worker's first iteration.
-    pub fn startup_timeout(&self) -> Duration {
-        self.max_unhealthy * 2
-    }
 }
 
 impl Default for FlushSettings {
     fn default() -> Self {
         Self {
             workers: 1,
-            max_unhealthy: Duration::from_secs(60),
-            backpressure_after: Duration::from_secs(10),
-            max_memory_ratio: 1.0,
+            idle_sleep: Duration::from_secs(1),
+            produce_attempts: 3,
+            produce_backoff: Duration::from_millis(200),
             max_restarts: 10,
         }
     }
+}
+
+/// How long [`FlushSegments::start`] waits at most for every worker's first iteration: twice
+/// `flusher_max_unhealthy`.
+pub fn startup_timeout(options: &BufferOptions) -> Duration {
+    options.flusher_max_unhealthy * 2
 }
 
 /// Why the flusher stopped the pipeline.
@@ -139,7 +144,6 @@ fn restart_backoff(restarts: u32) -> Duration {
 /// The flush step; see the module docs.
 pub struct FlushSegments<N> {
     context: WorkerContext,
-    settings: FlushSettings,
     runtime: Handle,
     workers: Vec<Worker>,
     memory: Option<MemoryWatch>,
@@ -155,14 +159,14 @@ impl<N> std::fmt::Debug for FlushSegments<N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FlushSegments")
             .field("workers", &self.workers.len())
-            .field("settings", &self.settings)
+            .field("settings", &self.context.flusher)
             .finish_non_exhaustive()
     }
 }
 
 impl<N> FlushSegments<N> {
     /// Starts the workers for `shards` on `runtime` and waits until each completed one
-    /// iteration (at most `2 × max_unhealthy`).
+    /// iteration (at most [`startup_timeout`]).
     ///
     /// Must not be called from one of `runtime`'s threads.
     ///
@@ -172,12 +176,12 @@ impl<N> FlushSegments<N> {
     /// without a working flusher.
     pub fn start(
         context: WorkerContext,
-        settings: FlushSettings,
         shards: &[u16],
         runtime: Handle,
         next_step: N,
     ) -> Result<Self, FlushError> {
-        let count = settings
+        let count = context
+            .flusher
             .workers
             .clamp(1, shards.len().max(1))
             .min(shards.len());
@@ -199,17 +203,17 @@ impl<N> FlushSegments<N> {
                 }
             })
             .collect();
-        let memory = (settings.max_memory_ratio < 1.0).then(|| {
+        let max_ratio = context.options.max_memory_percentage;
+        let memory = (max_ratio < 1.0).then(|| {
             MemoryWatch::start(
                 &runtime,
                 context.connection.clone(),
                 context.options.clone(),
-                settings.max_memory_ratio,
+                max_ratio,
             )
         });
         let mut step = Self {
             context,
-            settings,
             runtime,
             workers,
             memory,
@@ -224,7 +228,7 @@ impl<N> FlushSegments<N> {
     }
 
     fn wait_until_started(&mut self) -> Result<(), FlushError> {
-        let timeout = self.settings.startup_timeout();
+        let timeout = startup_timeout(&self.context.options);
         let failure = self.workers.iter().enumerate().find_map(|(index, worker)| {
             while worker.health.healthy_since.load(Ordering::SeqCst) == 0 {
                 if worker.task.is_finished() {
@@ -260,14 +264,15 @@ impl<N> FlushSegments<N> {
         }
         self.last_health_check = Instant::now();
         let now = seconds(SystemTime::now());
-        let max_unhealthy = whole_seconds(self.settings.max_unhealthy);
+        let max_unhealthy = self.context.options.flusher_max_unhealthy;
+        let max_unhealthy_secs = whole_seconds(max_unhealthy);
         for index in 0..self.workers.len() {
             let worker = &self.workers[index];
             let healthy_since = worker.health.healthy_since.load(Ordering::SeqCst);
             let silent = if healthy_since > 0 {
-                now - healthy_since > max_unhealthy
+                now - healthy_since > max_unhealthy_secs
             } else {
-                worker.started.elapsed() > self.settings.max_unhealthy * 2
+                worker.started.elapsed() > max_unhealthy * 2
             };
             let cause = if worker.task.is_finished() {
                 Some("no_process")
@@ -282,8 +287,7 @@ impl<N> FlushSegments<N> {
                 self.replace(index, cause)?;
             } else if worker.restarts > 0
                 && healthy_since > 0
-                && worker.started.elapsed()
-                    > self.settings.max_unhealthy.max(RESTART_FORGIVEN_AFTER)
+                && worker.started.elapsed() > max_unhealthy.max(RESTART_FORGIVEN_AFTER)
             {
                 tracing::info!(worker = index, shards = %shard_label(&worker.shards), "A replaced flush worker is flushing again.");
                 self.workers[index].restarts = 0;
@@ -298,7 +302,7 @@ impl<N> FlushSegments<N> {
         metrics::counter!(names::FLUSHER_UNHEALTHY, "cause" => cause, "shard" => shards.clone())
             .increment(1);
         worker.restarts += 1;
-        if worker.restarts > self.settings.max_restarts {
+        if worker.restarts > self.context.flusher.max_restarts {
             return Err(FlushError::TooManyRestarts {
                 worker: index,
                 shards,
@@ -330,7 +334,7 @@ impl<N> FlushSegments<N> {
 
     /// Whether some worker has been at its flush limit for longer than allowed.
     fn flusher_lagging(&self, now: i64) -> bool {
-        let limit = whole_seconds(self.settings.backpressure_after);
+        let limit = whole_seconds(self.context.options.flusher_backpressure);
         self.workers.iter().any(|worker| {
             let since = worker.health.backpressure_since.load(Ordering::SeqCst);
             since > 0 && now - since > limit

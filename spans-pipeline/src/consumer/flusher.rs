@@ -28,30 +28,13 @@ use rill::{DeliveryError, Destination, ProduceError, Producer, Topic};
 
 use super::decode::seconds;
 use super::error_chain::ErrorChain;
+use super::flush_segments::FlushSettings;
 use super::outcomes::{Outcomes, PRODUCE_FAILED};
 use crate::buffer::keys::SegmentKey;
 use crate::buffer::{
     BufferError, BufferOptions, FlushedSegment, RedisConnection, SpansBuffer, output,
 };
 use crate::metrics as names;
-
-/// How a worker produces: attempts per message and the pause between them.
-#[derive(Clone, Debug)]
-pub struct ProducePolicy {
-    /// Sends per message before its segment is given up (with an outcome).
-    pub attempts: u32,
-    /// Pause before the second send; doubles after each failure.
-    pub backoff: Duration,
-}
-
-impl Default for ProducePolicy {
-    fn default() -> Self {
-        Self {
-            attempts: 3,
-            backoff: Duration::from_millis(200),
-        }
-    }
-}
 
 /// Everything a worker needs besides its shards; cheap to clone (shared handles).
 #[derive(Clone)]
@@ -66,10 +49,8 @@ pub struct WorkerContext {
     pub producer: Arc<dyn Producer<KafkaPayload>>,
     /// The output topic (`buffered-segments`).
     pub topic: Topic,
-    /// How failed deliveries are retried.
-    pub produce: ProducePolicy,
-    /// Pause after an iteration that flushed nothing.
-    pub idle_sleep: Duration,
+    /// The workers' settings: idle pause, produce attempts and backoff, restarts.
+    pub flusher: FlushSettings,
     /// State shared by all workers of one step.
     pub shared: Arc<SharedState>,
     /// Where outcome records go, if anywhere.
@@ -200,7 +181,7 @@ pub(super) async fn run_worker(
                     .healthy_since
                     .store(system_now.max(1), Ordering::SeqCst);
                 if !anything {
-                    tokio::time::sleep(context.idle_sleep).await;
+                    tokio::time::sleep(context.flusher.idle_sleep).await;
                 }
             }
             Err(error) if error.is_transient() => {
@@ -208,7 +189,7 @@ pub(super) async fn run_worker(
                 failures = failures.saturating_add(1);
                 health.failing.store(true, Ordering::SeqCst);
                 tracing::warn!(error = %ErrorChain(&error), shards = %shard_label, failures, "Flushing segments failed; retrying.");
-                tokio::time::sleep(retry_pause(context.idle_sleep, failures)).await;
+                tokio::time::sleep(retry_pause(context.flusher.idle_sleep, failures)).await;
             }
             Err(error) => {
                 metrics::counter!(names::FLUSHER_ERRORS, "phase" => "flush").increment(1);
@@ -364,7 +345,7 @@ async fn keep_flush_locks(
     buffer: &SpansBuffer,
     segments: &[FlushedSegment],
 ) {
-    let ttl = Duration::from_secs(context.options.flush_lock_ttl_secs);
+    let ttl = context.options.flush_lock_ttl;
     if ttl.is_zero() {
         return std::future::pending().await;
     }
@@ -488,7 +469,7 @@ async fn deliver(
     tenure: Tenure<'_>,
 ) -> Result<(), DeliverError> {
     let destination = Destination::Topic(context.topic.clone());
-    let mut backoff = context.produce.backoff;
+    let mut backoff = context.flusher.produce_backoff;
     let mut attempt = 1;
     loop {
         if !tenure.holds() {
@@ -511,7 +492,7 @@ async fn deliver(
                 source,
             },
         };
-        if attempt >= context.produce.attempts || failure.is_too_large() {
+        if attempt >= context.flusher.produce_attempts || failure.is_too_large() {
             return Err(failure);
         }
         tracing::warn!(error = %failure, attempt, "Producing a segment failed; retrying.");

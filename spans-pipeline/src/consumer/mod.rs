@@ -32,12 +32,13 @@ use rill::{
     CommitRequest, Message, Partition, ProcessingStrategy, ProcessingStrategyFactory, Producer,
     StrategyError, SubmitError, Topic,
 };
+use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
 pub use decode::{KillSwitch, KillSwitchHandle, SpanMessage, decode_span};
 pub(crate) use error_chain::ErrorChain;
-pub use flush_segments::{FlushError, FlushSegments, FlushSettings};
-pub use flusher::{ProducePolicy, SharedState, WorkerContext, WorkerHealth};
+pub use flush_segments::{FlushError, FlushSegments, FlushSettings, startup_timeout};
+pub use flusher::{SharedState, WorkerContext, WorkerHealth};
 pub use outcomes::{Outcomes, PRODUCE_FAILED};
 pub use process_spans::ProcessSpans;
 
@@ -45,21 +46,24 @@ use crate::buffer::connection::RESPONSE_TIMEOUT;
 use crate::buffer::{BufferError, BufferOptions, RedisConnection, SpansBuffer};
 use crate::config::Config;
 
-/// Settings of the consumer's steps.
-#[derive(Clone, Debug)]
+/// Batching and commits: the `[consumer]` section of the configuration.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ConsumerSettings {
     /// Spans per batch (Sentry's `--max-batch-size`).
     pub max_batch_size: u64,
     /// Longest a batch waits from its first span (`--max-batch-time-ms`).
+    #[serde(with = "humantime_serde")]
     pub max_batch_time: Duration,
     /// How often offsets are committed.
+    #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
-    /// The flush workers.
-    pub flush: FlushSettings,
-    /// Pause of a flush worker after an iteration that flushed nothing (Sentry: 1 s).
-    pub idle_sleep: Duration,
-    /// How flushed segments are produced.
-    pub produce: ProducePolicy,
+    /// How long a rebalance or shutdown waits for the pipeline (and the flush workers).
+    #[serde(with = "humantime_serde")]
+    pub join_timeout: Duration,
+    /// How long the pipeline may reject input before the partitions are paused.
+    #[serde(with = "humantime_serde")]
+    pub backpressure_grace: Duration,
 }
 
 impl Default for ConsumerSettings {
@@ -68,35 +72,56 @@ impl Default for ConsumerSettings {
             max_batch_size: 2000,
             max_batch_time: Duration::from_secs(1),
             commit_interval: Duration::from_secs(1),
-            flush: FlushSettings::default(),
-            idle_sleep: Duration::from_secs(1),
-            produce: ProducePolicy::default(),
+            join_timeout: Duration::from_secs(25),
+            backpressure_grace: Duration::from_secs(5),
         }
     }
 }
 
-/// Buffer options and step settings that can be replaced while the consumer runs: the factory
-/// reads them each time it builds a pipeline, so replacing them and asking the stream
-/// processor to rebuild (`ProcessorHandle::request_rebuild`) applies them without a restart.
+/// What a pipeline is built with: the `[buffer]`, `[consumer]` and `[flusher]` sections.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PipelineSettings {
+    /// The buffer's options.
+    pub buffer: BufferOptions,
+    /// Batching and commits.
+    pub consumer: ConsumerSettings,
+    /// The flush workers.
+    pub flusher: FlushSettings,
+}
+
+impl PipelineSettings {
+    /// The sections of `config` a pipeline is built with.
+    pub fn of(config: &Config) -> Self {
+        Self {
+            buffer: config.buffer.clone(),
+            consumer: config.consumer.clone(),
+            flusher: config.flusher.clone(),
+        }
+    }
+}
+
+/// The settings that can be replaced while the consumer runs: the factory reads them each
+/// time it builds a pipeline, so replacing them and asking the stream processor to rebuild
+/// (`ProcessorHandle::request_rebuild`) applies them without a restart.
 #[derive(Clone, Debug)]
-pub struct SettingsHandle(Arc<RwLock<(BufferOptions, ConsumerSettings)>>);
+pub struct SettingsHandle(Arc<RwLock<PipelineSettings>>);
 
 impl SettingsHandle {
-    /// A handle holding `options` and `settings`.
-    pub fn new(options: BufferOptions, settings: ConsumerSettings) -> Self {
-        Self(Arc::new(RwLock::new((options, settings))))
+    /// A handle holding `settings`.
+    pub fn new(settings: PipelineSettings) -> Self {
+        Self(Arc::new(RwLock::new(settings)))
     }
 
-    /// Replaces both; pipelines built from now on use them.
-    pub fn replace(&self, options: BufferOptions, settings: ConsumerSettings) {
+    /// Replaces them; pipelines built from now on use the new ones.
+    pub fn replace(&self, settings: PipelineSettings) {
         *self
             .0
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = (options, settings);
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = settings;
     }
 
     /// The current values.
-    pub fn current(&self) -> (BufferOptions, ConsumerSettings) {
+    pub fn current(&self) -> PipelineSettings {
         self.0
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -149,7 +174,7 @@ impl SpansStrategyFactory {
         });
         Self {
             connection,
-            settings: SettingsHandle::new(config.buffer.options(), config.consumer_settings()),
+            settings: SettingsHandle::new(PipelineSettings::of(config)),
             slice_id: config.kafka.slice_id,
             producer,
             output: Topic::new(&config.kafka.output_topic),
@@ -173,27 +198,24 @@ impl SpansStrategyFactory {
         &self,
         shards: &[u16],
     ) -> Result<Box<dyn ProcessingStrategy<KafkaPayload>>, StartError> {
-        let (options, settings) = self.settings.current();
+        let PipelineSettings {
+            buffer: options,
+            consumer: settings,
+            flusher,
+        } = self.settings.current();
         let context = WorkerContext {
             connection: self.connection.clone(),
             options: options.clone(),
             slice_id: self.slice_id,
             producer: Arc::clone(&self.producer),
             topic: self.output.clone(),
-            produce: settings.produce.clone(),
-            idle_sleep: settings.idle_sleep,
+            flusher,
             shared: Arc::new(SharedState::default()),
             outcomes: self.outcomes.clone(),
         };
         // Built from the last step back.
         let commit = CommitOffsets::new(settings.commit_interval);
-        let flush = FlushSegments::start(
-            context,
-            settings.flush.clone(),
-            shards,
-            self.runtime.clone(),
-            commit,
-        )?;
+        let flush = FlushSegments::start(context, shards, self.runtime.clone(), commit)?;
         let buffer = self.runtime.block_on(SpansBuffer::new(
             self.connection.clone(),
             options,
@@ -241,8 +263,7 @@ impl ProcessingStrategyFactory<KafkaPayload> for SpansStrategyFactory {
     /// Redis calls a build waits for (the first memory sample, the buffer's script load): a
     /// consumer waiting in them is starting, not stuck.
     fn create_timeout(&self) -> Duration {
-        let (_, settings) = self.settings.current();
-        settings.flush.startup_timeout() + RESPONSE_TIMEOUT * 2
+        flush_segments::startup_timeout(&self.settings.current().buffer) + RESPONSE_TIMEOUT * 2
     }
 }
 

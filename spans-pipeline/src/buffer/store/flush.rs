@@ -163,7 +163,7 @@ impl SpansBufferStore {
             .arg(1)
             .arg(lock)
             .arg(token)
-            .arg(self.options.flush_lock_ttl_secs.saturating_mul(1000));
+            .arg(u64::try_from(self.options.flush_lock_ttl.as_millis()).unwrap_or(u64::MAX));
         cmd
     }
 

@@ -32,6 +32,7 @@ mod reply;
 mod write;
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use redis::Cmd;
 
@@ -110,13 +111,14 @@ impl SpansBufferStore {
 
     /// Whether flush locks are on (a TTL above 0).
     fn locks_on(&self) -> bool {
-        self.options.flush_lock_ttl_secs > 0
+        !self.options.flush_lock_ttl.is_zero()
     }
 }
 
-fn expire(key: &str, ttl: u64) -> Cmd {
+/// `EXPIRE key <ttl in whole seconds>`.
+fn expire(key: &str, ttl: Duration) -> Cmd {
     let mut cmd = redis::cmd("EXPIRE");
-    cmd.arg(key).arg(ttl);
+    cmd.arg(key).arg(ttl.as_secs());
     cmd
 }
 

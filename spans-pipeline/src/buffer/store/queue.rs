@@ -49,11 +49,11 @@ impl SpansBufferStore {
             });
             let QueueUpdate { adds, removes, .. } = &mut queues[index];
             let timeout = if result.has_root_span {
-                self.options.root_timeout_secs
+                self.options.root_timeout
             } else {
-                self.options.timeout_secs
+                self.options.timeout
             };
-            let deadline = now + i64::try_from(timeout).unwrap_or(i64::MAX / 2);
+            let deadline = now + i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX / 2);
             match adds.iter_mut().find(|(key, _)| *key == result.segment_key) {
                 Some(entry) => entry.1 = deadline,
                 None => adds.push((result.segment_key.clone(), deadline)),
@@ -103,7 +103,7 @@ impl SpansBufferStore {
                 zadd.arg(*deadline).arg(segment.as_str());
             }
             batch.add(queue.clone(), zadd);
-            batch.add(queue.clone(), expire(&queue, self.options.redis_ttl_secs));
+            batch.add(queue.clone(), expire(&queue, self.options.redis_ttl));
             if !removes.is_empty() {
                 let mut zrem = redis::cmd("ZREM");
                 zrem.arg(&queue);

@@ -204,7 +204,7 @@ impl SpansBufferStore {
         let members = encoder
             .encode(subsegment.spans.iter().map(|span| span.payload))
             .map_err(BufferError::Compress)?;
-        let ttl = self.options.redis_ttl_secs;
+        let ttl = self.options.redis_ttl;
         let mut targets = Vec::with_capacity(2);
         if self.options.write_distributed_payloads {
             targets.push(subsegment.payload_key());
@@ -240,11 +240,11 @@ impl SpansBufferStore {
             cmd.arg(subsegment.spans.len())
                 .arg(&subsegment.parent_span_id)
                 .arg(bool_arg(subsegment.has_segment_span()))
-                .arg(self.options.redis_ttl_secs)
+                .arg(self.options.redis_ttl.as_secs())
                 .arg(subsegment.byte_count())
                 .arg(self.options.max_segment_bytes)
                 .arg(&subsegment.salt)
-                .arg(bool_arg(self.options.flush_lock_ttl_secs > 0))
+                .arg(bool_arg(!self.options.flush_lock_ttl.is_zero()))
                 .arg(self.options.metrics_sample_rate);
             for span_id in subsegment.span_ids() {
                 cmd.arg(span_id);
@@ -316,7 +316,7 @@ impl SpansBufferStore {
             let mut del = redis::cmd("DEL");
             del.arg(&sources);
             batch.add(target, del);
-            batch.add(target, expire(target, self.options.redis_ttl_secs));
+            batch.add(target, expire(target, self.options.redis_ttl));
         }
         check_replies("SUNIONSTORE", &self.conn.execute(batch).await?)
     }
