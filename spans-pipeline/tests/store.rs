@@ -41,7 +41,6 @@ fn queue_contents(redis: &TestRedis, queue: &str) -> Vec<(String, i64)> {
 
 fn candidate(id: &str, deadline: i64) -> FlushCandidate {
     FlushCandidate {
-        shard: 0,
         queue_key: QUEUE.to_owned(),
         segment_key: SegmentKey::new(PT, id),
         deadline,

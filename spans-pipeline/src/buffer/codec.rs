@@ -44,11 +44,6 @@ impl PayloadEncoder {
         })
     }
 
-    /// Whether members are compressed.
-    pub fn is_compressed(&self) -> bool {
-        self.compressor.is_some()
-    }
-
     /// The members to `SADD` for these payloads.
     pub fn encode<'p>(
         &mut self,

@@ -249,34 +249,6 @@ impl RedisConnection {
     }
 }
 
-impl RedisConnection {
-    /// Runs batches whose effects must land in order (payloads before the script that
-    /// indexes them). Standalone: one pipeline, which one server runs in order. Cluster: one
-    /// batch after the other.
-    pub async fn execute_in_order(
-        &self,
-        batches: Vec<CommandBatch>,
-    ) -> RedisResult<Vec<Vec<Value>>> {
-        let lengths: Vec<usize> = batches.iter().map(CommandBatch::len).collect();
-        if self.is_cluster() {
-            let mut results = Vec::with_capacity(batches.len());
-            for batch in batches {
-                results.push(self.execute(batch).await?);
-            }
-            return Ok(results);
-        }
-        let mut merged = CommandBatch::new();
-        for batch in batches {
-            merged.entries.extend(batch.entries);
-        }
-        let mut values = self.execute(merged).await?.into_iter();
-        Ok(lengths
-            .into_iter()
-            .map(|len| values.by_ref().take(len).collect())
-            .collect())
-    }
-}
-
 /// Makes ring the process's TLS crypto provider, unless one is installed already.
 ///
 /// The redis client builds its TLS configuration from the process-wide default provider;

@@ -230,13 +230,6 @@ pub fn segment_of_metadata(key: &str) -> Option<SegmentKey> {
         .flatten()
 }
 
-/// The segment of a member-keys index `span-buf:mk:{<pt>}:<id>`.
-pub fn segment_of_member_keys(key: &str) -> Option<SegmentKey> {
-    let rest = key.strip_prefix(PREFIX)?.strip_prefix("mk:{")?;
-    let (project_and_trace, id) = rest.split_once("}:")?;
-    Some(SegmentKey::new(project_and_trace, id))
-}
-
 /// The `<pt>` of a redirect map `span-buf:ssr:{<pt>}` or of a payload key
 /// `span-buf:s:{<pt>:<salt>}:<salt>`.
 pub fn trace_of(key: &str) -> Option<&str> {
@@ -324,10 +317,6 @@ mod tests {
             Some(segment.clone())
         );
         assert_eq!(segment_of_metadata(&member_keys(&segment)), None);
-        assert_eq!(
-            segment_of_member_keys(&member_keys(&segment)),
-            Some(segment)
-        );
         assert_eq!(trace_of(&payload(&pt, "x")), Some("1:a"));
         assert_eq!(trace_of(&redirect_map(&pt)), Some("1:a"));
         assert_eq!(trace_of(&queue(None, 1)), None);

@@ -60,8 +60,6 @@ impl ScriptSample {
 /// A segment whose deadline has passed, read from one flush queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlushCandidate {
-    /// The queue shard it was read from.
-    pub shard: u16,
     /// The queue key it was read from.
     pub queue_key: String,
     /// The segment.
@@ -177,7 +175,6 @@ mod tests {
 
     fn candidate() -> FlushCandidate {
         FlushCandidate {
-            shard: 0,
             queue_key: "span-buf:q:0".to_owned(),
             segment_key: SegmentKey::new("1:t", "root"),
             deadline: 5,

@@ -42,7 +42,7 @@ impl SpansBufferStore {
         let replies = self.conn.execute(batch).await?;
         let mut per_queue = Vec::with_capacity(queues.len());
         let mut bad_entries: Vec<(&str, Vec<u8>)> = Vec::new();
-        for ((shard, queue), reply) in queues.iter().zip(replies) {
+        for ((_, queue), reply) in queues.iter().zip(replies) {
             let mut candidates = Vec::new();
             for pair in into_array("ZRANGEBYSCORE", reply)?.chunks(2) {
                 let member = as_bytes("ZRANGEBYSCORE", pair[0].clone())?;
@@ -52,7 +52,6 @@ impl SpansBufferStore {
                     .and_then(SegmentKey::parse)
                 {
                     Some(segment_key) => candidates.push(FlushCandidate {
-                        shard: *shard,
                         queue_key: queue.clone(),
                         segment_key,
                         deadline: score as i64,
