@@ -11,20 +11,14 @@
 //! one deliberate exception: `flush_lock_ttl` defaults to 30 s instead of 0 (see
 //! `docs/decisions.md`, "Flush locks are on by default").
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use redis::{ClientTlsConfig, TlsCertificates};
-use rill::backends::kafka::{
-    InitialOffset, KafkaConsumerConfig, KafkaProducerConfig, RebalanceProtocol,
-};
 use serde::{Deserialize, Serialize};
 
+use crate::buffer::BufferOptions;
 use crate::buffer::options::CONSUMER_FLUSH_LOCK_TTL;
-use crate::buffer::{BufferOptions, output};
 use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch};
 
 /// The shortest flush lock TTL other than 0 (no locks). A flush extends its locks every third
@@ -35,21 +29,12 @@ use crate::consumer::{ConsumerSettings, FlushSettings, KillSwitch};
 /// produce timeout is not the bound.
 pub const MIN_FLUSH_LOCK_TTL: Duration = Duration::from_secs(3);
 mod effective;
+mod kafka;
+mod redis;
 pub mod size;
 
-/// librdkafka's setting of the largest message a producer accepts.
-const MESSAGE_MAX_BYTES: &str = "message.max.bytes";
-/// Its default here: Sentry's producers' 50,000,000 bytes (librdkafka's own is 1,000,000,
-/// smaller than one default segment of 10 MiB).
-const DEFAULT_MESSAGE_MAX_BYTES: &str = "50000000";
-
-/// Producer settings applied before `producer_overrides` (which win): Sentry's producers'
-/// message size limit, and lz4 compression, which shrinks JSON spans several times on the wire
-/// and so keeps big segments under the broker's own limit.
-pub const PRODUCER_DEFAULTS: [(&str, &str); 2] = [
-    (MESSAGE_MAX_BYTES, DEFAULT_MESSAGE_MAX_BYTES),
-    ("compression.type", "lz4"),
-];
+pub use kafka::{KafkaSection, PRODUCER_DEFAULTS, Rebalance, StartOffset, is_secret_setting};
+pub use redis::{RedisSection, redact_url};
 
 /// The environment variable prefix of overrides.
 pub const ENV_PREFIX: &str = "SPANS_PIPELINE__";
@@ -125,161 +110,6 @@ impl Default for Config {
     }
 }
 
-/// `[kafka]`. Security settings (`security.protocol`, `sasl.*`, `ssl.*`) go in the overrides,
-/// which are passed to librdkafka as they are; secret values among them are never printed.
-#[derive(Clone, Deserialize, PartialEq, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaSection {
-    /// `host:port,...` of the brokers.
-    pub bootstrap_servers: String,
-    /// Consumer group.
-    pub group_id: String,
-    /// Topics with incoming spans.
-    pub input_topics: Vec<String>,
-    /// Topic flushed segments go to.
-    pub output_topic: String,
-    /// Topic for invalid messages; empty to log and skip them instead.
-    pub dlq_topic: String,
-    /// Refuse to start unless the brokers know `dlq_topic`, and stop (rather than commit
-    /// past) when a dead letter cannot be delivered. Off: a missing topic is a warning at
-    /// start, and an undeliverable dead letter is logged, counted and committed past.
-    pub dlq_required: bool,
-    /// Topic for outcome records of spans given up or lost at flush (Sentry's `outcomes`);
-    /// empty: off, the losses are only logged and counted.
-    pub outcomes_topic: String,
-    /// Kafka slice id (part of the queue keys), when running sliced.
-    pub slice_id: Option<u32>,
-    /// `eager` or `cooperative`.
-    pub rebalance_protocol: Rebalance,
-    /// Where to start without a committed offset: `earliest`, `latest` or `error`.
-    pub initial_offset: StartOffset,
-    /// Longest time between two polls before the broker evicts the member.
-    #[serde(with = "humantime_serde")]
-    pub max_poll_interval: Duration,
-    /// Extra librdkafka settings of the consumer (security, fetch sizes).
-    pub consumer_overrides: BTreeMap<String, String>,
-    /// Extra librdkafka settings of the producers (acks, compression, security).
-    pub producer_overrides: BTreeMap<String, String>,
-}
-
-impl Default for KafkaSection {
-    fn default() -> Self {
-        Self {
-            bootstrap_servers: "127.0.0.1:9092".to_owned(),
-            group_id: "process-spans".to_owned(),
-            input_topics: vec!["ingest-spans".to_owned()],
-            output_topic: "buffered-segments".to_owned(),
-            dlq_topic: "ingest-spans-dlq".to_owned(),
-            dlq_required: false,
-            outcomes_topic: "outcomes".to_owned(),
-            slice_id: None,
-            rebalance_protocol: Rebalance::Cooperative,
-            initial_offset: StartOffset::Earliest,
-            max_poll_interval: Duration::from_secs(300),
-            consumer_overrides: BTreeMap::new(),
-            producer_overrides: BTreeMap::new(),
-        }
-    }
-}
-
-/// `kafka.rebalance_protocol`: how partitions move between members.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Rebalance {
-    /// Every member gives up everything at each rebalance (`range,roundrobin`).
-    Eager,
-    /// Only the partitions that move are revoked (`cooperative-sticky`).
-    #[default]
-    Cooperative,
-}
-
-impl From<Rebalance> for RebalanceProtocol {
-    fn from(rebalance: Rebalance) -> Self {
-        match rebalance {
-            Rebalance::Eager => Self::Eager,
-            Rebalance::Cooperative => Self::Cooperative,
-        }
-    }
-}
-
-/// `kafka.initial_offset`: where a partition without a committed offset is read from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StartOffset {
-    /// The oldest message kept.
-    #[default]
-    Earliest,
-    /// Only what is produced from now on.
-    Latest,
-    /// Fail instead.
-    Error,
-}
-
-impl From<StartOffset> for InitialOffset {
-    fn from(offset: StartOffset) -> Self {
-        match offset {
-            StartOffset::Earliest => Self::Earliest,
-            StartOffset::Latest => Self::Latest,
-            StartOffset::Error => Self::Error,
-        }
-    }
-}
-
-// Written by hand so passwords and keys among the librdkafka overrides never reach logs.
-impl fmt::Debug for KafkaSection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KafkaSection")
-            .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("group_id", &self.group_id)
-            .field("input_topics", &self.input_topics)
-            .field("output_topic", &self.output_topic)
-            .field("dlq_topic", &self.dlq_topic)
-            .field("dlq_required", &self.dlq_required)
-            .field("outcomes_topic", &self.outcomes_topic)
-            .field("slice_id", &self.slice_id)
-            .field("rebalance_protocol", &self.rebalance_protocol)
-            .field("initial_offset", &self.initial_offset)
-            .field("max_poll_interval", &self.max_poll_interval)
-            .field("consumer_overrides", &Redacted(&self.consumer_overrides))
-            .field("producer_overrides", &Redacted(&self.producer_overrides))
-            .finish()
-    }
-}
-
-/// librdkafka settings, printed with the values of secret ones hidden.
-struct Redacted<'a>(&'a BTreeMap<String, String>);
-
-impl fmt::Debug for Redacted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map()
-            .entries(self.0.iter().map(|(key, value)| {
-                let shown = if is_secret_setting(key) {
-                    "<set>"
-                } else {
-                    value.as_str()
-                };
-                (key, shown)
-            }))
-            .finish()
-    }
-}
-
-/// Whether the librdkafka setting `key` holds a secret: a password, a private key, a client
-/// secret or a login configuration that may embed one.
-pub fn is_secret_setting(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    SECRET_MARKERS.iter().any(|marker| key.contains(marker))
-}
-
-/// Parts of a setting's name that mark its value as a secret.
-const SECRET_MARKERS: [&str; 5] = [
-    "password",
-    "secret",
-    "key.pem",
-    "jaas.config",
-    "oauthbearer.config",
-];
-
 /// Whether `text` (a line of the file, or an error message) names a secret setting or holds a
 /// URL with credentials.
 fn mentions_secret(text: &str) -> bool {
@@ -314,122 +144,6 @@ fn invalid(error: &toml::de::Error, text: &str) -> ConfigError {
     ConfigError::Invalid(format!(
         "a secret setting or a url with credentials is invalid {place} (value hidden)"
     ))
-}
-
-/// `[redis]`. Credentials may also be given in the URLs; they are never logged.
-#[derive(Clone, Deserialize, PartialEq, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisSection {
-    /// `redis://host:port` (or `rediss://` for TLS) of the server, or of cluster nodes.
-    pub urls: Vec<String>,
-    /// Whether the URLs are nodes of a Redis Cluster.
-    pub cluster: bool,
-    /// ACL user name.
-    pub username: Option<String>,
-    /// Password.
-    pub password: Option<String>,
-    /// PEM file of the CA that signed the servers' certificates, for `rediss://` URLs; the
-    /// system's trust store is used when absent.
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate for mutual TLS (with `client_key_file`).
-    pub client_cert_file: Option<PathBuf>,
-    /// PEM private key of `client_cert_file`.
-    pub client_key_file: Option<PathBuf>,
-}
-
-impl Default for RedisSection {
-    fn default() -> Self {
-        Self {
-            urls: vec!["redis://127.0.0.1:6379".to_owned()],
-            cluster: false,
-            username: None,
-            password: None,
-            ca_file: None,
-            client_cert_file: None,
-            client_key_file: None,
-        }
-    }
-}
-
-// Written by hand so credentials never reach logs or error messages.
-impl fmt::Debug for RedisSection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisSection")
-            .field(
-                "urls",
-                &self
-                    .urls
-                    .iter()
-                    .map(|url| redact_url(url))
-                    .collect::<Vec<_>>(),
-            )
-            .field("cluster", &self.cluster)
-            .field("username", &self.username.as_ref().map(|_| "<set>"))
-            .field("password", &self.password.as_ref().map(|_| "<set>"))
-            .field("ca_file", &self.ca_file)
-            .field("client_cert_file", &self.client_cert_file)
-            .field("client_key_file", &self.client_key_file)
-            .finish()
-    }
-}
-
-impl RedisSection {
-    /// The URLs with `username` and `password` put in (where the URL has none of its own).
-    ///
-    /// # Errors
-    ///
-    /// A URL that does not parse.
-    pub fn connection_urls(&self) -> Result<Vec<String>, ConfigError> {
-        self.urls
-            .iter()
-            .map(|url| with_credentials(url, self.username.as_deref(), self.password.as_deref()))
-            .collect()
-    }
-
-    /// The TLS material of `ca_file`, `client_cert_file` and `client_key_file`, read from
-    /// disk; `None` when none is set (plain `redis://`, or `rediss://` checked against the
-    /// system's trust store).
-    ///
-    /// # Errors
-    ///
-    /// A file that cannot be read; a client certificate without its key or the reverse; TLS
-    /// files without any `rediss://` URL (they would be silently ignored).
-    pub fn tls_certificates(&self) -> Result<Option<TlsCertificates>, ConfigError> {
-        let client = match (&self.client_cert_file, &self.client_key_file) {
-            (Some(cert), Some(key)) => Some(ClientTlsConfig {
-                client_cert: read_file(cert)?,
-                client_key: read_file(key)?,
-            }),
-            (None, None) => None,
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(ConfigError::Value {
-                    key: "redis.client_cert_file",
-                    reason: "client_cert_file and client_key_file go together".to_owned(),
-                });
-            }
-        };
-        let root_cert = self.ca_file.as_deref().map(read_file).transpose()?;
-        if client.is_none() && root_cert.is_none() {
-            return Ok(None);
-        }
-        if !self.urls.iter().any(|url| url.starts_with("rediss://")) {
-            return Err(ConfigError::Value {
-                key: "redis.ca_file",
-                reason: "tls files are set but no url uses rediss://".to_owned(),
-            });
-        }
-        Ok(Some(TlsCertificates {
-            client_tls: client,
-            root_cert,
-        }))
-    }
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })
 }
 
 /// `[observability]`.
@@ -571,63 +285,6 @@ impl Config {
         })
     }
 
-    /// The settings of the input consumer: typed ones from `[kafka]`, then every
-    /// `consumer_overrides` entry passed through to librdkafka (security settings included).
-    pub fn kafka_consumer_config(&self) -> KafkaConsumerConfig {
-        let kafka = &self.kafka;
-        let mut consumer = KafkaConsumerConfig::new(&kafka.bootstrap_servers, &kafka.group_id)
-            .with_rebalance_protocol(kafka.rebalance_protocol.into())
-            .with_initial_offset(kafka.initial_offset.into())
-            .with_max_poll_interval(kafka.max_poll_interval);
-        for (key, value) in &kafka.consumer_overrides {
-            consumer = consumer.with_override(key, value);
-        }
-        consumer
-    }
-
-    /// The settings of the producer (output, dead letters, outcomes): [`PRODUCER_DEFAULTS`],
-    /// then every `producer_overrides` entry passed through to librdkafka.
-    pub fn kafka_producer_config(&self) -> KafkaProducerConfig {
-        let mut producer = KafkaProducerConfig::new(&self.kafka.bootstrap_servers)
-            .with_override("client.id", "spans-pipeline.flusher");
-        for (key, value) in PRODUCER_DEFAULTS {
-            producer = producer.with_override(key, value);
-        }
-        for (key, value) in &self.kafka.producer_overrides {
-            producer = producer.with_override(key, value);
-        }
-        producer
-    }
-
-    /// Checks that the producer takes the largest message a flush builds: a chunk of up to
-    /// `buffer.max_segment_bytes` of spans plus its envelope. A smaller `message.max.bytes`
-    /// would have librdkafka refuse every big segment, which would then be lost.
-    fn validate_message_size(&self) -> Result<(), ConfigError> {
-        let key = "kafka.producer_overrides.\"message.max.bytes\"";
-        let configured = self
-            .kafka
-            .producer_overrides
-            .get(MESSAGE_MAX_BYTES)
-            .map_or(DEFAULT_MESSAGE_MAX_BYTES, String::as_str);
-        let limit: u64 = configured.trim().parse().map_err(|_| ConfigError::Value {
-            key,
-            reason: format!("{configured:?} is not a number of bytes"),
-        })?;
-        let segment = self.buffer.max_segment_bytes;
-        let largest = segment.saturating_add(output::message_overhead(segment));
-        if segment > 0 && largest > limit {
-            return Err(ConfigError::Value {
-                key,
-                reason: format!(
-                    "{limit} bytes cannot carry a segment of buffer.max_segment_bytes = {segment} \
-                     (up to {largest} bytes as a message); raise message.max.bytes or lower \
-                     buffer.max_segment_bytes"
-                ),
-            });
-        }
-        Ok(())
-    }
-
     /// What changed from `self` to `next` that only takes effect after a restart; a reload
     /// applies everything else (the kill-switch at once, the rest by rebuilding the pipeline).
     pub fn restart_only_changes(&self, next: &Self) -> Vec<&'static str> {
@@ -700,46 +357,6 @@ fn parse_value(text: &str) -> toml::Value {
         .ok()
         .and_then(|mut table| table.remove("value"))
         .unwrap_or_else(|| toml::Value::String(text.to_owned()))
-}
-
-/// `url` with `username:password@` inserted, unless the URL carries credentials already.
-fn with_credentials(
-    url: &str,
-    username: Option<&str>,
-    password: Option<&str>,
-) -> Result<String, ConfigError> {
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| ConfigError::Value {
-        key: "redis.urls",
-        reason: format!("{} is not a redis:// or rediss:// URL", redact_url(url)),
-    })?;
-    if !matches!(scheme, "redis" | "rediss") {
-        return Err(ConfigError::Value {
-            key: "redis.urls",
-            reason: format!("unsupported scheme {scheme:?}"),
-        });
-    }
-    if rest.contains('@') || (username.is_none() && password.is_none()) {
-        return Ok(url.to_owned());
-    }
-    let credentials = match (username, password) {
-        (Some(user), Some(password)) => format!("{user}:{password}@"),
-        (Some(user), None) => format!("{user}@"),
-        (None, Some(password)) => format!(":{password}@"),
-        (None, None) => String::new(),
-    };
-    Ok(format!("{scheme}://{credentials}{rest}"))
-}
-
-/// `url` with any credentials replaced by `***`, for logs and errors; a string that is not
-/// a URL but has an `@` in it loses everything before the `@`.
-pub fn redact_url(url: &str) -> String {
-    let Some(at) = url.rfind('@') else {
-        return url.to_owned();
-    };
-    match url.split_once("://") {
-        Some((scheme, _)) if scheme.len() < at => format!("{scheme}://***{}", &url[at..]),
-        _ => format!("***{}", &url[at..]),
-    }
 }
 
 #[cfg(test)]
