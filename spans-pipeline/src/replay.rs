@@ -285,7 +285,7 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
         let mut flush_wall = Duration::ZERO;
         loop {
             let started = Instant::now();
-            let flush = buffer.flush_segments(FAR_FUTURE).await?;
+            let flush = buffer.load_due_segments(FAR_FUTURE).await?;
             if flush.segments.is_empty() {
                 break;
             }

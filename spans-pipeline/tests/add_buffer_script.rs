@@ -3,13 +3,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+#[path = "support/buffer.rs"]
+mod buffer_support;
 
+use buffer_support::{connect, for_each_mode};
 use integration_tests::redis_server::TestRedis;
 use redis::{AsyncCommands, Value};
 use spans_pipeline::buffer::RedisConnection;
 use spans_pipeline::buffer::script::add_buffer;
-use support::{connect, for_each_mode};
 
 const PT: &str = "1:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
@@ -155,7 +156,7 @@ async fn creates_segment_metadata() {
         ] {
             assert!(ttl(&conn, &key).await > 0, "{key}");
         }
-        support::assert_ttls(&redis);
+        buffer_support::assert_ttls(&redis);
     })
     .await;
 }
@@ -196,7 +197,7 @@ async fn merges_existing_child_segment() {
             redirects.into_iter().collect::<Vec<_>>(),
             [("b".into(), "a".into()), ("c".into(), "b".into())]
         );
-        support::assert_ttls(&redis);
+        buffer_support::assert_ttls(&redis);
     })
     .await;
 }
@@ -268,7 +269,7 @@ async fn detaches_when_segment_exceeds_byte_limit() {
                 .as_deref(),
             Some("30")
         );
-        support::assert_ttls(&redis);
+        buffer_support::assert_ttls(&redis);
     })
     .await;
 }
@@ -352,7 +353,7 @@ async fn a_subsegment_written_again_is_counted_once() {
         assert_eq!(metric(&metrics, "detached_segment_too_large"), 0);
         assert_eq!(counters(&conn, "a").await, counted(2, 20));
         assert_eq!(members(&conn, &member_keys("a")).await, ["salt-1"]);
-        support::assert_ttls(&redis);
+        buffer_support::assert_ttls(&redis);
     })
     .await;
 }
@@ -404,7 +405,7 @@ async fn a_child_segment_being_flushed_is_not_merged_into_its_parent() {
         assert_eq!(members(&conn, &member_keys("b")).await, ["salt-c"]);
         assert_eq!(members(&conn, &member_keys("a")).await, ["salt-ab"]);
 
-        support::assert_ttls(&redis);
+        buffer_support::assert_ttls(&redis);
     })
     .await;
 }
@@ -502,7 +503,7 @@ async fn applies_several_records_of_one_trace_in_order() {
             Some("24")
         );
         assert_eq!(get(&conn, &format!("span-buf:ic:{b}")).await, None);
-        support::assert_ttls(&redis);
+        buffer_support::assert_ttls(&redis);
     })
     .await;
 }

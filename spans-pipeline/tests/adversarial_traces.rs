@@ -8,16 +8,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+#[path = "support/buffer.rs"]
+mod buffer_support;
 
 use std::collections::BTreeMap;
 
+use buffer_support::{
+    Drained, SpanSpec, assert_clean, assert_ttls, buffer, flush_until_empty, for_each_mode, spans,
+};
 use integration_tests::redis_server::TestRedis;
 use spans_pipeline::buffer::{BufferOptions, FlushedSegment, SpansBuffer};
 use spans_pipeline::span::{Span, SpanError};
-use support::{
-    Drained, SpanSpec, assert_clean, assert_ttls, buffer, flush_until_empty, for_each_mode, spans,
-};
 
 /// Late enough for every segment to be due, early enough for nothing to have expired.
 const FLUSH_AT: i64 = 1000;

@@ -5,18 +5,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+#[path = "support/buffer.rs"]
+mod buffer_support;
 
 use std::time::Duration;
 
+use buffer_support::{
+    SegmentView, SpanSpec, assert_clean, assert_ttls, buffer, expected, flush_and_done, id,
+    permutations, segment_key, spans, start, view,
+};
 use integration_tests::redis_server::{RedisMode, TestRedis};
 use sonic_rs::JsonValueTrait;
 use spans_pipeline::buffer::{
     BufferOptions, Flush, INVALID_PAYLOAD, SegmentKey, SpansBuffer, keys,
-};
-use support::{
-    SegmentView, SpanSpec, assert_clean, assert_ttls, buffer, expected, flush_and_done, id,
-    permutations, segment_key, spans, start, view,
 };
 
 /// One input item: a span, or a marker that ends the current `process_spans` batch.
@@ -138,7 +139,7 @@ async fn payload_members_that_are_not_spans_are_dropped_and_counted_as_lost() {
             let _: () = redis.query(redis::cmd("SADD").arg(&payload_key).arg(member));
         }
 
-        let flush = buffer.flush_segments(100).await.unwrap();
+        let flush = buffer.load_due_segments(100).await.unwrap();
         assert_eq!(
             view(&flush.segments),
             SegmentView::from([(
@@ -190,7 +191,7 @@ async fn a_full_redis_with_flush_locks_still_flushes_and_cleans_up() {
     // Every write that may grow memory is refused from here on (`noeviction`).
     set_maxmemory(&redis, 1);
 
-    let flush = buffer.flush_segments(100).await.unwrap();
+    let flush = buffer.load_due_segments(100).await.unwrap();
     assert_eq!(flush.stats.lock_contention, 0);
     assert_eq!(
         view(&flush.segments),
@@ -214,7 +215,7 @@ async fn flushing_with_locks(redis: &TestRedis, ttl_secs: u64) -> (SpansBuffer, 
         5,
     )
     .await;
-    let flush = buffer.flush_segments(100).await.unwrap();
+    let flush = buffer.load_due_segments(100).await.unwrap();
     let root = SegmentKey::parse(segment_key(1, &id('a'))).unwrap();
     (buffer, flush, keys::flush_lock(&root))
 }
@@ -237,7 +238,7 @@ async fn cleanup_leaves_a_segment_whose_lock_is_no_longer_its_own() {
         );
         let _: () = redis.query(redis::cmd("DEL").arg(&lock));
         // Everything is still there for the lock's owner to flush.
-        let again = buffer.flush_segments(100).await.unwrap();
+        let again = buffer.load_due_segments(100).await.unwrap();
         assert_eq!(view(&again.segments), view(&flush.segments), "{mode:?}");
         buffer.done_flush_segments(&again.segments).await.unwrap();
         assert_clean(&redis);
@@ -263,7 +264,7 @@ async fn a_span_merged_after_the_flush_lock_expired_is_not_deleted_by_the_cleanu
 
         buffer.done_flush_segments(&flush.segments).await.unwrap();
 
-        let drained = support::flush_until_empty(&buffer, 200, 5).await;
+        let drained = buffer_support::flush_until_empty(&buffer, 200, 5).await;
         let out: Vec<String> = drained
             .segments
             .iter()
@@ -285,7 +286,7 @@ async fn duplicate_batch_is_idempotent() {
         let batch = [SpanSpec::child('a', 'b'), SpanSpec::root('b')];
         process(&mut buffer, &batch, 0).await;
         process(&mut buffer, &batch, 0).await;
-        let flush = buffer.flush_segments(11).await.unwrap();
+        let flush = buffer.load_due_segments(11).await.unwrap();
         let b = id('b');
         assert_eq!(
             view(&flush.segments),
@@ -453,11 +454,18 @@ async fn flush_rebalance_still_cleans_up_through_the_queue_key() {
         let redis = start(mode);
         let mut buffer = buffer(&redis, options, vec![0]).await;
         process(&mut buffer, &[SpanSpec::root('a')], 0).await;
-        let flush = buffer.flush_segments(11).await.unwrap();
+        let flush = buffer.load_due_segments(11).await.unwrap();
         assert_eq!(flush.segments.len(), 1);
         buffer.set_assigned_shards(Vec::new());
         buffer.done_flush_segments(&flush.segments).await.unwrap();
-        assert!(buffer.flush_segments(20).await.unwrap().segments.is_empty());
+        assert!(
+            buffer
+                .load_due_segments(20)
+                .await
+                .unwrap()
+                .segments
+                .is_empty()
+        );
         assert_clean(&redis);
     }
 }
@@ -485,10 +493,11 @@ async fn compression_on_and_off_round_trips_payloads() {
             process(&mut buffer, &input, 0).await;
             let b = id('b');
             let members = redis.query::<Vec<Vec<u8>>>(
-                redis::cmd("SMEMBERS").arg(format!("span-buf:mk:{{1:{}}}:{b}", support::trace())),
+                redis::cmd("SMEMBERS")
+                    .arg(format!("span-buf:mk:{{1:{}}}:{b}", buffer_support::trace())),
             );
             assert!(!members.is_empty());
-            let flush = buffer.flush_segments(11).await.unwrap();
+            let flush = buffer.load_due_segments(11).await.unwrap();
             assert_eq!(flush.segments.len(), 1);
             assert_eq!(flush.segments[0].spans.len(), 3);
             for span in &flush.segments[0].spans {
@@ -514,7 +523,7 @@ async fn max_segment_bytes_detaches_over_limit() {
         for span in ['b', 'c', 'd'] {
             process(&mut buffer, &[SpanSpec::child(span, 'a')], 0).await;
         }
-        let flush = buffer.flush_segments(61).await.unwrap();
+        let flush = buffer.load_due_segments(61).await.unwrap();
         let flushed = view(&flush.segments);
         assert_eq!(flushed.len(), 2, "{flushed:?}");
         let a = id('a');
@@ -583,7 +592,7 @@ async fn flush_oversized_segments_keeps_every_span_exactly_once() {
             0,
         )
         .await;
-        let flush = buffer.flush_segments(61).await.unwrap();
+        let flush = buffer.load_due_segments(61).await.unwrap();
         let mut seen: Vec<String> = view(&flush.segments)
             .into_values()
             .flatten()
@@ -605,7 +614,7 @@ async fn flush_oversized_segments_keeps_every_span_exactly_once() {
 async fn kafka_slice_id_prefixes_the_queue_key() {
     for mode in TestRedis::MODES {
         let redis = start(mode);
-        let conn = support::connect(&redis).await;
+        let conn = buffer_support::connect(&redis).await;
         let mut buffer = SpansBuffer::new(conn, BufferOptions::default(), vec![0], Some(2))
             .await
             .unwrap();
@@ -657,7 +666,7 @@ async fn partition_routing_is_stable_across_rebalance() {
         process(&mut first, &[SpanSpec::child('a', 'b').partition(1)], 0).await;
         let mut second = buffer(&redis, options, vec![1, 2, 3]).await;
         process(&mut second, &[SpanSpec::root('b').partition(1)], 1).await;
-        let flush = second.flush_segments(12).await.unwrap();
+        let flush = second.load_due_segments(12).await.unwrap();
         assert_eq!(flush.segments.len(), 1);
         assert_eq!(flush.segments[0].spans.len(), 2);
         assert_eq!(flush.segments[0].queue_keys, ["span-buf:q:1"]);
@@ -704,8 +713,8 @@ async fn segment_in_two_queues(redis: &TestRedis, lock_ttl: u64) -> (SpansBuffer
 /// non-empty segments were flushed in total. Stale entries left in the second buffer's queue
 /// by a held lock are flushed (empty) and cleaned afterwards.
 async fn flush_both(first: &SpansBuffer, second: &SpansBuffer) -> usize {
-    let one = first.flush_segments(11).await.unwrap();
-    let two = second.flush_segments(11).await.unwrap();
+    let one = first.load_due_segments(11).await.unwrap();
+    let two = second.load_due_segments(11).await.unwrap();
     let flushed = [&one, &two]
         .iter()
         .flat_map(|f| &f.segments)
@@ -739,7 +748,7 @@ async fn flush_lock_is_released_after_done() {
         };
         let mut buffer = buffer(&redis, options, vec![0]).await;
         process(&mut buffer, &[SpanSpec::root('b')], 0).await;
-        let flush = buffer.flush_segments(11).await.unwrap();
+        let flush = buffer.load_due_segments(11).await.unwrap();
         let lock = format!("span-buf:fl:{}", segment_key(1, &id('b')));
         assert!(redis.keys_with_ttls().iter().any(|k| k.key_str() == lock));
         assert_ttls(&redis);
@@ -754,12 +763,14 @@ async fn flush_lock_cleanup_releases_stale_queue_entry() {
     for mode in TestRedis::MODES {
         let redis = start(mode);
         let (a, b) = segment_in_two_queues(&redis, 10).await;
-        let first = a.flush_segments(11).await.unwrap();
+        let first = a.load_due_segments(11).await.unwrap();
         assert_eq!(first.segments.len(), 1);
         assert_eq!(first.segments[0].spans.len(), 2);
-        assert!(b.flush_segments(11).await.unwrap().segments.is_empty());
-        let key =
-            spans_pipeline::buffer::SegmentKey::new(&format!("1:{}", support::trace()), &id('b'));
+        assert!(b.load_due_segments(11).await.unwrap().segments.is_empty());
+        let key = spans_pipeline::buffer::SegmentKey::new(
+            &format!("1:{}", buffer_support::trace()),
+            &id('b'),
+        );
         let store = a.store();
         assert!(
             store
@@ -790,7 +801,7 @@ async fn flush_lock_cleanup_releases_stale_queue_entry() {
                 .unwrap()
                 .is_some()
         );
-        let stale = b.flush_segments(12).await.unwrap();
+        let stale = b.load_due_segments(12).await.unwrap();
         assert_eq!(stale.segments.len(), 1);
         assert!(stale.segments[0].spans.is_empty());
         b.done_flush_segments(&stale.segments).await.unwrap();
@@ -851,10 +862,10 @@ async fn flush_lock_detaches_a_subsegment_arriving_during_the_flush() {
         };
         let mut buffer = buffer(&redis, options, vec![0]).await;
         process(&mut buffer, &[SpanSpec::root('b')], 0).await;
-        let flush = buffer.flush_segments(11).await.unwrap();
+        let flush = buffer.load_due_segments(11).await.unwrap();
         process(&mut buffer, &[SpanSpec::child('c', 'b')], 12).await;
         buffer.done_flush_segments(&flush.segments).await.unwrap();
-        let later = buffer.flush_segments(120).await.unwrap();
+        let later = buffer.load_due_segments(120).await.unwrap();
         let flushed = view(&later.segments);
         assert_eq!(flushed.len(), 1);
         let (key, spans) = flushed.into_iter().next().unwrap();
@@ -885,7 +896,7 @@ async fn a_lock_expired_before_cleanup_flushes_the_segment_again_with_its_new_sp
             0,
         )
         .await;
-        let flush = buffer.flush_segments(11).await.unwrap();
+        let flush = buffer.load_due_segments(11).await.unwrap();
         assert_eq!(flush.segments[0].spans.len(), 2);
         let lock = format!("span-buf:fl:{}", segment_key(1, &id('b')));
         let _: i64 = redis.query(redis::cmd("DEL").arg(&lock));
@@ -917,11 +928,11 @@ async fn distributed_layout_scenarios() {
             0,
         )
         .await;
-        let mk = format!("span-buf:mk:{{1:{}}}:{b}", support::trace());
+        let mk = format!("span-buf:mk:{{1:{}}}:{b}", buffer_support::trace());
         let salts: Vec<String> = redis.query(redis::cmd("SMEMBERS").arg(&mk));
         assert!(!salts.is_empty());
         for salt in &salts {
-            let payload_key = format!("span-buf:s:{{1:{}:{salt}}}:{salt}", support::trace());
+            let payload_key = format!("span-buf:s:{{1:{}:{salt}}}:{salt}", buffer_support::trace());
             let count: u64 = redis.query(redis::cmd("SCARD").arg(&payload_key));
             assert!(count > 0, "{payload_key}");
         }
@@ -984,7 +995,7 @@ async fn schema_examples_round_trip_through_decode_and_flush() {
             let buffer = buffer(&redis, BufferOptions::default(), vec![0]).await;
             let span = spans_pipeline::span::Span::decode(example.as_bytes(), 0).unwrap();
             buffer.process_spans(&[span], 0).await.unwrap();
-            let flush = buffer.flush_segments(61).await.unwrap();
+            let flush = buffer.load_due_segments(61).await.unwrap();
             assert_eq!(flush.segments.len(), 1);
             let messages = flush.segments[0].to_messages(10 * 1024 * 1024);
             assert_eq!(messages.len(), 1);
@@ -1020,7 +1031,7 @@ async fn loss_accounting_reports_spans_ingested_but_not_loaded() {
         process(&mut buffer, &[SpanSpec::root('b')], 0).await;
         let ic = format!("span-buf:ic:{}", segment_key(1, &id('b')));
         let _: () = redis.query(redis::cmd("SET").arg(&ic).arg(3).arg("EX").arg(60));
-        let flush = buffer.flush_segments(11).await.unwrap();
+        let flush = buffer.load_due_segments(11).await.unwrap();
         assert_eq!(flush.lost.len(), 1);
         assert_eq!(flush.lost[0].quantity, 2);
         assert_eq!(flush.lost[0].project_id, 1);
@@ -1042,7 +1053,7 @@ async fn empty_segments_count_as_expired_only_past_the_ttl() {
             let buffer = buffer(&redis, options.clone(), vec![0]).await;
             let key = segment_key(1, &id('b'));
             let _: () = redis.query(redis::cmd("ZADD").arg("span-buf:q:0").arg(0).arg(&key));
-            let flush = buffer.flush_segments(now).await.unwrap();
+            let flush = buffer.load_due_segments(now).await.unwrap();
             assert_eq!(flush.segments.len(), 1);
             assert_eq!(flush.stats.empty_segments, 1);
             assert_eq!(flush.stats.expired_before_flush, expired, "now {now}");
@@ -1065,11 +1076,11 @@ async fn backpressure_flag_is_set_when_a_queue_fills_its_limit() {
         for trace in ['a', 'b', 'c'] {
             process(&mut buffer, &[SpanSpec::root('r').trace(&t(trace))], 0).await;
         }
-        let flush = buffer.flush_segments(11).await.unwrap();
+        let flush = buffer.load_due_segments(11).await.unwrap();
         assert_eq!(flush.segments.len(), 2);
         assert!(flush.any_shard_at_limit);
         buffer.done_flush_segments(&flush.segments).await.unwrap();
-        let rest = buffer.flush_segments(11).await.unwrap();
+        let rest = buffer.load_due_segments(11).await.unwrap();
         assert_eq!(rest.segments.len(), 1);
         assert!(!rest.any_shard_at_limit);
         buffer.done_flush_segments(&rest.segments).await.unwrap();
@@ -1088,7 +1099,7 @@ async fn observability_counts_one_process_and_one_flush() {
         assert_eq!(stats.root_spans, 1);
         assert_eq!(stats.subsegments, 1);
         assert_eq!(stats.detached, 0);
-        let flush = buffer.flush_segments(11).await.unwrap();
+        let flush = buffer.load_due_segments(11).await.unwrap();
         assert_eq!(flush.stats.candidates, 1);
         assert_eq!(flush.stats.segments, 1);
         assert_eq!(flush.stats.spans, 2);
@@ -1106,7 +1117,7 @@ async fn pipeline_batch_size_and_debug_traces_do_not_change_results() {
         let redis = start(mode);
         let options = BufferOptions {
             pipeline_batch_size: 1,
-            debug_traces: vec![support::trace()],
+            debug_traces: vec![buffer_support::trace()],
             ..BufferOptions::default()
         };
         let buffer = buffer(&redis, options, vec![0]).await;
@@ -1149,7 +1160,7 @@ async fn uncompressed_payloads_are_stored_as_raw_members() {
             .keys_with_ttls()
             .iter()
             .map(|k| k.key_str())
-            .filter(|k| k.starts_with(&format!("span-buf:s:{{1:{}:", support::trace())))
+            .filter(|k| k.starts_with(&format!("span-buf:s:{{1:{}:", buffer_support::trace())))
             .collect();
         assert_eq!(payload_keys.len(), 1);
         let mut members: Vec<String> = redis.query(redis::cmd("SMEMBERS").arg(&payload_keys[0]));

@@ -7,15 +7,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+#[path = "support/buffer.rs"]
+mod buffer_support;
 
 use std::time::Duration;
 
 use std::collections::BTreeMap;
 
+use buffer_support::{
+    Drained, SpanSpec, assert_clean, buffer, flush_until_empty, id, spans, start,
+};
 use integration_tests::redis_server::{RedisMode, TestRedis};
 use spans_pipeline::buffer::{BufferOptions, FlushedSegment, SpansBuffer};
-use support::{Drained, SpanSpec, assert_clean, buffer, flush_until_empty, id, spans, start};
 
 /// Both Redis modes × one script call per subsegment or per trace × flush locks off and on.
 fn configurations() -> Vec<(RedisMode, BufferOptions)> {
@@ -143,7 +146,7 @@ async fn a_batch_written_again_while_its_segment_is_flushed_reports_no_loss() {
         let (redis, mut buffer, context) = start_buffer(mode, options).await;
         let batch = [SpanSpec::child('a', 'b'), SpanSpec::root('b')];
         process(&mut buffer, &batch, 0).await;
-        let flush = buffer.flush_segments(11).await.unwrap();
+        let flush = buffer.load_due_segments(11).await.unwrap();
         // A retry (or a replay of the same batch) lands while the segment is locked.
         process(&mut buffer, &batch, 12).await;
         buffer.done_flush_segments(&flush.segments).await.unwrap();
@@ -183,7 +186,7 @@ async fn a_child_segment_merged_into_its_parent_while_it_is_flushed_reports_no_l
         let (redis, mut buffer, context) = start_buffer(mode, options).await;
         // `c` waits under `b`: a segment keyed by `b`, due after `timeout` (60 s).
         process(&mut buffer, &[SpanSpec::child('c', 'b')], 0).await;
-        let flush = buffer.flush_segments(61).await.unwrap();
+        let flush = buffer.load_due_segments(61).await.unwrap();
         assert_eq!(copies(&flush.segments), once(&['c']), "{context}");
         // While `b`'s segment is being flushed, `b` arrives under the root `a`.
         process(

@@ -4,14 +4,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/buffer.rs"]
+mod buffer_support;
 #[path = "support/process.rs"]
 mod process;
-mod support;
 
+use buffer_support::{SpanSpec, buffer, connect, for_each_mode, id, spans};
 use integration_tests::redis_server::TestRedis;
 use spans_pipeline::buffer::inspect::{BufferInspector, InspectLimits, InspectReport};
 use spans_pipeline::buffer::keys::{self, KeyFamily, SegmentKey};
-use support::{SpanSpec, buffer, connect, for_each_mode, id, spans};
 
 /// The batch clock of the writes, and the inspection's `now`.
 const NOW: i64 = 1_700_000_000;
@@ -29,7 +30,7 @@ fn trace(digit: char) -> String {
 /// - a redirect field of trace `1…` pointing at a root that has no segment;
 /// - a key of the buffer's prefix without a TTL.
 async fn write(redis: &TestRedis) {
-    let buffer = buffer(redis, support::default_options(), vec![0, 1]).await;
+    let buffer = buffer(redis, buffer_support::default_options(), vec![0, 1]).await;
     let first = [
         SpanSpec::child('b', 'a').trace(&trace('1')),
         SpanSpec::child('c', 'a').trace(&trace('1')),
@@ -204,7 +205,7 @@ async fn the_report_counts_what_was_written_on_every_master() {
 
 #[tokio::test]
 async fn a_limit_reached_is_reported_as_incomplete() {
-    let redis = support::start(integration_tests::redis_server::RedisMode::Standalone);
+    let redis = buffer_support::start(integration_tests::redis_server::RedisMode::Standalone);
     write(&redis).await;
 
     let report = inspect(
@@ -224,7 +225,7 @@ async fn a_limit_reached_is_reported_as_incomplete() {
 
 #[tokio::test]
 async fn the_binary_prints_json_for_scripts_and_text_for_people() {
-    let redis = support::start(integration_tests::redis_server::RedisMode::Standalone);
+    let redis = buffer_support::start(integration_tests::redis_server::RedisMode::Standalone);
     write(&redis).await;
     let command = |format: &[&str]| {
         process::succeed(

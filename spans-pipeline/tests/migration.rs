@@ -4,13 +4,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+#[path = "support/buffer.rs"]
+mod buffer_support;
 
-use integration_tests::redis_server::TestRedis;
-use spans_pipeline::buffer::{BufferOptions, SpansBuffer};
-use support::{
+use buffer_support::{
     SpanSpec, assert_clean, assert_ttls, buffer, expected, id, segment_key, spans, start, view,
 };
+use integration_tests::redis_server::TestRedis;
+use spans_pipeline::buffer::{BufferOptions, SpansBuffer};
 
 /// Options of migration phase 0 (legacy) to 3 (current).
 fn phase(number: usize) -> BufferOptions {
@@ -44,11 +45,11 @@ async fn segment_across_phases(redis: &TestRedis, first: usize, second: usize) {
     after.process_spans(&spans(&batch), 1).await.unwrap();
     assert_ttls(redis);
 
-    let flush = after.flush_segments(11).await.unwrap();
+    let flush = after.load_due_segments(11).await.unwrap();
     let a = id('a');
     assert_eq!(
         view(&flush.segments),
-        support::SegmentView::from([(
+        buffer_support::SegmentView::from([(
             segment_key(1, &a),
             expected(&[('a', true), ('b', false), ('c', false), ('d', false)], &a)
         )]),
@@ -84,7 +85,7 @@ async fn legacy_phase_writes_only_the_merged_set() {
         let merged = segment_key(1, &id('b'));
         assert!(keys.contains(&merged), "{keys:?}");
         // no salted payload key: `span-buf:s:{1:<trace>:<salt>}:<salt>`
-        let salted = format!("span-buf:s:{{1:{}:", support::trace());
+        let salted = format!("span-buf:s:{{1:{}:", buffer_support::trace());
         assert!(!keys.iter().any(|k| k.starts_with(&salted)), "{keys:?}");
         let members: u64 = redis.query(redis::cmd("SCARD").arg(&merged));
         assert_eq!(members, 1);
@@ -101,7 +102,7 @@ async fn dual_write_phases_write_both_layouts() {
             let batch = [SpanSpec::child('a', 'b'), SpanSpec::root('b')];
             buffer.process_spans(&spans(&batch), 0).await.unwrap();
             let keys: Vec<String> = redis.keys_with_ttls().iter().map(|k| k.key_str()).collect();
-            let salted = format!("span-buf:s:{{1:{}:", support::trace());
+            let salted = format!("span-buf:s:{{1:{}:", buffer_support::trace());
             assert!(keys.contains(&segment_key(1, &id('b'))), "{keys:?}");
             assert!(keys.iter().any(|k| k.starts_with(&salted)), "{keys:?}");
         }

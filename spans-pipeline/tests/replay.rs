@@ -4,14 +4,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+#[path = "support/buffer.rs"]
+mod buffer_support;
 
 use std::path::{Path, PathBuf};
 
+use buffer_support::start;
 use integration_tests::redis_server::TestRedis;
 use spans_pipeline::replay::{ReplayArgs, run};
 use spans_pipeline::workload::{self, WorkloadShape};
-use support::start;
 
 /// Writes the reference workload of `spans` spans (seed 7) as the JSONL file replay reads.
 fn generate(dir: &Path, spans: usize) -> PathBuf {
@@ -86,7 +87,7 @@ async fn no_flush_leaves_the_buffer_and_an_empty_file_flushes_it() {
         assert_eq!(ingest.spans_in, 1000);
         assert_eq!(ingest.spans_out, 0);
         assert!(ingest.keys_left > 0);
-        support::assert_ttls(&redis);
+        buffer_support::assert_ttls(&redis);
 
         let flush = run(&args(&redis, empty.clone())).await.unwrap();
         assert_eq!(flush.spans_in, 0);

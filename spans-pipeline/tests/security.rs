@@ -17,20 +17,21 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/buffer.rs"]
+mod buffer_support;
 #[path = "support/process.rs"]
 mod process;
-mod support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use buffer_support::{SpanSpec, flush_until_empty, spans};
 use integration_tests::kafka::MockKafka;
 use integration_tests::redis_server::RedisServer;
 use integration_tests::secure_redis::{AclRedis, TlsRedis, USER};
 use process::{RunProcess, wait_for_log};
 use redis::{ClientTlsConfig, TlsCertificates};
 use spans_pipeline::buffer::{BufferOptions, RedisConnection, SpansBuffer};
-use support::{SpanSpec, flush_until_empty, spans};
 
 /// Spans of three traces in batches: subtrees that merge when their root arrives later, a
 /// segment that detaches for size, and one that is written while a flush holds its lock.
@@ -82,7 +83,7 @@ impl Workload {
         for batch in &self.batches {
             buffer.process_spans(&spans(batch), 0).await.unwrap();
         }
-        let first = buffer.flush_segments(20).await.unwrap();
+        let first = buffer.load_due_segments(20).await.unwrap();
         assert!(!first.segments.is_empty(), "root segments are due at 20");
         let late = [SpanSpec::child('z', 'x').trace(&"2".repeat(32))];
         buffer.process_spans(&spans(&late), 20).await.unwrap();

@@ -4,13 +4,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+#[path = "support/buffer.rs"]
+mod buffer_support;
 
+use buffer_support::{SegmentView, SpanSpec, assert_clean, buffer, spans, start, view};
 use integration_tests::redis_server::TestRedis;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use spans_pipeline::buffer::BufferOptions;
-use support::{SegmentView, SpanSpec, assert_clean, buffer, spans, start, view};
 
 /// A generated case: tree sizes, and a seed that picks parents, arrival order and batches.
 #[derive(Clone, Debug)]
@@ -105,7 +106,7 @@ async fn check(redis: &TestRedis, forest: &Forest) {
             .await
             .unwrap();
     }
-    let flush = buffer.flush_segments(1_000).await.unwrap();
+    let flush = buffer.load_due_segments(1_000).await.unwrap();
     assert_eq!(view(&flush.segments), expected);
     assert!(flush.lost.is_empty(), "{:?}", flush.lost);
     buffer.done_flush_segments(&flush.segments).await.unwrap();

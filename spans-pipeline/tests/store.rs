@@ -3,10 +3,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+#[path = "support/buffer.rs"]
+mod buffer_support;
 
 use std::time::Duration;
 
+use buffer_support::{connect, for_each_mode};
 use integration_tests::redis_server::TestRedis;
 use spans_pipeline::buffer::codec::PayloadEncoder;
 use spans_pipeline::buffer::keys;
@@ -14,7 +16,6 @@ use spans_pipeline::buffer::{
     BufferOptions, FlushCandidate, FlushedSegment, InsertedSubsegment, OutputSpan, SegmentKey,
     SpansBufferStore,
 };
-use support::{connect, for_each_mode};
 
 const PT: &str = "999001:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 const QUEUE: &str = "span-buf:q:999001-0";
@@ -131,7 +132,7 @@ async fn acquire_flush_locks_keeps_unlocked_candidates() {
             .unwrap();
         assert_eq!(acquired, [candidate("second", 1)]);
         assert_eq!(contended, 1);
-        support::assert_ttls(&redis);
+        buffer_support::assert_ttls(&redis);
     })
     .await;
 }
@@ -166,7 +167,7 @@ async fn update_queue_writes_deadlines_and_removes_merged_segments() {
             .await
             .unwrap();
         assert_eq!(queue_contents(&redis, QUEUE), [(seg.to_string(), 110)]);
-        support::assert_ttls(&redis);
+        buffer_support::assert_ttls(&redis);
     })
     .await;
 }
@@ -379,10 +380,10 @@ async fn reloads_the_script_after_the_server_forgets_it() {
         for mut node in redis.node_connections() {
             let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut node).unwrap();
         }
-        let spec = support::SpanSpec::root('a');
+        let spec = buffer_support::SpanSpec::root('a');
         buffer.process_spans(&[spec.span()], 0).await.unwrap();
-        assert_eq!(support::flush_and_done(&buffer, 11).await.len(), 1);
-        support::assert_clean(&redis);
+        assert_eq!(buffer_support::flush_and_done(&buffer, 11).await.len(), 1);
+        buffer_support::assert_clean(&redis);
     })
     .await;
 }

@@ -6,7 +6,7 @@
 //!
 //! 1. **process** ([`SpansBuffer::process_spans`]): write each subsegment's payloads, merge it
 //!    into its segment with `add-buffer.lua`, push the segment's flush deadline;
-//! 2. **flush** ([`SpansBuffer::flush_segments`]): read segments whose deadline passed, lock
+//! 2. **flush** ([`SpansBuffer::load_due_segments`]): read segments whose deadline passed, lock
 //!    them (optionally), load their payloads and return them ready to produce;
 //! 3. **done** ([`SpansBuffer::done_flush_segments`]): after the produce succeeded, delete
 //!    everything the flushed segments left in Redis.
@@ -246,8 +246,9 @@ impl SpansBuffer {
         Ok(stats)
     }
 
-    /// Reads the segments of the assigned shards that are due at `now` and loads them.
-    pub async fn flush_segments(&self, now: i64) -> Result<Flush, BufferError> {
+    /// Reads the segments of the assigned shards that are due at `now` and loads them (Sentry's
+    /// `flush_segments`); [`SpansBuffer::done_flush_segments`] cleans them up once produced.
+    pub async fn load_due_segments(&self, now: i64) -> Result<Flush, BufferError> {
         let mut stats = FlushStats::default();
         if self.assigned_shards.is_empty() {
             return Ok(Flush::default());

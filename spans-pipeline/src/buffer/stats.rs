@@ -1,13 +1,13 @@
 //! `FlushStats`: the observability of one flush, gathered while it runs and emitted once.
 //!
-//! Keeping the counting out of the flush logic keeps `flush_segments` readable and gives tests
+//! Keeping the counting out of the flush logic keeps `load_due_segments` readable and gives tests
 //! and the replay tool one value to inspect.
 
 use std::time::Duration;
 
 use crate::metrics as names;
 
-/// Counts and latencies of one `flush_segments` call.
+/// Counts and latencies of one `load_due_segments` call.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlushStats {
     /// Candidates read from the queues.

@@ -29,15 +29,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use rill::{
-    CarriedOver, CommitRequest, Message, ProcessingStrategy, StrategyError, SubmitError,
-    SystemClock,
-};
+use rill::{CarriedOver, CommitRequest, Message, ProcessingStrategy, StrategyError, SubmitError};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use super::decode::seconds;
-use super::flusher::{WorkerContext, WorkerHealth, run_worker, shard_label};
+use super::flush_worker::{WorkerContext, WorkerHealth, run_worker, shard_label};
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::{BufferError, BufferOptions, RedisConnection, SpansBufferStore};
@@ -199,7 +196,7 @@ impl<N> FlushSegments<N> {
                     health,
                     task,
                     restarts: 0,
-                    started: Instant::now(),
+                    started: context.clock.now(),
                 }
             })
             .collect();
@@ -212,12 +209,13 @@ impl<N> FlushSegments<N> {
                 max_ratio,
             )
         });
+        let last_health_check = context.clock.now();
         let mut step = Self {
             context,
             runtime,
             workers,
             memory,
-            last_health_check: Instant::now(),
+            last_health_check,
             failure: None,
             next_step,
             carried_over: CarriedOver::new(),
@@ -237,7 +235,13 @@ impl<N> FlushSegments<N> {
                         shards: shard_label(&worker.shards),
                     });
                 }
-                if worker.started.elapsed() > timeout {
+                if self
+                    .context
+                    .clock
+                    .now()
+                    .saturating_duration_since(worker.started)
+                    > timeout
+                {
                     return Some(FlushError::StartupTimeout {
                         worker: index,
                         shards: shard_label(&worker.shards),
@@ -259,11 +263,12 @@ impl<N> FlushSegments<N> {
 
     /// Replaces dead and hung workers; checked at most once a second.
     fn check_workers(&mut self) -> Result<(), FlushError> {
-        if self.last_health_check.elapsed() < Duration::from_secs(1) {
+        let instant = self.context.clock.now();
+        if instant.saturating_duration_since(self.last_health_check) < Duration::from_secs(1) {
             return Ok(());
         }
-        self.last_health_check = Instant::now();
-        let now = seconds(SystemTime::now());
+        self.last_health_check = instant;
+        let now = self.context.clock.seconds();
         let max_unhealthy = self.context.options.flusher_max_unhealthy;
         let max_unhealthy_secs = whole_seconds(max_unhealthy);
         for index in 0..self.workers.len() {
@@ -272,7 +277,7 @@ impl<N> FlushSegments<N> {
             let silent = if healthy_since > 0 {
                 now - healthy_since > max_unhealthy_secs
             } else {
-                worker.started.elapsed() > max_unhealthy * 2
+                instant.saturating_duration_since(worker.started) > max_unhealthy * 2
             };
             let cause = if worker.task.is_finished() {
                 Some("no_process")
@@ -287,7 +292,8 @@ impl<N> FlushSegments<N> {
                 self.replace(index, cause)?;
             } else if worker.restarts > 0
                 && healthy_since > 0
-                && worker.started.elapsed() > max_unhealthy.max(RESTART_FORGIVEN_AFTER)
+                && instant.saturating_duration_since(worker.started)
+                    > max_unhealthy.max(RESTART_FORGIVEN_AFTER)
             {
                 tracing::info!(worker = index, shards = %shard_label(&worker.shards), "A replaced flush worker is flushing again.");
                 self.workers[index].restarts = 0;
@@ -326,9 +332,9 @@ impl<N> FlushSegments<N> {
             generation,
             backoff,
         );
-        // A start in the future: `elapsed` stays zero until then, so the backoff does not
-        // count as silence.
-        worker.started = Instant::now() + backoff;
+        // A start in the future: the time since it stays zero until then, so the backoff does
+        // not count as silence.
+        worker.started = self.context.clock.now() + backoff;
         Ok(())
     }
 
@@ -357,7 +363,7 @@ impl<N> FlushSegments<N> {
     fn stop_workers_by(&mut self, deadline: Option<Instant>) {
         self.context.shared.stop.store(true, Ordering::SeqCst);
         while !self.workers.iter().all(|worker| worker.task.is_finished()) {
-            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            if deadline.is_some_and(|deadline| self.context.clock.now() >= deadline) {
                 tracing::warn!("Flush workers did not stop in time; aborting them.");
                 break;
             }
@@ -387,10 +393,11 @@ impl<N: ProcessingStrategy<i64>> ProcessingStrategy<i64> for FlushSegments<N> {
             return Err(SubmitError::MessageRejected(message));
         }
         let now = seconds(SystemTime::now());
+        let reported = self.context.clock.seconds();
         // After `close` the batches still arriving are the pipeline's last, already in Redis:
         // holding them back would only make the join wait out its deadline and leave their
         // offsets uncommitted.
-        if !self.closed && self.flusher_lagging(now) {
+        if !self.closed && self.flusher_lagging(reported) {
             metrics::counter!(names::FLUSHER_BACKPRESSURE).increment(1);
             return Err(SubmitError::MessageRejected(message));
         }
@@ -414,9 +421,9 @@ impl<N: ProcessingStrategy<i64>> ProcessingStrategy<i64> for FlushSegments<N> {
     fn join(&mut self, deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
         // Stop first so the workers wind down while the next step joins.
         self.context.shared.stop.store(true, Ordering::SeqCst);
-        let committed = self
-            .carried_over
-            .join_next(&mut self.next_step, deadline, &SystemClock);
+        let committed =
+            self.carried_over
+                .join_next(&mut self.next_step, deadline, self.context.clock.clock());
         self.stop_workers_by(deadline);
         committed
     }
@@ -559,8 +566,96 @@ impl MemorySampler {
 #[cfg(test)]
 mod tests {
     use integration_tests::redis_server::RedisServer;
+    use rill::backends::kafka::KafkaPayload;
+    use rill::backends::local::{LocalBroker, LocalProducer};
+    use rill::steps::Noop;
+    use rill::{ManualClock, Topic};
 
     use super::*;
+    use crate::consumer::flush_worker::{HealthClock, SharedState};
+
+    /// A step on a manual clock over shard 0 of a fresh Redis, whose one worker reports once and
+    /// then idles for an hour of real time: silent, for the step, as soon as the clock moves.
+    struct Silent {
+        clock: ManualClock,
+        step: FlushSegments<Noop>,
+        _runtime: tokio::runtime::Runtime,
+        _server: RedisServer,
+    }
+
+    impl Silent {
+        fn start(max_restarts: u32) -> Self {
+            let server = RedisServer::start();
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let clock = ManualClock::new();
+            let connection = runtime
+                .block_on(RedisConnection::connect(&[server.url()], false))
+                .unwrap();
+            let context = WorkerContext {
+                connection,
+                options: BufferOptions::default(),
+                slice_id: None,
+                producer: Arc::new(LocalProducer::<KafkaPayload>::new(LocalBroker::new())),
+                topic: Topic::new("buffered-segments"),
+                flusher: FlushSettings {
+                    idle_sleep: Duration::from_secs(3600),
+                    max_restarts,
+                    ..FlushSettings::default()
+                },
+                shared: Arc::new(SharedState::default()),
+                clock: HealthClock::new(clock.shared()),
+                outcomes: None,
+            };
+            let step = FlushSegments::start(context, &[0], runtime.handle().clone(), Noop).unwrap();
+            Self {
+                clock,
+                step,
+                _runtime: runtime,
+                _server: server,
+            }
+        }
+
+        /// Moves the clock by `by` and polls the step.
+        fn poll_after(&mut self, by: Duration) -> Result<Option<CommitRequest>, StrategyError> {
+            self.clock.advance(by);
+            ProcessingStrategy::<i64>::poll(&mut self.step)
+        }
+    }
+
+    #[test]
+    fn a_worker_silent_for_longer_than_max_unhealthy_is_replaced_at_that_second() {
+        let mut silent = Silent::start(10);
+        let max_unhealthy = BufferOptions::default().flusher_max_unhealthy;
+
+        silent.poll_after(max_unhealthy).unwrap();
+        assert_eq!(
+            silent.step.workers[0].restarts, 0,
+            "silent for just the limit"
+        );
+
+        silent.poll_after(Duration::from_secs(1)).unwrap();
+        assert_eq!(silent.step.workers[0].restarts, 1, "silent for longer");
+    }
+
+    #[test]
+    fn a_worker_replaced_more_often_than_max_restarts_fails_the_step() {
+        let mut silent = Silent::start(0);
+        let max_unhealthy = BufferOptions::default().flusher_max_unhealthy;
+
+        let error = silent
+            .poll_after(max_unhealthy + Duration::from_secs(1))
+            .unwrap_err();
+        let StrategyError::Other(error) = error else {
+            panic!("not the flusher's error: {error:?}");
+        };
+        assert!(
+            matches!(
+                error.downcast_ref::<FlushError>(),
+                Some(FlushError::TooManyRestarts { worker: 0, .. })
+            ),
+            "{error:?}"
+        );
+    }
 
     fn watch_with_maxmemory(maxmemory: &str, max_ratio: f64) -> bool {
         let server = RedisServer::start();

@@ -20,15 +20,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
 use rill::backends::kafka::{KafkaPayload, is_message_too_large};
-use rill::{DeliveryError, Destination, ProduceError, Producer, Topic};
+use rill::{Clock, DeliveryError, Destination, ProduceError, Producer, SharedClock, Topic};
 
 use super::decode::seconds;
 use super::error_chain::ErrorChain;
-use super::flush_segments::FlushSettings;
+use super::flush_step::FlushSettings;
 use super::outcomes::{Outcomes, PRODUCE_FAILED};
 use crate::buffer::keys::SegmentKey;
 use crate::buffer::{
@@ -53,6 +53,8 @@ pub struct WorkerContext {
     pub flusher: FlushSettings,
     /// State shared by all workers of one step.
     pub shared: Arc<SharedState>,
+    /// The time workers report their health in, read by the step.
+    pub clock: HealthClock,
     /// Where outcome records go, if anywhere.
     pub outcomes: Option<Outcomes>,
 }
@@ -63,6 +65,45 @@ impl std::fmt::Debug for WorkerContext {
             .field("topic", &self.topic)
             .field("slice_id", &self.slice_id)
             .finish_non_exhaustive()
+    }
+}
+
+/// The time of health reports: whole seconds on an injected [`Clock`] since the step started,
+/// from 1 (0 in a report means "not yet"). Production runs on the system clock; a test on a
+/// [`ManualClock`](rill::ManualClock) moves it and sees a silent worker replaced at the exact
+/// second, without waiting.
+///
+/// Only health is on this clock. Which segments are due is decided on the stream's time (the
+/// wall clock plus the drift of the latest batch), because queue deadlines are Unix seconds.
+#[derive(Clone, Debug)]
+pub struct HealthClock {
+    clock: SharedClock,
+    epoch: Instant,
+}
+
+impl HealthClock {
+    /// Health time starting now on `clock`.
+    pub fn new(clock: SharedClock) -> Self {
+        let epoch = clock.now();
+        Self { clock, epoch }
+    }
+
+    /// The clock's current instant.
+    pub fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
+    /// The clock itself.
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.clock
+    }
+
+    /// Whole seconds since the epoch, plus one.
+    pub fn seconds(&self) -> i64 {
+        let elapsed = self.clock.now().saturating_duration_since(self.epoch);
+        i64::try_from(elapsed.as_secs())
+            .unwrap_or(i64::MAX - 1)
+            .saturating_add(1)
     }
 }
 
@@ -79,9 +120,10 @@ pub struct SharedState {
 /// What one worker reports, read by the step on the consumer thread.
 #[derive(Debug, Default)]
 pub struct WorkerHealth {
-    /// Unix seconds of the last completed iteration (0: not started yet).
+    /// [`HealthClock::seconds`] of the last completed iteration (0: not started yet).
     pub healthy_since: AtomicI64,
-    /// Unix seconds since which every iteration hit the flush limit (0: not at the limit).
+    /// [`HealthClock::seconds`] since which every iteration hit the flush limit (0: not at the
+    /// limit).
     pub backpressure_since: AtomicI64,
     /// The generation allowed to work; a worker whose generation is older stops.
     pub generation: AtomicU64,
@@ -146,15 +188,15 @@ pub(super) async fn run_worker(
             record_queue_gauges(&buffer, &queues, now).await;
             gauged_at = Some(std::time::Instant::now());
         }
-        let system_now = seconds(SystemTime::now());
-        let now = system_now + context.shared.drift.load(Ordering::SeqCst);
-        let flushed = match buffer.flush_segments(now).await {
+        let reported = context.clock.seconds();
+        let now = seconds(SystemTime::now()) + context.shared.drift.load(Ordering::SeqCst);
+        let flushed = match buffer.load_due_segments(now).await {
             Ok(flush) => {
                 report_losses(&context, &flush);
                 if flush.any_shard_at_limit {
                     let _ = health.backpressure_since.compare_exchange(
                         0,
-                        system_now,
+                        reported,
                         Ordering::SeqCst,
                         Ordering::SeqCst,
                     );
@@ -177,9 +219,7 @@ pub(super) async fn run_worker(
                 // Alive means flushing: a worker whose every flush fails stops reporting, so
                 // the step replaces it after `max_unhealthy` and, if that keeps happening,
                 // fails the consumer instead of leaving its shards silently stuck.
-                health
-                    .healthy_since
-                    .store(system_now.max(1), Ordering::SeqCst);
+                health.healthy_since.store(reported, Ordering::SeqCst);
                 if !anything {
                     tokio::time::sleep(context.flusher.idle_sleep).await;
                 }

@@ -18,8 +18,8 @@
 
 mod decode;
 mod error_chain;
-mod flush_segments;
-mod flusher;
+mod flush_step;
+mod flush_worker;
 mod outcomes;
 mod process_spans;
 
@@ -30,15 +30,15 @@ use rill::backends::kafka::KafkaPayload;
 use rill::steps::{CommitOffsets, Filter, Reduce, RunTask, RunTaskInThreads};
 use rill::{
     CommitRequest, Message, Partition, ProcessingStrategy, ProcessingStrategyFactory, Producer,
-    StrategyError, SubmitError, Topic,
+    SharedClock, StrategyError, SubmitError, SystemClock, Topic,
 };
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
 pub use decode::{KillSwitch, KillSwitchHandle, SpanMessage, decode_span};
 pub(crate) use error_chain::ErrorChain;
-pub use flush_segments::{FlushError, FlushSegments, FlushSettings, startup_timeout};
-pub use flusher::{SharedState, WorkerContext, WorkerHealth};
+pub use flush_step::{FlushError, FlushSegments, FlushSettings, startup_timeout};
+pub use flush_worker::{HealthClock, SharedState, WorkerContext, WorkerHealth};
 pub use outcomes::{Outcomes, PRODUCE_FAILED};
 pub use process_spans::ProcessSpans;
 
@@ -139,6 +139,7 @@ pub struct SpansStrategyFactory {
     kill_switch: KillSwitchHandle,
     runtime: Handle,
     outcomes: Option<Outcomes>,
+    clock: SharedClock,
 }
 
 impl std::fmt::Debug for SpansStrategyFactory {
@@ -181,7 +182,15 @@ impl SpansStrategyFactory {
             kill_switch: KillSwitchHandle::new(config.kill_switch.clone()),
             runtime,
             outcomes,
+            clock: SystemClock::shared(),
         }
+    }
+
+    /// Runs the flush step's health checks on `clock` instead of the system clock.
+    #[must_use]
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The handle to replace the options and settings at run time.
@@ -211,6 +220,7 @@ impl SpansStrategyFactory {
             topic: self.output.clone(),
             flusher,
             shared: Arc::new(SharedState::default()),
+            clock: HealthClock::new(Arc::clone(&self.clock)),
             outcomes: self.outcomes.clone(),
         };
         // Built from the last step back.
@@ -263,7 +273,7 @@ impl ProcessingStrategyFactory<KafkaPayload> for SpansStrategyFactory {
     /// Redis calls a build waits for (the first memory sample, the buffer's script load): a
     /// consumer waiting in them is starting, not stuck.
     fn create_timeout(&self) -> Duration {
-        flush_segments::startup_timeout(&self.settings.current().buffer) + RESPONSE_TIMEOUT * 2
+        flush_step::startup_timeout(&self.settings.current().buffer) + RESPONSE_TIMEOUT * 2
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! This is Sentry's `process_batch`: decode, `SpansBuffer::process_spans(spans, now)` with `now`
 //! the smallest broker timestamp of the batch, and hand that timestamp to the flusher (its
-//! clock follows the stream, see `flush_segments`). Once this step forwards a batch its spans
+//! clock follows the stream, see `flush_step.rs`). Once this step forwards a batch its spans
 //! are in Redis, which is what lets `CommitOffsets` commit them.
 //!
 //! Sentry's consumer encodes a batch and then waits for Redis, so the two take turns. Here each

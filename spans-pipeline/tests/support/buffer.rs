@@ -1,5 +1,8 @@
 //! Shared helpers of the Redis-backed tests: spans built like Sentry's test fixtures, a buffer
 //! on a real Redis of either mode, and the `assert_ttls` / `assert_clean` checks.
+//!
+//! Included as `buffer_support` with `#[path = "support/buffer.rs"]`; the consumer tests have
+//! their own `support` (`support/consumer.rs`).
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
@@ -211,7 +214,7 @@ pub fn assert_clean(redis: &TestRedis) {
 
 /// Flushes at `now`, then runs done on what was flushed; returns the view.
 pub async fn flush_and_done(buffer: &SpansBuffer, now: i64) -> SegmentView {
-    let flush = buffer.flush_segments(now).await.unwrap();
+    let flush = buffer.load_due_segments(now).await.unwrap();
     buffer.done_flush_segments(&flush.segments).await.unwrap();
     view(&flush.segments)
 }
@@ -252,7 +255,7 @@ impl Drained {
 pub async fn flush_until_empty(buffer: &SpansBuffer, now: i64, rounds: usize) -> Drained {
     let mut drained = Drained::default();
     for _ in 0..rounds {
-        let flush = buffer.flush_segments(now).await.unwrap();
+        let flush = buffer.load_due_segments(now).await.unwrap();
         if flush.segments.is_empty() {
             return drained;
         }
