@@ -74,8 +74,9 @@ pub const FLUSH_LAG_SECONDS: &str = "spans.buffer.flush_lag_seconds";
 /// Spans per batch written by `process_spans`.
 pub const PROCESS_BATCH_SPANS: &str = "spans.buffer.process_spans.batch_spans";
 
-/// Counters of the consumer and of `rill`, each with the label values it can take, that the
-/// dashboard (`dashboards/spans-pipeline.json`) queries. [`register`] starts them at zero.
+/// Counters of the consumer and of `rill`, each with the label values it can take: those the
+/// dashboard (`dashboards/spans-pipeline.json`) queries and those of rare events an alert may
+/// watch. [`register`] starts them at zero.
 const COUNTERS: &[(&str, &[(&str, &str)])] = &[
     (PROCESS_SPANS, &[]),
     (PROCESS_FAILURES, &[]),
@@ -96,6 +97,9 @@ const COUNTERS: &[(&str, &[(&str, &str)])] = &[
     (FLUSH_LOCKS_LOST, &[]),
     (OUTCOMES, &[("reason", crate::consumer::PRODUCE_FAILED)]),
     (OUTCOMES, &[("reason", crate::buffer::SEGMENT_TOO_LARGE)]),
+    (OUTCOMES, &[("reason", crate::buffer::INVALID_PAYLOAD)]),
+    (ALREADY_COUNTED, &[]),
+    (FLUSHER_SPLIT_MESSAGES, &[]),
     (rill::metrics::MESSAGES_POLLED, &[]),
     (rill::metrics::MESSAGES_REJECTED, &[]),
     (rill::metrics::PAUSES, &[]),

@@ -13,8 +13,8 @@ use integration_tests::redis_server::TestRedis;
 use spans_pipeline::buffer::codec::PayloadEncoder;
 use spans_pipeline::buffer::keys;
 use spans_pipeline::buffer::{
-    BufferOptions, FlushCandidate, FlushedSegment, InsertedSubsegment, OutputSpan, SegmentKey,
-    SpansBufferStore,
+    BufferOptions, FlushCandidate, FlushedSegment, InsertedSubsegment, OutputSpan, QueueStats,
+    SegmentKey, SpansBufferStore,
 };
 
 const PT: &str = "999001:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
@@ -389,21 +389,26 @@ async fn reloads_the_script_after_the_server_forgets_it() {
 }
 
 #[tokio::test]
-async fn queue_sizes_counts_segments_per_queue() {
+async fn queue_stats_count_segments_due_segments_and_the_oldest_deadline_per_queue() {
     for_each_mode(|redis: TestRedis| async move {
         let store = store(&redis, BufferOptions::default()).await;
         zadd(&redis, QUEUE, 1, "x");
         zadd(&redis, QUEUE, 2, "y");
-        let sizes = store
-            .queue_sizes(&[QUEUE.to_owned(), "span-buf:q:empty".to_owned()])
+        let stats = store
+            .queue_stats(&[QUEUE.to_owned(), "span-buf:q:empty".to_owned()], 1)
             .await
             .unwrap();
-        assert_eq!(sizes, [2, 0]);
-        let oldest = store
-            .oldest_deadlines(&[QUEUE.to_owned(), "span-buf:q:empty".to_owned()])
-            .await
-            .unwrap();
-        assert_eq!(oldest, [Some(1), None]);
+        assert_eq!(
+            stats,
+            [
+                QueueStats {
+                    size: 2,
+                    due: 1,
+                    oldest_deadline: Some(1)
+                },
+                QueueStats::default()
+            ]
+        );
     })
     .await;
 }

@@ -24,7 +24,9 @@ use serde::Serialize;
 use crate::buffer::connection::{CommandBatch, RedisConnection};
 use crate::buffer::error::BufferError;
 use crate::buffer::keys::{self, KeyFamily, SegmentKey};
-use crate::buffer::store::{as_optional_u64, as_string, first_score, info_field, into_array};
+use crate::buffer::store::{
+    add_queue_stats, as_optional_u64, as_string, info_field, into_array, read_queue_stats,
+};
 
 /// Steps of a redirect chain followed before giving up (the script's own limit).
 const MAX_REDIRECT_STEPS: usize = 100;
@@ -533,30 +535,20 @@ impl BufferInspector {
     ) -> Result<(Vec<QueueReport>, bool), BufferError> {
         let mut batch = CommandBatch::new();
         for name in names {
-            let mut zcard = redis::cmd("ZCARD");
-            zcard.arg(name);
-            batch.add(name.as_str(), zcard);
-            let mut zcount = redis::cmd("ZCOUNT");
-            zcount.arg(name).arg("-inf").arg(now);
-            batch.add(name.as_str(), zcount);
-            let mut oldest = redis::cmd("ZRANGE");
-            oldest.arg(name).arg(0).arg(0).arg("WITHSCORES");
-            batch.add(name.as_str(), oldest);
+            add_queue_stats(&mut batch, name, now);
         }
         let mut replies = self.conn.execute(batch).await?.into_iter();
         let mut queues = Vec::new();
         let mut complete = true;
         for name in names {
-            let (Some(depth), Some(due), Some(oldest)) =
-                (replies.next(), replies.next(), replies.next())
-            else {
+            let Some(stats) = read_queue_stats(&mut replies)? else {
                 break;
             };
-            let oldest_deadline = first_score(oldest)?;
+            let oldest_deadline = stats.oldest_deadline;
             let mut queue = QueueReport {
                 key: name.clone(),
-                depth: as_optional_u64(depth)?.unwrap_or(0),
-                due: as_optional_u64(due)?.unwrap_or(0),
+                depth: stats.size,
+                due: stats.due,
                 oldest_deadline,
                 behind_secs: oldest_deadline
                     .map_or(0, |oldest| u64::try_from(now - oldest).unwrap_or(0)),

@@ -41,7 +41,7 @@ pub use segment::{
     OutputSpan,
 };
 pub use stats::FlushStats;
-pub use store::{PreparedWrite, SpansBufferStore};
+pub use store::{PreparedWrite, QueueStats, SpansBufferStore};
 pub use subsegment::Subsegment;
 pub use write_order::{Ticket, WriteOrder};
 

@@ -279,12 +279,15 @@ fn report_losses(context: &WorkerContext, flush: &crate::buffer::Flush) {
 async fn record_queue_gauges(buffer: &SpansBuffer, queues: &[(u16, String)], now: i64) {
     let keys: Vec<String> = queues.iter().map(|(_, key)| key.clone()).collect();
     let store = buffer.store();
-    match futures::try_join!(store.queue_sizes(&keys), store.oldest_deadlines(&keys)) {
-        Ok((sizes, oldest)) => {
-            for (((shard, _), size), oldest) in queues.iter().zip(sizes).zip(oldest) {
+    match store.queue_stats(&keys, now).await {
+        Ok(stats) => {
+            for ((shard, _), stats) in queues.iter().zip(stats) {
                 let shard = shard.to_string();
-                metrics::gauge!(names::STORED_SEGMENTS, "shard" => shard.clone()).set(size as f64);
-                let lag = oldest.map_or(0, |deadline| (now - deadline).max(0));
+                metrics::gauge!(names::STORED_SEGMENTS, "shard" => shard.clone())
+                    .set(stats.size as f64);
+                let lag = stats
+                    .oldest_deadline
+                    .map_or(0, |deadline| (now - deadline).max(0));
                 metrics::gauge!(names::FLUSH_LAG_SECONDS, "shard" => shard).set(lag as f64);
             }
         }

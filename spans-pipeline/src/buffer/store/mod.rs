@@ -42,7 +42,9 @@ use crate::buffer::error::BufferError;
 use crate::buffer::options::BufferOptions;
 use crate::buffer::script;
 
-pub(crate) use reply::{as_optional_u64, as_string, first_score, info_field, into_array};
+pub use queue::QueueStats;
+pub(crate) use queue::{add_queue_stats, read_queue_stats};
+pub(crate) use reply::{as_optional_u64, as_string, info_field, into_array};
 pub use write::PreparedWrite;
 
 /// Payload keys per `UNLINK` in cleanup (standalone; a cluster needs one per key).

@@ -152,39 +152,62 @@ impl SpansBufferStore {
         }
     }
 
-    /// Number of segments in each queue (`ZCARD`), for the stored-segments gauge.
-    pub async fn queue_sizes(&self, queues: &[String]) -> Result<Vec<u64>, BufferError> {
-        let mut batch = CommandBatch::new();
-        for queue in queues {
-            let mut zcard = redis::cmd("ZCARD");
-            zcard.arg(queue);
-            batch.add(queue.clone(), zcard);
-        }
-        self.conn
-            .execute(batch)
-            .await?
-            .into_iter()
-            .map(|v| as_optional_u64(v).map(Option::unwrap_or_default))
-            .collect()
-    }
-
-    /// The earliest deadline in each queue (`ZRANGE 0 0 WITHSCORES`), `None` for an empty one,
-    /// for the flush-lag gauge.
-    pub async fn oldest_deadlines(
+    /// Size, due segments and oldest deadline of each queue at `now`, in one round trip: the
+    /// stored-segments and flush-lag gauges, and `inspect`.
+    pub async fn queue_stats(
         &self,
         queues: &[String],
-    ) -> Result<Vec<Option<i64>>, BufferError> {
+        now: i64,
+    ) -> Result<Vec<QueueStats>, BufferError> {
         let mut batch = CommandBatch::new();
         for queue in queues {
-            let mut oldest = redis::cmd("ZRANGE");
-            oldest.arg(queue).arg(0).arg(0).arg("WITHSCORES");
-            batch.add(queue.clone(), oldest);
+            add_queue_stats(&mut batch, queue, now);
         }
-        self.conn
-            .execute(batch)
-            .await?
-            .into_iter()
-            .map(first_score)
-            .collect()
+        let mut replies = self.conn.execute(batch).await?.into_iter();
+        let mut stats = Vec::with_capacity(queues.len());
+        while let Some(queue) = read_queue_stats(&mut replies)? {
+            stats.push(queue);
+        }
+        Ok(stats)
     }
+}
+
+/// What [`SpansBufferStore::queue_stats`] reads of one queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Segments queued (`ZCARD`).
+    pub size: u64,
+    /// Segments due at the time asked for (`ZCOUNT -inf <now>`).
+    pub due: u64,
+    /// The earliest deadline (`ZRANGE 0 0 WITHSCORES`), `None` for an empty queue.
+    pub oldest_deadline: Option<i64>,
+}
+
+/// Adds the three commands of one queue's [`QueueStats`] to `batch`.
+pub(crate) fn add_queue_stats(batch: &mut CommandBatch, queue: &str, now: i64) {
+    let mut zcard = redis::cmd("ZCARD");
+    zcard.arg(queue);
+    batch.add(queue, zcard);
+    let mut zcount = redis::cmd("ZCOUNT");
+    zcount.arg(queue).arg("-inf").arg(now);
+    batch.add(queue, zcount);
+    let mut oldest = redis::cmd("ZRANGE");
+    oldest.arg(queue).arg(0).arg(0).arg("WITHSCORES");
+    batch.add(queue, oldest);
+}
+
+/// Reads the next queue's [`QueueStats`] from the replies of [`add_queue_stats`]' commands;
+/// `None` once they are used up.
+pub(crate) fn read_queue_stats(
+    replies: &mut impl Iterator<Item = Value>,
+) -> Result<Option<QueueStats>, BufferError> {
+    let (Some(size), Some(due), Some(oldest)) = (replies.next(), replies.next(), replies.next())
+    else {
+        return Ok(None);
+    };
+    Ok(Some(QueueStats {
+        size: as_optional_u64(size)?.unwrap_or(0),
+        due: as_optional_u64(due)?.unwrap_or(0),
+        oldest_deadline: first_score(oldest)?,
+    }))
 }
