@@ -5,11 +5,15 @@
 //! that is mostly dropped, so they are released with whatever the next step releases, or by a
 //! [`CommitPolicy`] of their own when the next step has nothing to say.
 //!
-//! A dropped *derived* message is different: it may be the last part of a split batch, whose
-//! offsets ride on that last part while the earlier parts are still being worked on further
-//! down (in a batch, a task). Its offsets are therefore not reported upwards but attached to
-//! the next message forwarded, which finishes after those earlier parts; at the latest they
-//! are reported by `join`, once everything forwarded is done.
+//! A message dropped right after parts that carry no offsets is different: it may be the last
+//! part of a split message, whose offsets stand for those earlier parts, still being worked on
+//! further down (in a batch, a task). Released at once, they would let the processor commit
+//! past unfinished work. They are *deferred* instead, and released by whichever comes first:
+//! the next message forwarded carries them (it finishes after those parts, every built-in step
+//! keeping order); `poll` releases them once the next step is
+//! [idle](crate::ProcessingStrategy::is_idle); `join` releases them only if the next step's
+//! join finished before its deadline, since a join cut short abandoned the earlier parts (the
+//! offsets are then dropped and the messages redelivered).
 //!
 //! [`DroppingForwarder`] is the part `Filter` and `Unfold` share: held messages, dropped
 //! offsets and the clock.
@@ -28,8 +32,11 @@ use crate::strategy::ProcessingStrategy;
 pub(crate) struct DroppingForwarder<U> {
     pub(crate) carried_over: CarriedOver<U>,
     offsets: CommitRequest,
-    /// Offsets of dropped derived messages, waiting for the next forwarded message.
+    /// Offsets of messages dropped behind parts that carry none, waiting until those are done.
     deferred: CommitRequest,
+    /// The last message forwarded carried no offsets and may not be done: a message dropped
+    /// now may stand for it.
+    blind: bool,
     count: u64,
     /// `count` at the previous poll: whether messages were dropped since.
     count_at_poll: u64,
@@ -47,6 +54,7 @@ impl<U> DroppingForwarder<U> {
             carried_over: CarriedOver::new(),
             offsets: CommitRequest::new(),
             deferred: CommitRequest::new(),
+            blind: false,
             count: 0,
             count_at_poll: 0,
             policy: CommitPolicy::every(Duration::from_secs(1)),
@@ -67,8 +75,11 @@ impl<U> DroppingForwarder<U> {
     }
 
     /// Records the offsets of a dropped message.
+    ///
+    /// A derived message is deferred as well as any dropped behind parts without offsets: its
+    /// offsets may stand for work still in flight further down (see the module docs).
     pub(crate) fn drop_message<T>(&mut self, message: &Message<T>) {
-        if message.partition().is_some() {
+        if message.partition().is_some() && !self.blind {
             message.add_committable_to(&mut self.offsets);
             self.count += 1;
         } else {
@@ -92,7 +103,25 @@ impl<U> DroppingForwarder<U> {
             message.add_committable_to(&mut committable);
             Message::derived(message.into_payload(), committable)
         };
+        self.blind = !message.carries_offsets();
         self.carried_over.forward(next, message)
+    }
+
+    /// Releases the deferred offsets if everything forwarded before them is done.
+    fn release_deferred_if_idle<N>(&mut self, next: &N)
+    where
+        N: ProcessingStrategy<U>,
+    {
+        if (self.blind || !self.deferred.is_empty())
+            && !self.carried_over.is_holding()
+            && next.is_idle()
+        {
+            self.blind = false;
+            if !self.deferred.is_empty() {
+                self.offsets.merge(&std::mem::take(&mut self.deferred));
+                self.count += 1;
+            }
+        }
     }
 
     /// Polls `next` and returns its done offsets, with the dropped ones when it has some or
@@ -102,6 +131,7 @@ impl<U> DroppingForwarder<U> {
         N: ProcessingStrategy<U>,
     {
         self.carried_over.poll_next(next)?;
+        self.release_deferred_if_idle(next);
         let downstream = self.carried_over.take_commit();
         if self.count == 0 {
             return Ok(downstream);
@@ -120,7 +150,9 @@ impl<U> DroppingForwarder<U> {
         }
     }
 
-    /// Joins `next` and returns everything done, dropped offsets included.
+    /// Joins `next` and returns everything done, dropped offsets included, except deferred
+    /// ones when the join was cut short by its deadline (the work they stand for may have been
+    /// abandoned: they are redelivered).
     pub(crate) fn join<N>(
         &mut self,
         next: &mut N,
@@ -129,9 +161,18 @@ impl<U> DroppingForwarder<U> {
     where
         N: ProcessingStrategy<U>,
     {
+        self.release_deferred_if_idle(next);
         let joined = self.carried_over.join_next(next, deadline, &*self.clock)?;
         let now = self.clock.now();
-        let deferred = Some(std::mem::take(&mut self.deferred)).filter(|d| !d.is_empty());
+        self.blind = false;
+        let mut deferred = Some(std::mem::take(&mut self.deferred)).filter(|d| !d.is_empty());
+        if deferred.is_some() && deadline.is_some_and(|deadline| now >= deadline) {
+            tracing::warn!(
+                "Join deadline passed with work in flight before a dropped message; \
+                 its offsets will be redelivered."
+            );
+            deferred = None;
+        }
         Ok(commit::merge(
             commit::merge(joined, self.take_dropped(now)),
             deferred,
@@ -143,6 +184,8 @@ impl<U> DroppingForwarder<U> {
         N: ProcessingStrategy<U>,
     {
         self.carried_over.clear();
+        self.deferred = CommitRequest::new();
+        self.blind = false;
         next.terminate();
     }
 
@@ -164,5 +207,89 @@ impl<U> DroppingForwarder<U> {
         self.count = 0;
         self.count_at_poll = 0;
         Some(std::mem::take(&mut self.offsets))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::steps::{Filter, Unfold};
+    use crate::testing::{RecordingStep, message, partition};
+
+    /// Splits `n` into the parts `n * 10 + 1 ..= n * 10 + 3`; the last carries the input's
+    /// offsets and is dropped by the filter, the two before it go to `next`.
+    fn split_then_drop_the_last_part(
+        clock: &ManualClock,
+        next: RecordingStep<u32>,
+    ) -> impl ProcessingStrategy<u32> + use<> {
+        let filter = Filter::new(|m: &Message<u32>| m.payload() % 10 != 3, next)
+            .with_clock(clock.shared())
+            .with_commit_policy(CommitPolicy::every(Duration::from_secs(1)));
+        Unfold::new(|n: u32| (1..=3).map(move |i| n * 10 + i), filter).with_clock(clock.shared())
+    }
+
+    fn batch(offsets: std::ops::Range<u64>) -> CommitRequest {
+        let mut request = CommitRequest::new();
+        request.add_range(&partition(0), offsets);
+        request
+    }
+
+    #[test]
+    fn a_dropped_last_part_waits_for_the_parts_before_it() {
+        // The input is a broker message: its last part keeps its offset, yet the parts
+        // before it are not done.
+        let clock = ManualClock::new();
+        let next = RecordingStep::new();
+        let mut step = split_then_drop_the_last_part(&clock, next.clone());
+        step.submit(message(0, 1)).unwrap();
+        assert_eq!(next.payloads(), [11, 12]);
+
+        clock.advance(Duration::from_secs(2));
+
+        assert_eq!(step.poll().unwrap(), None);
+    }
+
+    #[test]
+    fn a_dropped_last_part_is_released_by_poll_once_the_parts_before_it_are_done() {
+        let clock = ManualClock::new();
+        let next = RecordingStep::new();
+        let mut step = split_then_drop_the_last_part(&clock, next.clone());
+        step.submit(Message::derived(1, batch(0..3))).unwrap();
+        assert_eq!(step.poll().unwrap(), None);
+
+        next.set_commit_on_poll();
+        clock.advance(Duration::from_secs(1));
+
+        let done = step.poll().unwrap().unwrap();
+        assert_eq!(done.offsets(&partition(0)), vec![0..3]);
+    }
+
+    #[test]
+    fn a_join_cut_short_does_not_report_a_dropped_last_part() {
+        // The next step's join abandoned the parts before it (a deadline, aborted tasks).
+        let clock = ManualClock::new();
+        let mut step = split_then_drop_the_last_part(&clock, RecordingStep::new());
+        step.submit(Message::derived(1, batch(0..3))).unwrap();
+        step.submit(message(3, 2)).unwrap();
+
+        let done = step.join(Some(clock.now())).unwrap();
+
+        assert_eq!(done, None);
+    }
+
+    #[test]
+    fn a_join_that_finished_reports_a_dropped_last_part() {
+        let clock = ManualClock::new();
+        let next = RecordingStep::new();
+        let mut step = split_then_drop_the_last_part(&clock, next.clone());
+        step.submit(Message::derived(1, batch(0..3))).unwrap();
+        next.set_commit_on_poll();
+
+        let done = step
+            .join(Some(clock.now() + Duration::from_secs(1)))
+            .unwrap();
+
+        assert_eq!(done.unwrap().offsets(&partition(0)), vec![0..3]);
     }
 }

@@ -229,6 +229,17 @@ impl<T> Message<T> {
         request
     }
 
+    /// Whether this message makes any offset committable once done: false only for a derived
+    /// message built with none (a part of an unfolded message other than its last), whose
+    /// work is accounted for by a message after it.
+    #[inline]
+    pub fn carries_offsets(&self) -> bool {
+        match &self.metadata {
+            Metadata::Broker { .. } => true,
+            Metadata::Derived { committable } => !committable.is_empty(),
+        }
+    }
+
     /// Adds the offsets this message makes committable to `request`, without allocating for
     /// a broker message.
     #[inline]

@@ -97,6 +97,18 @@ pub trait ProcessingStrategy<T>: Send {
     fn next_deadline(&self) -> Option<Instant> {
         None
     }
+
+    /// Whether every message this step accepted is done, here and in every step after it
+    /// (processed by the last step, dropped or reported invalid), even if some of their
+    /// offsets are still to be reported.
+    ///
+    /// A step that drops the last part of a split message asks it: the parts before it carry
+    /// no offsets of their own, so only this says when the dropped part's offsets may be
+    /// released. `false`, the default, is always safe: those offsets then wait for the next
+    /// message forwarded or for `join`.
+    fn is_idle(&self) -> bool {
+        false
+    }
 }
 
 impl<T, S> ProcessingStrategy<T> for Box<S>
@@ -125,6 +137,10 @@ where
 
     fn next_deadline(&self) -> Option<Instant> {
         (**self).next_deadline()
+    }
+
+    fn is_idle(&self) -> bool {
+        (**self).is_idle()
     }
 }
 

@@ -104,6 +104,12 @@ impl<T> RecordingStep<T> {
         self.state.lock().reject_next = count;
     }
 
+    /// From now on, reports what it accepted as done on `poll` and `join` (and counts as
+    /// idle): the work it stood for finished.
+    pub fn set_commit_on_poll(&self) {
+        self.state.lock().commit_on_poll = true;
+    }
+
     /// Reports submitted messages as invalid when their offset is in `offsets`.
     #[must_use]
     pub fn invalid_at(self, offsets: &[u64]) -> Self {
@@ -219,6 +225,13 @@ impl<T: Send> ProcessingStrategy<T> for RecordingStep<T> {
     fn terminate(&mut self) {
         self.state.lock().terminated = true;
     }
+
+    /// Idle when it reports what it accepts as done (`commit_on_poll`) or accepted nothing:
+    /// without `commit_on_poll` it stands for a step whose work never finishes.
+    fn is_idle(&self) -> bool {
+        let state = self.state.lock();
+        state.commit_on_poll || state.messages.is_empty()
+    }
 }
 
 /// An in-memory broker with `topic` of `partitions` partitions, each holding the payloads
@@ -298,5 +311,9 @@ where
 
     fn next_deadline(&self) -> Option<Instant> {
         self.next_step.next_deadline()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.next_step.is_idle()
     }
 }

@@ -1,7 +1,8 @@
 //! Property: for random pipelines with random rejections, concurrency, filtering, invalid
-//! messages, out-of-order completion and rebalances, every committed offset implies that every
-//! earlier offset of its partition was fully processed or dead-lettered, commits never move
-//! backwards, and everything is eventually committed.
+//! messages, out-of-order completion, slow tasks and rebalances whose join deadline abandons
+//! work in flight, every committed offset implies that every earlier offset of its partition
+//! was fully processed or dead-lettered, commits never move backwards, and everything is
+//! eventually committed.
 
 // Test code: a failed setup step should panic with its error.
 #![allow(clippy::unwrap_used)]
@@ -30,9 +31,9 @@ use rill::{
 const CASE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// How long a case keeps running once every item is done but not everything is committed.
-/// Dropped messages are released at least every second; the offsets of a dropped *derived*
-/// message wait for the next message forwarded or for `join` (rill's `dropped` module), so
-/// when the last item of a partition is such a message only the shutdown commits it.
+/// Dropped messages are released at least every second, those dropped behind parts still in
+/// flight once the steps after them are idle (rill's `dropped` module): polling alone commits
+/// everything well within this, which the case checks before shutting down.
 const COMMIT_GRACE: Duration = Duration::from_secs(2);
 
 /// Every payload remembers where it came from: (partition index, offset).
@@ -60,8 +61,12 @@ enum StepSpec {
     Repeat,
     /// Batches then flattens again.
     Batch { size: u64 },
-    /// Async tasks, at most `concurrency` in flight.
-    Threads { concurrency: usize },
+    /// Async tasks, at most `concurrency` in flight; each sleeps up to `max_delay_ms`, so a
+    /// join with a short deadline abandons some of them.
+    Threads {
+        concurrency: usize,
+        max_delay_ms: u64,
+    },
     /// Completes messages out of order.
     Shuffle { window: usize },
 }
@@ -73,7 +78,10 @@ fn step_spec() -> impl Strategy<Value = StepSpec> {
         (2_u64..5).prop_map(|modulo| StepSpec::Filter { modulo }),
         Just(StepSpec::Repeat),
         (1_u64..8).prop_map(|size| StepSpec::Batch { size }),
-        (1_usize..4).prop_map(|concurrency| StepSpec::Threads { concurrency }),
+        (1_usize..4, 0_u64..8).prop_map(|(concurrency, max_delay_ms)| StepSpec::Threads {
+            concurrency,
+            max_delay_ms
+        }),
         (2_usize..5).prop_map(|window| StepSpec::Shuffle { window }),
     ]
 }
@@ -269,8 +277,18 @@ fn build(
                 Duration::from_millis(5),
                 Unfold::new(|batch: Vec<Item>| batch, pipeline),
             )),
-            StepSpec::Threads { concurrency } => Box::new(RunTaskInThreads::new(
-                |message: Message<Item>| async move { Ok::<_, TaskError>(message) },
+            StepSpec::Threads {
+                concurrency,
+                max_delay_ms,
+            } => Box::new(RunTaskInThreads::new(
+                move |message: Message<Item>| async move {
+                    let (partition, offset) = *message.payload();
+                    let delay = (offset * 13 + u64::from(partition)) % (max_delay_ms + 1);
+                    if delay > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
+                    Ok::<_, TaskError>(message)
+                },
                 concurrency,
                 runtime.clone(),
                 pipeline,
@@ -334,6 +352,7 @@ struct World {
     log: Log,
     specs: Vec<StepSpec>,
     seed: u64,
+    join_timeout: Duration,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -363,7 +382,8 @@ impl World {
                 ProcessorConfig::default()
                     .with_poll_timeout(Duration::ZERO)
                     .with_retry_interval(Duration::ZERO)
-                    .with_max_pending_messages(16),
+                    .with_max_pending_messages(16)
+                    .with_join_timeout(self.join_timeout),
             )
             .with_dlq(DlqPolicy::new(dlq))
     }
@@ -402,6 +422,7 @@ fn run_case(
     per_partition: u64,
     specs: Vec<StepSpec>,
     rebalances: Vec<usize>,
+    join_timeout: Duration,
     seed: u64,
 ) -> Result<(), TestCaseError> {
     let broker = LocalBroker::new();
@@ -425,6 +446,7 @@ fn run_case(
         log: Arc::new(Mutex::new(Vec::new())),
         specs,
         seed,
+        join_timeout,
         runtime,
     };
 
@@ -479,6 +501,7 @@ fn run_case(
             }
         }
     }
+    let committed_by_polling = all_committed(&world.broker);
     first.shutdown().unwrap();
     if let Some(mut member) = second {
         member.shutdown().unwrap();
@@ -486,6 +509,10 @@ fn run_case(
 
     check(&world.log.lock())?;
     prop_assert!(all_committed(&world.broker), "not everything was committed");
+    prop_assert!(
+        committed_by_polling,
+        "only the shutdown committed everything"
+    );
     Ok(())
 }
 
@@ -498,8 +525,39 @@ proptest! {
         per_partition in 0_u64..40,
         specs in prop::collection::vec(step_spec(), 0..4).prop_map(in_order_after_splits),
         rebalances in prop::collection::vec(0_usize..400, 0..4),
+        // Mostly short enough to abandon tasks in flight; sometimes long enough for all.
+        join_timeout in prop_oneof![(0_u64..6).prop_map(Duration::from_millis), Just(Duration::from_secs(5))],
         seed in any::<u64>(),
     ) {
-        run_case(partitions, per_partition, specs, rebalances, seed)?;
+        run_case(partitions, per_partition, specs, rebalances, join_timeout, seed)?;
+    }
+}
+
+/// The shape issue 13 reported: a batch split again, its last part filtered out, the parts
+/// before it still in tasks when a rebalance's join deadline passes.
+#[test]
+fn a_join_deadline_never_commits_a_dropped_part_past_the_tasks_before_it() {
+    let specs = vec![
+        // One batch [0, 1, 2]: 0 and 2 (its last part, which carries its offsets) are dropped,
+        // 1 sleeps in a task.
+        StepSpec::Batch { size: 3 },
+        StepSpec::Filter { modulo: 2 },
+        StepSpec::Threads {
+            concurrency: 1,
+            max_delay_ms: 30,
+        },
+    ];
+    // Rebalances every few iterations, so one lands while the task runs.
+    let rebalances: Vec<usize> = (1..200).map(|i| i * 11).collect();
+    for seed in 0..4 {
+        run_case(
+            2,
+            3,
+            specs.clone(),
+            rebalances.clone(),
+            Duration::ZERO,
+            seed,
+        )
+        .unwrap();
     }
 }

@@ -205,6 +205,10 @@ impl<T> ProcessingStrategy<T> for CommitOffsets {
 
     fn terminate(&mut self) {}
 
+    fn is_idle(&self) -> bool {
+        true
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         if self.waiting == 0 {
             return None;

@@ -112,6 +112,10 @@ where
     fn next_deadline(&self) -> Option<Instant> {
         self.forwarder.next_deadline(&self.next_step)
     }
+
+    fn is_idle(&self) -> bool {
+        !self.forwarder.carried_over.is_holding() && self.next_step.is_idle()
+    }
 }
 
 impl<F, N: fmt::Debug, T> fmt::Debug for Filter<F, N, T> {

@@ -114,6 +114,10 @@ impl<T, N: ProcessingStrategy<T>> ProcessingStrategy<T> for HealthCheck<N> {
     fn next_deadline(&self) -> Option<Instant> {
         self.next_step.next_deadline()
     }
+
+    fn is_idle(&self) -> bool {
+        self.next_step.is_idle()
+    }
 }
 
 #[cfg(test)]

@@ -40,4 +40,8 @@ impl<T> ProcessingStrategy<T> for Noop {
     }
 
     fn terminate(&mut self) {}
+
+    fn is_idle(&self) -> bool {
+        true
+    }
 }

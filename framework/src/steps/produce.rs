@@ -293,6 +293,10 @@ where
         let soon = (!self.in_flight.is_empty()).then(|| self.clock.now() + RETRY_INTERVAL);
         earliest(soon, self.next_step.next_deadline())
     }
+
+    fn is_idle(&self) -> bool {
+        self.in_flight.is_empty() && !self.carried_over.is_holding() && self.next_step.is_idle()
+    }
 }
 
 impl<P, N: fmt::Debug, T> fmt::Debug for Produce<P, N, T> {

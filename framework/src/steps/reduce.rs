@@ -272,6 +272,10 @@ where
             .map(|b| b.started + self.max_batch_time);
         earliest(window, self.next_step.next_deadline())
     }
+
+    fn is_idle(&self) -> bool {
+        self.batch.is_none() && !self.carried_over.is_holding() && self.next_step.is_idle()
+    }
 }
 
 impl<T, B, I, F, N: fmt::Debug> fmt::Debug for Reduce<T, B, I, F, N> {

@@ -100,6 +100,10 @@ where
     fn next_deadline(&self) -> Option<Instant> {
         self.next_step.next_deadline()
     }
+
+    fn is_idle(&self) -> bool {
+        !self.carried_over.is_holding() && self.next_step.is_idle()
+    }
 }
 
 impl<F, N: fmt::Debug, U> fmt::Debug for RunTask<F, N, U> {

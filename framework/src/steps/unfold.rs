@@ -112,6 +112,10 @@ where
     fn next_deadline(&self) -> Option<Instant> {
         self.forwarder.next_deadline(&self.next_step)
     }
+
+    fn is_idle(&self) -> bool {
+        !self.forwarder.carried_over.is_holding() && self.next_step.is_idle()
+    }
 }
 
 impl<F, N: fmt::Debug, U> fmt::Debug for Unfold<F, N, U> {
@@ -174,11 +178,14 @@ mod tests {
         let mut batch = CommitRequest::new();
         batch.add_range(&partition(0), 0..2);
 
+        // An earlier part of the batch, still in the next step.
+        step.submit(Message::derived(1, CommitRequest::new()))
+            .unwrap();
         step.submit(Message::derived(0, batch)).unwrap();
         assert_eq!(step.poll().unwrap(), None);
         step.submit(message(2, 1)).unwrap();
 
-        let carried = next.messages()[0].committable();
+        let carried = next.messages()[1].committable();
         assert_eq!(carried.offsets(&partition(0)), vec![0..3]);
     }
 
