@@ -45,10 +45,7 @@ struct Totals {
 fn parse(message: Message<Bytes>) -> Result<Message<Event>, SubmitError<Bytes>> {
     match sonic_rs::from_slice::<Event>(message.payload()) {
         Ok(event) => Ok(message.map(|_| event)),
-        Err(error) => match InvalidMessage::of(&message, error.to_string()) {
-            Some(invalid) => Err(SubmitError::InvalidMessage(invalid)),
-            None => Err(SubmitError::MessageRejected(message)),
-        },
+        Err(error) => Err(InvalidMessage::of(&message, error.to_string()).into()),
     }
 }
 

@@ -69,9 +69,7 @@ fn square(message: Message<KafkaPayload>) -> Result<Message<u64>, SubmitError<Ka
         .and_then(|bytes| sonic_rs::from_slice::<Number>(bytes).map_err(|e| e.to_string()));
     match parsed {
         Ok(number) => Ok(message.map(|_| number.n.saturating_mul(number.n))),
-        Err(reason) => Err(SubmitError::InvalidMessage(
-            InvalidMessage::of(&message, reason).ok_or(SubmitError::MessageRejected(message))?,
-        )),
+        Err(reason) => Err(InvalidMessage::of(&message, reason).into()),
     }
 }
 

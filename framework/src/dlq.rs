@@ -1,7 +1,7 @@
 //! The dead-letter queue: where invalid messages go, and when their offsets may be committed.
 //!
 //! The processor keeps a copy of every raw message it submits (only when a DLQ is configured)
-//! until its offset is committed. When a step reports an [`InvalidMessage`], that copy is sent
+//! until its offset is committed. When a step reports an [`InvalidMessage`](crate::InvalidMessage), that copy is sent
 //! to the [`DlqProducer`] with its original partition and offset; the offset is marked done only
 //! when the delivery is confirmed, so a commit never skips a message that is neither processed
 //! nor safely dead-lettered. Limits stop a consumer that sees nothing but bad input, with an
@@ -16,7 +16,6 @@ use crate::backends::{
     DeliveryError, DeliveryFuture, Destination, ProduceError, Producer, poll_delivery,
 };
 use crate::commit::CommitRequest;
-use crate::error::InvalidMessage;
 use crate::message::{Message, Partition};
 
 /// An invalid message on its way to the dead-letter queue.
@@ -447,13 +446,13 @@ impl<T> DeadLetterQueue<T> {
         }
     }
 
-    /// Starts dead-lettering `invalid`.
-    pub(crate) fn dead_letter(&mut self, invalid: InvalidMessage) -> Result<(), DlqError> {
-        let InvalidMessage {
-            partition,
-            offset,
-            reason,
-        } = invalid;
+    /// Starts dead-lettering the raw message at `partition` and `offset`.
+    pub(crate) fn dead_letter(
+        &mut self,
+        partition: Partition,
+        offset: u64,
+        reason: String,
+    ) -> Result<(), DlqError> {
         let state = self.limits.entry(partition.clone()).or_default();
         state.record_invalid(offset);
         if let Some(limit) = state.check(&self.policy.limits) {
@@ -657,7 +656,7 @@ mod tests {
         ));
         let partition = Partition::new(crate::Topic::new("t"), 0);
 
-        let result = queue.dead_letter(InvalidMessage::new(partition, 4, "bad"));
+        let result = queue.dead_letter(partition, 4, "bad".to_owned());
 
         assert!(matches!(
             result,

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use crate::commit::CommitRequest;
 use crate::message::{Message, Partition};
 
 /// A type-erased error, for failures the framework only reports. `Send + Sync + 'static`, so
@@ -47,8 +48,13 @@ impl<T> fmt::Debug for SubmitError<T> {
 
 /// A message that can never be processed, identified by where it came from.
 ///
-/// The stream processor looks the raw message up by partition and offset and sends it to the
-/// dead-letter queue; its offset becomes committable once that delivery is confirmed.
+/// Made by [`InvalidMessage::of`] from any message, in one call. For a broker message the
+/// stream processor looks the raw message up by partition and offset and sends it to the
+/// dead-letter queue; its offset becomes committable once that delivery is confirmed. A
+/// derived message (a batch, an unfolded part) stands for the offsets it carries: each of
+/// those raw messages is dead-lettered with the same reason. A part that carries no offsets
+/// (every part of an unfolded message but its last) is counted and logged, and its work is
+/// done: the message it came from is still committed through its last part.
 ///
 /// # Examples
 ///
@@ -56,38 +62,101 @@ impl<T> fmt::Debug for SubmitError<T> {
 /// use rill::{InvalidMessage, Message, Partition, Topic};
 ///
 /// let message = Message::broker("not json", Partition::new(Topic::new("in"), 0), 7, None);
-/// let invalid = InvalidMessage::of(&message, "expected a json object").unwrap();
+/// let invalid = InvalidMessage::of(&message, "expected a json object");
 ///
-/// assert_eq!(invalid.offset, 7);
+/// assert_eq!(invalid.offset(), Some(7));
 /// assert_eq!(invalid.to_string(), "invalid message at in/0, offset 7: expected a json object");
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid message at {partition}, offset {offset}: {reason}")]
+#[error("invalid message {origin}: {reason}")]
 pub struct InvalidMessage {
-    /// Partition the message was read from.
-    pub partition: Partition,
-    /// Offset of the message in `partition`.
-    pub offset: u64,
-    /// Why it cannot be processed, for logs and the dead-letter queue.
-    pub reason: String,
+    origin: Origin,
+    reason: String,
+}
+
+/// Where an invalid message came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Origin {
+    Broker { partition: Partition, offset: u64 },
+    Derived(CommitRequest),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Broker { partition, offset } => write!(f, "at {partition}, offset {offset}"),
+            Self::Derived(offsets) if offsets.is_empty() => {
+                f.write_str("derived from others, with no offsets of its own")
+            }
+            Self::Derived(offsets) => {
+                f.write_str("derived from")?;
+                for (index, (partition, set)) in offsets.iter().enumerate() {
+                    let separator = if index == 0 { " " } else { ", " };
+                    write!(f, "{separator}{partition} offsets {:?}", set.ranges())?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 impl InvalidMessage {
     /// An invalid message at `partition` and `offset`.
     pub fn new(partition: Partition, offset: u64, reason: impl Into<String>) -> Self {
         Self {
-            partition,
-            offset,
+            origin: Origin::Broker { partition, offset },
             reason: reason.into(),
         }
     }
 
-    /// The error for a broker message; `None` for a derived message, which has no single
-    /// origin to dead-letter.
-    pub fn of<T>(message: &Message<T>, reason: impl Into<String>) -> Option<Self> {
-        let partition = message.partition()?.clone();
-        let offset = message.offset()?;
-        Some(Self::new(partition, offset, reason))
+    /// The error for `message`, whatever its kind: a broker message names its partition and
+    /// offset, a derived message the offsets it carries.
+    pub fn of<T>(message: &Message<T>, reason: impl Into<String>) -> Self {
+        match (message.partition(), message.offset()) {
+            (Some(partition), Some(offset)) => Self::new(partition.clone(), offset, reason),
+            _ => Self {
+                origin: Origin::Derived(message.committable()),
+                reason: reason.into(),
+            },
+        }
+    }
+
+    /// The partition of an invalid broker message; `None` for a derived one.
+    pub const fn partition(&self) -> Option<&Partition> {
+        match &self.origin {
+            Origin::Broker { partition, .. } => Some(partition),
+            Origin::Derived(_) => None,
+        }
+    }
+
+    /// The offset of an invalid broker message; `None` for a derived one.
+    pub const fn offset(&self) -> Option<u64> {
+        match &self.origin {
+            Origin::Broker { offset, .. } => Some(*offset),
+            Origin::Derived(_) => None,
+        }
+    }
+
+    /// Why it cannot be processed, for logs and the dead-letter queue.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// Every raw message it stands for, as `(partition, offset)`: one for a broker message,
+    /// those it carries for a derived one (possibly none).
+    pub fn origins(&self) -> Vec<(Partition, u64)> {
+        match &self.origin {
+            Origin::Broker { partition, offset } => vec![(partition.clone(), *offset)],
+            Origin::Derived(offsets) => offsets
+                .iter()
+                .flat_map(|(partition, set)| {
+                    set.ranges()
+                        .iter()
+                        .flat_map(Clone::clone)
+                        .map(move |offset| (partition.clone(), offset))
+                })
+                .collect(),
+        }
     }
 }
 
@@ -136,9 +205,26 @@ mod tests {
     }
 
     #[test]
-    fn derived_messages_have_no_invalid_origin() {
-        let message = Message::derived((), crate::CommitRequest::new());
+    fn a_derived_message_is_invalid_for_every_offset_it_carries() {
+        let partition = Partition::new(Topic::new("t"), 1);
+        let mut batch = CommitRequest::new();
+        batch.add_range(&partition, 4..6);
 
-        assert_eq!(InvalidMessage::of(&message, "bad"), None);
+        let invalid = InvalidMessage::of(&Message::derived((), batch), "bad batch");
+
+        assert_eq!(invalid.offset(), None);
+        assert_eq!(invalid.origins(), [(partition.clone(), 4), (partition, 5)]);
+        assert_eq!(
+            invalid.to_string(),
+            "invalid message derived from t/1 offsets [4..6]: bad batch"
+        );
+    }
+
+    #[test]
+    fn a_part_without_offsets_is_invalid_for_none() {
+        let invalid = InvalidMessage::of(&Message::derived((), CommitRequest::new()), "bad");
+
+        assert!(invalid.origins().is_empty());
+        assert_eq!(invalid.reason(), "bad");
     }
 }

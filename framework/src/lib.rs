@@ -22,10 +22,7 @@
 //! fn parse(m: Message<&'static str>) -> Result<Message<u64>, SubmitError<&'static str>> {
 //!     match m.payload().parse::<u64>() {
 //!         Ok(n) => Ok(m.map(|_| n)),
-//!         Err(e) => match InvalidMessage::of(&m, e.to_string()) {
-//!             Some(invalid) => Err(SubmitError::InvalidMessage(invalid)),
-//!             None => Err(SubmitError::MessageRejected(m)),
-//!         },
+//!         Err(e) => Err(InvalidMessage::of(&m, e.to_string()).into()),
 //!     }
 //! }
 //!

@@ -836,23 +836,36 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
 
     fn invalid(&mut self, invalid: InvalidMessage) -> Result<(), RunError> {
         self.stats.invalid_messages += 1;
-        if !self.ledger.owns(&invalid.partition) {
-            tracing::warn!(%invalid, "Ignoring an invalid message of a partition not assigned.");
+        let origins = invalid.origins();
+        if origins.is_empty() {
+            tracing::warn!(
+                %invalid,
+                "Skipping an invalid part with no offsets of its own; the message it came from \
+                 is committed through its last part."
+            );
+            ::metrics::counter!(metrics::INVALID_MESSAGES, "outcome" => "skipped").increment(1);
             return Ok(());
         }
-        match &mut self.dlq {
-            Some(dlq) => {
-                tracing::warn!(%invalid, "Dead-lettering invalid message.");
-                ::metrics::counter!(metrics::INVALID_MESSAGES, "outcome" => "dead_lettered")
-                    .increment(1);
-                dlq.dead_letter(invalid)?;
+        for (partition, offset) in origins {
+            if !self.ledger.owns(&partition) {
+                tracing::warn!(%invalid, "Ignoring an invalid message of a partition not assigned.");
+                continue;
             }
-            None => {
-                tracing::warn!(%invalid, "Skipping invalid message: no dead-letter queue configured.");
-                ::metrics::counter!(metrics::INVALID_MESSAGES, "outcome" => "skipped").increment(1);
-                let mut done = CommitRequest::new();
-                done.add(&invalid.partition, invalid.offset);
-                self.ledger.mark_done(&done);
+            match &mut self.dlq {
+                Some(dlq) => {
+                    tracing::warn!(%invalid, "Dead-lettering invalid message.");
+                    ::metrics::counter!(metrics::INVALID_MESSAGES, "outcome" => "dead_lettered")
+                        .increment(1);
+                    dlq.dead_letter(partition, offset, invalid.reason().to_owned())?;
+                }
+                None => {
+                    tracing::warn!(%invalid, "Skipping invalid message: no dead-letter queue configured.");
+                    ::metrics::counter!(metrics::INVALID_MESSAGES, "outcome" => "skipped")
+                        .increment(1);
+                    let mut done = CommitRequest::new();
+                    done.add(&partition, offset);
+                    self.ledger.mark_done(&done);
+                }
             }
         }
         Ok(())
@@ -942,7 +955,7 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::dlq::{DlqLimits, DlqTopic};
     use crate::message::Topic;
-    use crate::steps::CommitOffsets;
+    use crate::steps::{CommitOffsets, Reduce, RunTask};
     use crate::testing::{RecordingStep, numbered_broker};
 
     const GROUP: &str = "g";
@@ -991,13 +1004,11 @@ mod tests {
         processor: &mut StreamProcessor<T, C>,
         mut done: impl FnMut(&StreamProcessor<T, C>) -> bool,
     ) {
-        for _ in 0..100_000 {
-            if done(processor) {
-                return;
-            }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(processor) {
+            assert!(Instant::now() < deadline, "condition not reached");
             processor.run_once().unwrap();
         }
-        panic!("condition not reached");
     }
 
     #[test]
@@ -1179,6 +1190,34 @@ mod tests {
             .with_dlq(DlqPolicy::new(DlqTopic::new(producer, dlq_topic)));
 
         run_until(&mut processor, |_| fixture.committed(0) == Some(3));
+    }
+
+    #[test]
+    fn an_invalid_batch_dead_letters_every_message_it_stands_for() {
+        let fixture = Fixture::new(1, 4);
+        let dlq_topic = Topic::new("dlq");
+        fixture.broker.create_topic(&dlq_topic, 1);
+        let producer = LocalProducer::new(fixture.broker.clone());
+        let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+            let refuse = |batch: Message<Vec<u64>>| -> Result<Message<()>, SubmitError<_>> {
+                Err(InvalidMessage::of(&batch, "the whole batch is bad").into())
+            };
+            let commit = CommitOffsets::new(Duration::ZERO);
+            Box::new(Reduce::vec(
+                2,
+                Duration::from_secs(60),
+                RunTask::new(refuse, commit),
+            ))
+        };
+        let mut processor = StreamProcessor::new(fixture.consumer(), factory)
+            .with_config(fast())
+            .with_dlq(DlqPolicy::new(DlqTopic::new(producer, dlq_topic.clone())));
+
+        run_until(&mut processor, |_| fixture.committed(0) == Some(4));
+
+        let dead = fixture.broker.payloads(&Partition::new(dlq_topic, 0));
+        assert_eq!(dead, [0, 1, 2, 3]);
+        assert_eq!(processor.stats().invalid_messages, 2);
     }
 
     #[test]

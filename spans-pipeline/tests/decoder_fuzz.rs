@@ -231,8 +231,8 @@ fn check_decoding(bytes: &[u8]) -> Result<(), TestCaseError> {
     match (decode_span(&KillSwitchHandle::default(), message), decoded) {
         (Ok(step), Ok(_)) => prop_assert_eq!(step.payload().payload.value(), Some(bytes)),
         (Err(SubmitError::InvalidMessage(invalid)), Err(error)) => {
-            prop_assert_eq!(invalid.offset, 42);
-            prop_assert_eq!(invalid.reason, error.to_string());
+            prop_assert_eq!(invalid.offset(), Some(42));
+            prop_assert_eq!(invalid.reason(), error.to_string());
         }
         (step, decoded) => prop_assert!(
             false,

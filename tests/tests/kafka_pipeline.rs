@@ -54,9 +54,7 @@ fn label(
                 KafkaPayload::new(Some(partition.to_string().into_bytes()), Some(labelled))
             }))
         }
-        None => Err(SubmitError::InvalidMessage(
-            InvalidMessage::of(&message, "value is not a decimal number").unwrap(),
-        )),
+        None => Err(InvalidMessage::of(&message, "value is not a decimal number").into()),
     }
 }
 

@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn invalid_input_is_reported_with_its_origin() {
         let mut step = RunTask::new(
-            |m: Message<u32>| Err(InvalidMessage::of(&m, "odd").unwrap().into()),
+            |m: Message<u32>| Err(InvalidMessage::of(&m, "odd").into()),
             RecordingStep::<u32>::new(),
         );
 
@@ -212,7 +212,7 @@ mod tests {
         let Err(SubmitError::InvalidMessage(invalid)) = result else {
             panic!("expected an invalid message");
         };
-        assert_eq!((invalid.partition, invalid.offset), (partition(0), 5));
+        assert_eq!(invalid.origins(), [(partition(0), 5)]);
     }
 
     #[test]

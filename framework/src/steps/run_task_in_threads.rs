@@ -326,7 +326,7 @@ mod tests {
         let runtime = runtime();
         let mut step = RunTaskInThreads::new(
             |m: Message<u64>| async move {
-                Err::<Message<u64>, _>(InvalidMessage::of(&m, "bad").unwrap().into())
+                Err::<Message<u64>, _>(InvalidMessage::of(&m, "bad").into())
             },
             1,
             runtime.handle().clone(),
@@ -343,10 +343,10 @@ mod tests {
             }
         };
 
-        assert!(matches!(
-            error,
-            StrategyError::InvalidMessage(InvalidMessage { offset: 9, .. })
-        ));
+        let StrategyError::InvalidMessage(invalid) = error else {
+            panic!("expected an invalid message, got {error:?}");
+        };
+        assert_eq!(invalid.offset(), Some(9));
     }
 
     #[test]

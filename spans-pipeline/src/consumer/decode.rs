@@ -118,24 +118,21 @@ pub fn decode_span(
     message: Message<KafkaPayload>,
 ) -> Result<Message<SpanMessage>, SubmitError<KafkaPayload>> {
     let invalid = |message: &Message<KafkaPayload>, reason: String| {
-        InvalidMessage::of(message, reason).map(SubmitError::InvalidMessage)
+        SubmitError::InvalidMessage(InvalidMessage::of(message, reason))
     };
     let Some(partition) = message.partition().map(|p| u16::try_from(p.index())) else {
         // A derived message never reaches the first step; refuse it rather than guess.
-        return Err(invalid(&message, "not a broker message".to_owned())
-            .unwrap_or(SubmitError::MessageRejected(message)));
+        return Err(invalid(&message, "not a broker message".to_owned()));
     };
     let Ok(partition) = partition else {
-        return Err(invalid(&message, "partition index above 65535".to_owned())
-            .unwrap_or(SubmitError::MessageRejected(message)));
+        return Err(invalid(&message, "partition index above 65535".to_owned()));
     };
     let (killed, layout) = {
         let value = message.payload().value().unwrap_or_default();
         match Span::decode(value, partition) {
             Ok(span) => (kill_switch.matches(&span), SpanLayout::of(&span)),
             Err(error) => {
-                return Err(invalid(&message, error.to_string())
-                    .unwrap_or(SubmitError::MessageRejected(message)));
+                return Err(invalid(&message, error.to_string()));
             }
         }
     };
@@ -195,9 +192,9 @@ mod tests {
         let SubmitError::InvalidMessage(invalid) = error else {
             panic!("expected an invalid message");
         };
-        assert_eq!(invalid.offset, 9);
-        assert_eq!(invalid.partition.index(), 2);
-        assert!(invalid.reason.contains("span_id"), "{}", invalid.reason);
+        assert_eq!(invalid.offset(), Some(9));
+        assert_eq!(invalid.partition().map(Partition::index), Some(2));
+        assert!(invalid.reason().contains("span_id"), "{}", invalid.reason());
     }
 
     #[test]
