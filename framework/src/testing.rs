@@ -234,6 +234,25 @@ impl<T: Send> ProcessingStrategy<T> for RecordingStep<T> {
     }
 }
 
+/// Polls `step` every millisecond until `done` holds; panics after ten seconds (a test's
+/// condition that never comes true fails instead of hanging).
+///
+/// # Panics
+///
+/// When the condition is not reached in time, or `poll` fails.
+#[allow(clippy::unwrap_used)]
+pub fn poll_until<T, S: ProcessingStrategy<T> + ?Sized>(
+    step: &mut S,
+    mut done: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "condition not reached");
+        step.poll().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// An in-memory broker with `topic` of `partitions` partitions, each holding the payloads
 /// `0..per_partition` at the same offsets.
 pub fn numbered_broker(

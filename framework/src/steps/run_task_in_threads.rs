@@ -10,6 +10,7 @@ use futures::FutureExt;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
+use super::run_blocking::BlockingPool;
 use crate::carried_over::{CarriedOver, RETRY_INTERVAL, retry_until};
 use crate::clock::{SharedClock, SystemClock, earliest};
 use crate::commit::CommitRequest;
@@ -36,6 +37,10 @@ type Task<U> = JoinHandle<Result<Message<U>, TaskError>>;
 
 /// Spawns `task(message)` on a tokio runtime for each message and forwards the results in
 /// submission order, with at most `concurrency` tasks in flight.
+///
+/// [`new`](Self::new) runs async tasks on a runtime the caller owns;
+/// [`blocking`](Self::blocking) runs plain blocking or CPU-bound functions on threads of the
+/// step's own, with the same guarantees.
 ///
 /// Results are taken from the front of the queue only: a slow task holds back the finished
 /// ones behind it, so order is kept and the next step sees messages as they were submitted.
@@ -79,6 +84,9 @@ pub struct RunTaskInThreads<F, N, U> {
     next_step: N,
     carried_over: CarriedOver<U>,
     clock: SharedClock,
+    /// The runtime the step owns (see [`RunTaskInThreads::blocking`]), dropped after the
+    /// tasks it runs.
+    pool: Option<BlockingPool>,
 }
 
 impl<F, N, U> RunTaskInThreads<F, N, U> {
@@ -93,7 +101,14 @@ impl<F, N, U> RunTaskInThreads<F, N, U> {
             next_step,
             carried_over: CarriedOver::new(),
             clock: SystemClock::shared(),
+            pool: None,
         }
+    }
+
+    /// Keeps `pool` alive as long as the step.
+    pub(super) fn owning(mut self, pool: BlockingPool) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// Reads time from `clock`.
@@ -218,6 +233,7 @@ impl<F, N: fmt::Debug, U> fmt::Debug for RunTaskInThreads<F, N, U> {
             .field("in_flight", &self.in_flight.len())
             .field("next_step", &self.next_step)
             .field("holding", &self.carried_over.is_holding())
+            .field("owns_its_threads", &self.pool.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -231,7 +247,7 @@ mod tests {
 
     use super::*;
     use crate::clock::Clock;
-    use crate::testing::{RecordingStep, message, partition};
+    use crate::testing::{RecordingStep, message, partition, poll_until};
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
@@ -239,15 +255,6 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
-    }
-
-    fn poll_until<S: ProcessingStrategy<u64>>(step: &mut S, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "condition not reached");
-            step.poll().unwrap();
-            std::thread::sleep(Duration::from_millis(1));
-        }
     }
 
     #[test]
