@@ -112,6 +112,13 @@ impl<T> CarriedOver<T> {
         }
     }
 
+    /// Keeps `message` behind those already held without offering it, to be resubmitted on
+    /// the next [`poll_next`](Self::poll_next): for a step that stops forwarding at an error
+    /// and must not lose what comes after it.
+    pub fn hold(&mut self, message: Message<T>) {
+        self.messages.push_back(message);
+    }
+
     /// Resubmits held messages, in order, until the next step rejects one.
     ///
     /// # Errors

@@ -25,6 +25,7 @@ use crate::clock::{ClockSampler, SharedClock, SystemClock, earliest};
 use crate::commit::{self, CommitRequest};
 use crate::error::{InvalidMessage, StrategyError};
 use crate::message::Message;
+use crate::metrics;
 use crate::steps::CommitPolicy;
 use crate::strategy::ProcessingStrategy;
 
@@ -37,6 +38,10 @@ pub(crate) struct DroppingForwarder<U> {
     /// The last message forwarded carried no offsets and may not be done: a message dropped
     /// now may stand for it.
     blind: bool,
+    /// Whether dropping counts as filtering, in the `MESSAGES_FILTERED` metric.
+    counts_as_filtered: bool,
+    /// Dropped since the metric was last updated (once per poll, not per message).
+    filtered_unrecorded: u64,
     count: u64,
     /// `count` at the previous poll: whether messages were dropped since.
     count_at_poll: u64,
@@ -55,6 +60,8 @@ impl<U> DroppingForwarder<U> {
             offsets: CommitRequest::new(),
             deferred: CommitRequest::new(),
             blind: false,
+            counts_as_filtered: false,
+            filtered_unrecorded: 0,
             count: 0,
             count_at_poll: 0,
             policy: CommitPolicy::every(Duration::from_secs(1)),
@@ -74,11 +81,20 @@ impl<U> DroppingForwarder<U> {
         self.policy = policy;
     }
 
+    /// Counts dropped messages in the `MESSAGES_FILTERED` metric.
+    pub(crate) const fn counting_as_filtered(mut self) -> Self {
+        self.counts_as_filtered = true;
+        self
+    }
+
     /// Records the offsets of a dropped message.
     ///
     /// A derived message is deferred as well as any dropped behind parts without offsets: its
     /// offsets may stand for work still in flight further down (see the module docs).
     pub(crate) fn drop_message<T>(&mut self, message: &Message<T>) {
+        if self.counts_as_filtered {
+            self.filtered_unrecorded += 1;
+        }
         if message.partition().is_some() && !self.blind {
             message.add_committable_to(&mut self.offsets);
             self.count += 1;
@@ -96,6 +112,17 @@ impl<U> DroppingForwarder<U> {
     where
         N: ProcessingStrategy<U>,
     {
+        let message = self.carry_deferred(message);
+        self.carried_over.forward(next, message)
+    }
+
+    /// Holds `message` to be forwarded on the next poll, carrying any deferred offsets.
+    pub(crate) fn hold(&mut self, message: Message<U>) {
+        let message = self.carry_deferred(message);
+        self.carried_over.hold(message);
+    }
+
+    fn carry_deferred(&mut self, message: Message<U>) -> Message<U> {
         let message = if self.deferred.is_empty() {
             message
         } else {
@@ -104,7 +131,7 @@ impl<U> DroppingForwarder<U> {
             Message::derived(message.into_payload(), committable)
         };
         self.blind = !message.carries_offsets();
-        self.carried_over.forward(next, message)
+        message
     }
 
     /// Releases the deferred offsets if everything forwarded before them is done.
@@ -130,6 +157,10 @@ impl<U> DroppingForwarder<U> {
     where
         N: ProcessingStrategy<U>,
     {
+        if self.filtered_unrecorded > 0 {
+            ::metrics::counter!(metrics::MESSAGES_FILTERED).increment(self.filtered_unrecorded);
+            self.filtered_unrecorded = 0;
+        }
         self.carried_over.poll_next(next)?;
         self.release_deferred_if_idle(next);
         let downstream = self.carried_over.take_commit();
@@ -209,6 +240,79 @@ impl<U> DroppingForwarder<U> {
         Some(std::mem::take(&mut self.offsets))
     }
 }
+
+/// The `ProcessingStrategy` methods a step built on a [`DroppingForwarder`] (fields
+/// `forwarder` and `next_step`) leaves to it: all but `poll` and `submit`. `$output` is the
+/// type of the messages it forwards.
+macro_rules! delegate_to_forwarder {
+    ($output:ty) => {
+        fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
+            self.forwarder.poll(&mut self.next_step)
+        }
+
+        fn join(
+            &mut self,
+            deadline: Option<Instant>,
+        ) -> Result<Option<CommitRequest>, StrategyError> {
+            self.forwarder.join(&mut self.next_step, deadline)
+        }
+
+        fn close(&mut self) {
+            ProcessingStrategy::<$output>::close(&mut self.next_step);
+        }
+
+        fn terminate(&mut self) {
+            self.forwarder.terminate(&mut self.next_step);
+        }
+
+        fn next_deadline(&self) -> Option<Instant> {
+            self.forwarder.next_deadline(&self.next_step)
+        }
+
+        fn is_idle(&self) -> bool {
+            !self.forwarder.carried_over.is_holding()
+                && ProcessingStrategy::<$output>::is_idle(&self.next_step)
+        }
+    };
+}
+pub(crate) use delegate_to_forwarder;
+
+/// The builder methods of a step whose dropped messages are released by a commit policy.
+macro_rules! dropping_builders {
+    () => {
+        /// Releases offsets of dropped messages by `policy` when the next step reports none
+        /// (default: every second).
+        #[must_use]
+        pub fn with_commit_policy(mut self, policy: CommitPolicy) -> Self {
+            self.forwarder.set_policy(policy);
+            self
+        }
+
+        /// Reads time from `clock`.
+        #[must_use]
+        pub fn with_clock(mut self, clock: SharedClock) -> Self {
+            self.forwarder.set_clock(clock);
+            self
+        }
+    };
+}
+pub(crate) use dropping_builders;
+
+/// `Debug` for a step built on a [`DroppingForwarder`]: its next step and whether it holds a
+/// message, never a payload.
+macro_rules! debug_dropping_step {
+    ($name:ident<$f:ident, $n:ident, $t:ident>) => {
+        impl<$f, $n: fmt::Debug, $t> fmt::Debug for $name<$f, $n, $t> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("next_step", &self.next_step)
+                    .field("holding", &self.forwarder.carried_over.is_holding())
+                    .finish_non_exhaustive()
+            }
+        }
+    };
+}
+pub(crate) use debug_dropping_step;
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@
 //! use rill::backends::local::LocalBroker;
 //! use rill::processor::{ProcessorConfig, StreamProcessor};
 //! use rill::steps::{CommitOffsets, RunTask};
-//! use rill::{InvalidMessage, Message, Partition, ProcessingStrategy, SubmitError, Topic};
+//! use rill::{InvalidMessage, Message, Partition, SubmitError, Topic};
 //!
 //! fn parse(m: Message<&'static str>) -> Result<Message<u64>, SubmitError<&'static str>> {
 //!     match m.payload().parse::<u64>() {
@@ -35,9 +35,7 @@
 //! }
 //!
 //! // parse → commit, built from the last step back, once per assignment.
-//! let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<&'static str>> {
-//!     Box::new(RunTask::new(parse, CommitOffsets::new(Duration::ZERO)))
-//! };
+//! let factory = |_: &[Partition]| RunTask::new(parse, CommitOffsets::new(Duration::ZERO));
 //! let consumer = broker.subscribe("quick-start", &[topic]);
 //! let mut processor = StreamProcessor::new(consumer, factory)
 //!     .with_config(ProcessorConfig::default().with_poll_timeout(Duration::ZERO));
@@ -93,4 +91,4 @@ pub use commit::{CommitRequest, OffsetSet, merge};
 pub use error::{BoxError, InvalidMessage, StrategyError, SubmitError};
 pub use ledger::OffsetLedger;
 pub use message::{Message, Partition, Topic};
-pub use strategy::{ProcessingStrategy, ProcessingStrategyFactory};
+pub use strategy::{Fallible, ProcessingStrategy, ProcessingStrategyFactory, fallible};

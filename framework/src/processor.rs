@@ -165,6 +165,7 @@ pub struct ProcessorHandle {
     shutdown: Arc<AtomicBool>,
     rebuild: Arc<AtomicBool>,
     liveness: Liveness,
+    stats: Arc<parking_lot::Mutex<ProcessorStats>>,
 }
 
 impl ProcessorHandle {
@@ -190,6 +191,12 @@ impl ProcessorHandle {
     /// Whether the processor loop is alive; see [`Liveness`].
     pub const fn liveness(&self) -> &Liveness {
         &self.liveness
+    }
+
+    /// What the processor did so far, as of its last iteration: readable from any thread
+    /// while [`StreamProcessor::run`] owns the processor.
+    pub fn stats(&self) -> ProcessorStats {
+        self.stats.lock().clone()
     }
 
     fn take_rebuild_request(&self) -> bool {
@@ -246,6 +253,11 @@ pub enum RunError {
     /// Dead-lettering failed or hit a limit.
     #[error("dead-letter queue failed")]
     DeadLetter(#[from] DlqError),
+
+    /// The factory could not build a pipeline
+    /// ([`try_create`](ProcessingStrategyFactory::try_create) failed).
+    #[error("the factory could not build a pipeline")]
+    Factory(#[source] BoxError),
 }
 
 /// Runs a pipeline, built by a factory for each assignment, on a [`Consumer`].
@@ -436,7 +448,13 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         self.poll_strategy()?;
         self.submit_pending()?;
         self.commit()?;
-        self.update_pause()
+        self.update_pause()?;
+        self.publish_stats();
+        Ok(())
+    }
+
+    fn publish_stats(&self) {
+        *self.handle.stats.lock() = self.stats();
     }
 
     /// Stops gracefully: joins the pipeline (up to the join timeout), waits for dead-letter
@@ -457,6 +475,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         }
         self.pending.clear();
         self.closed = true;
+        self.publish_stats();
         self.consumer.close()?;
         Ok(())
     }
@@ -713,7 +732,8 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         }
         self.alive_for(self.factory.create_timeout());
         let factory = &mut self.factory;
-        self.strategy = Some(guard("create", || factory.create(&partitions))?);
+        let created = guard("create", || factory.try_create(&partitions))?;
+        self.strategy = Some(created.map_err(RunError::Factory)?);
         Ok(())
     }
 
@@ -1218,6 +1238,47 @@ mod tests {
         let dead = fixture.broker.payloads(&Partition::new(dlq_topic, 0));
         assert_eq!(dead, [0, 1, 2, 3]);
         assert_eq!(processor.stats().invalid_messages, 2);
+    }
+
+    #[test]
+    fn a_factory_that_fails_stops_the_processor_with_its_error() {
+        let fixture = Fixture::new(1, 1);
+        let factory = crate::fallible(|_: &[Partition]| {
+            Err::<CommitOffsets, _>(std::io::Error::other("no connection"))
+        });
+        let mut processor = StreamProcessor::new(fixture.consumer(), factory).with_config(fast());
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let error = loop {
+            match processor.run_once() {
+                Err(error) => break error,
+                Ok(()) => assert!(Instant::now() < deadline, "the factory was never called"),
+            }
+        };
+
+        let RunError::Factory(source) = error else {
+            panic!("expected a factory error, got {error:?}");
+        };
+        assert_eq!(source.to_string(), "no connection");
+    }
+
+    #[test]
+    fn the_handle_reports_stats_while_another_thread_runs_the_processor() {
+        let fixture = Fixture::new(1, 5);
+        let commit = |_: &[Partition]| CommitOffsets::new(Duration::ZERO);
+        let mut processor = StreamProcessor::new(fixture.consumer(), commit).with_config(fast());
+        let handle = processor.handle();
+        let runner = std::thread::spawn(move || processor.run());
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handle.stats().messages_submitted < 5 {
+            assert!(Instant::now() < deadline, "stats never reached 5 messages");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        handle.signal_shutdown();
+
+        runner.join().unwrap().unwrap();
+        assert_eq!(handle.stats().messages_polled, 5);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use crate::commit::CommitRequest;
-use crate::error::{StrategyError, SubmitError};
+use crate::error::{BoxError, StrategyError, SubmitError};
 use crate::message::{Message, Partition};
 
 /// One stage of a pipeline: takes messages, does work, hands results to the step after it.
@@ -148,20 +148,40 @@ where
 ///
 /// The stream processor calls it from its own loop (never from inside a client library
 /// callback) whenever the assignment changes, after the previous pipeline was joined and its
-/// offsets committed. Any `FnMut(&[Partition]) -> Box<dyn ProcessingStrategy<T>>` is a factory.
+/// offsets committed. Any `FnMut(&[Partition]) -> S + Send` whose `S` is a step is a factory:
+/// the closure returns its pipeline as it is (no `Box<dyn ..>` return type to spell out).
+/// A factory that can fail (it opens a connection, reads a file) is
+/// [`fallible`](crate::fallible): its error stops the processor with
+/// [`RunError::Factory`](crate::processor::RunError::Factory).
 ///
 /// # Examples
 ///
 /// ```
-/// use rill::steps::Noop;
-/// use rill::{Partition, ProcessingStrategy, ProcessingStrategyFactory};
+/// use std::time::Duration;
+/// use rill::steps::{CommitOffsets, RunTask};
+/// use rill::{Message, Partition, ProcessingStrategyFactory};
 ///
-/// let mut factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u32>> { Box::new(Noop) };
-/// let _pipeline = factory.create(&[]);
+/// let mut factory = |_: &[Partition]| {
+///     RunTask::new(|m: Message<u32>| Ok(m.map(|n| n + 1)), CommitOffsets::new(Duration::ZERO))
+/// };
+/// let _pipeline = ProcessingStrategyFactory::<u32>::create(&mut factory, &[]);
 /// ```
 pub trait ProcessingStrategyFactory<T>: Send {
     /// Builds a pipeline for `partitions` (sorted), the whole current assignment.
     fn create(&mut self, partitions: &[Partition]) -> Box<dyn ProcessingStrategy<T>>;
+
+    /// Builds a pipeline, or says why it cannot; what the processor calls. By default
+    /// [`create`](Self::create), which cannot fail.
+    ///
+    /// # Errors
+    ///
+    /// Whatever kept the factory from building the pipeline.
+    fn try_create(
+        &mut self,
+        partitions: &[Partition],
+    ) -> Result<Box<dyn ProcessingStrategy<T>>, BoxError> {
+        Ok(self.create(partitions))
+    }
 
     /// The longest [`create`](Self::create) may block (a pipeline that waits at start for its
     /// workers): the processor counts as alive while it waits that long. Zero by default, a
@@ -171,11 +191,93 @@ pub trait ProcessingStrategyFactory<T>: Send {
     }
 }
 
-impl<T, F> ProcessingStrategyFactory<T> for F
+impl<T, F, S> ProcessingStrategyFactory<T> for F
 where
-    F: FnMut(&[Partition]) -> Box<dyn ProcessingStrategy<T>> + Send,
+    F: FnMut(&[Partition]) -> S + Send,
+    S: ProcessingStrategy<T> + 'static,
 {
     fn create(&mut self, partitions: &[Partition]) -> Box<dyn ProcessingStrategy<T>> {
-        self(partitions)
+        Box::new(self(partitions))
     }
+}
+
+/// Makes a factory of a closure that may fail; see [`fallible`].
+#[derive(Debug)]
+pub struct Fallible<F>(F);
+
+/// A factory of `build`, which returns its pipeline or the error that keeps it from building
+/// one; the error stops the processor with
+/// [`RunError::Factory`](crate::processor::RunError::Factory).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use rill::steps::CommitOffsets;
+/// use rill::{Partition, ProcessingStrategyFactory, fallible};
+///
+/// let mut factory = fallible(|_: &[Partition]| {
+///     let interval = "5".parse::<u64>()?; // from a file, say
+///     Ok::<_, std::num::ParseIntError>(CommitOffsets::new(Duration::from_secs(interval)))
+/// });
+/// assert!(ProcessingStrategyFactory::<u32>::try_create(&mut factory, &[]).is_ok());
+/// ```
+pub const fn fallible<F>(build: F) -> Fallible<F> {
+    Fallible(build)
+}
+
+impl<T, F, S, E> ProcessingStrategyFactory<T> for Fallible<F>
+where
+    F: FnMut(&[Partition]) -> Result<S, E> + Send,
+    S: ProcessingStrategy<T> + 'static,
+    E: Into<BoxError>,
+    T: 'static,
+{
+    /// The pipeline, or one whose first `poll` reports why it could not be built.
+    fn create(&mut self, partitions: &[Partition]) -> Box<dyn ProcessingStrategy<T>> {
+        match self.try_create(partitions) {
+            Ok(pipeline) => pipeline,
+            Err(error) => Box::new(NotBuilt(Some(error))),
+        }
+    }
+
+    fn try_create(
+        &mut self,
+        partitions: &[Partition],
+    ) -> Result<Box<dyn ProcessingStrategy<T>>, BoxError> {
+        match (self.0)(partitions) {
+            Ok(pipeline) => Ok(Box::new(pipeline)),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// The pipeline a [`Fallible`] factory's `create` returns when it could not build one.
+#[derive(Debug)]
+struct NotBuilt(Option<BoxError>);
+
+impl NotBuilt {
+    fn error(&mut self) -> StrategyError {
+        StrategyError::Other(
+            self.0
+                .take()
+                .unwrap_or_else(|| "the pipeline was not built".into()),
+        )
+    }
+}
+
+impl<T> ProcessingStrategy<T> for NotBuilt {
+    fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
+        Err(self.error())
+    }
+
+    fn submit(&mut self, message: Message<T>) -> Result<(), SubmitError<T>> {
+        Err(SubmitError::MessageRejected(message))
+    }
+
+    fn join(&mut self, _: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
+        Err(self.error())
+    }
+
+    fn terminate(&mut self) {}
 }

@@ -9,7 +9,6 @@ use crate::commit::CommitRequest;
 use crate::dropped::DroppingForwarder;
 use crate::error::{StrategyError, SubmitError};
 use crate::message::Message;
-use crate::metrics;
 use crate::strategy::ProcessingStrategy;
 
 /// Forwards messages for which `predicate` returns true and drops the others.
@@ -39,8 +38,6 @@ pub struct Filter<F, N, T> {
     predicate: F,
     next_step: N,
     forwarder: DroppingForwarder<T>,
-    /// Dropped since the metric was last updated (once per poll, not per message).
-    dropped_unrecorded: u64,
 }
 
 impl<F, N, T> Filter<F, N, T> {
@@ -49,25 +46,11 @@ impl<F, N, T> Filter<F, N, T> {
         Self {
             predicate,
             next_step,
-            forwarder: DroppingForwarder::new(),
-            dropped_unrecorded: 0,
+            forwarder: DroppingForwarder::new().counting_as_filtered(),
         }
     }
 
-    /// Releases offsets of dropped messages by `policy` when the next step reports none
-    /// (default: every second).
-    #[must_use]
-    pub fn with_commit_policy(mut self, policy: CommitPolicy) -> Self {
-        self.forwarder.set_policy(policy);
-        self
-    }
-
-    /// Reads time from `clock`.
-    #[must_use]
-    pub fn with_clock(mut self, clock: SharedClock) -> Self {
-        self.forwarder.set_clock(clock);
-        self
-    }
+    crate::dropped::dropping_builders!();
 }
 
 impl<T, F, N> ProcessingStrategy<T> for Filter<F, N, T>
@@ -76,14 +59,6 @@ where
     N: ProcessingStrategy<T>,
     T: Send,
 {
-    fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
-        if self.dropped_unrecorded > 0 {
-            ::metrics::counter!(metrics::MESSAGES_FILTERED).increment(self.dropped_unrecorded);
-            self.dropped_unrecorded = 0;
-        }
-        self.forwarder.poll(&mut self.next_step)
-    }
-
     fn submit(&mut self, message: Message<T>) -> Result<(), SubmitError<T>> {
         if self.forwarder.carried_over.is_holding() {
             return Err(SubmitError::MessageRejected(message));
@@ -91,41 +66,15 @@ where
         if (self.predicate)(&message) {
             self.forwarder.forward(&mut self.next_step, message)?;
         } else {
-            self.dropped_unrecorded += 1;
             self.forwarder.drop_message(&message);
         }
         Ok(())
     }
 
-    fn join(&mut self, deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
-        self.forwarder.join(&mut self.next_step, deadline)
-    }
-
-    fn close(&mut self) {
-        self.next_step.close();
-    }
-
-    fn terminate(&mut self) {
-        self.forwarder.terminate(&mut self.next_step);
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        self.forwarder.next_deadline(&self.next_step)
-    }
-
-    fn is_idle(&self) -> bool {
-        !self.forwarder.carried_over.is_holding() && self.next_step.is_idle()
-    }
+    crate::dropped::delegate_to_forwarder!(T);
 }
 
-impl<F, N: fmt::Debug, T> fmt::Debug for Filter<F, N, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Filter")
-            .field("next_step", &self.next_step)
-            .field("holding", &self.forwarder.carried_over.is_holding())
-            .finish_non_exhaustive()
-    }
-}
+crate::dropped::debug_dropping_step!(Filter<F, N, T>);
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,7 @@
 
 mod commit_offsets;
 mod filter;
+mod filter_map;
 mod health_check;
 mod noop;
 mod produce;
@@ -13,6 +14,7 @@ mod unfold;
 
 pub use commit_offsets::{CommitOffsets, CommitPolicy};
 pub use filter::Filter;
+pub use filter_map::FilterMap;
 pub use health_check::HealthCheck;
 pub use noop::Noop;
 pub use produce::{Produce, ProduceFailed};

@@ -71,10 +71,6 @@ where
     N: ProcessingStrategy<U>,
     U: Send,
 {
-    fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
-        self.forwarder.poll(&mut self.next_step)
-    }
-
     fn submit(&mut self, message: Message<T>) -> Result<(), SubmitError<T>> {
         if self.forwarder.carried_over.is_holding() {
             return Err(SubmitError::MessageRejected(message));
@@ -86,50 +82,34 @@ where
             return Ok(());
         }
         let mut metadata = Some(metadata);
+        let mut invalid = None;
         while let Some(output) = outputs.next() {
             let message = match metadata.take_if(|_| outputs.peek().is_none()) {
                 Some(last) => last.replace(output).0,
                 None => Message::derived(output, CommitRequest::new()),
             };
+            if invalid.is_some() {
+                // Behind an invalid part: kept for the next poll, which reports any further
+                // invalid part, so the last one (the input's offsets) is never lost.
+                self.forwarder.hold(message);
+                continue;
+            }
             // Queued behind earlier outputs when the next step is full: order is kept.
-            self.forwarder.forward(&mut self.next_step, message)?;
+            invalid = self.forwarder.forward(&mut self.next_step, message).err();
         }
-        Ok(())
+        invalid.map_or(Ok(()), |invalid| Err(invalid.into()))
     }
 
-    fn join(&mut self, deadline: Option<Instant>) -> Result<Option<CommitRequest>, StrategyError> {
-        self.forwarder.join(&mut self.next_step, deadline)
-    }
-
-    fn close(&mut self) {
-        self.next_step.close();
-    }
-
-    fn terminate(&mut self) {
-        self.forwarder.terminate(&mut self.next_step);
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        self.forwarder.next_deadline(&self.next_step)
-    }
-
-    fn is_idle(&self) -> bool {
-        !self.forwarder.carried_over.is_holding() && self.next_step.is_idle()
-    }
+    crate::dropped::delegate_to_forwarder!(U);
 }
 
-impl<F, N: fmt::Debug, U> fmt::Debug for Unfold<F, N, U> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Unfold")
-            .field("next_step", &self.next_step)
-            .field("holding", &self.forwarder.carried_over.is_holding())
-            .finish_non_exhaustive()
-    }
-}
+crate::dropped::debug_dropping_step!(Unfold<F, N, U>);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::InvalidMessage;
+    use crate::steps::RunTask;
     use crate::testing::{RecordingStep, message, partition};
 
     fn repeat(n: u32) -> Vec<u32> {
@@ -187,6 +167,30 @@ mod tests {
 
         let carried = next.messages()[1].committable();
         assert_eq!(carried.offsets(&partition(0)), vec![0..3]);
+    }
+
+    #[test]
+    fn the_parts_after_an_invalid_one_are_kept_and_the_input_committed() {
+        // rill lost the parts after an invalid one, the last among them carrying the input's
+        // offset: that offset was then never committed.
+        let next = RecordingStep::new().commit_on_poll();
+        let mut step = Unfold::new(
+            |n: u32| vec![n, n + 1, n + 2],
+            RunTask::new(
+                |m: Message<u32>| match m.payload() {
+                    1 => Err(InvalidMessage::of(&m, "one").into()),
+                    _ => Ok(m),
+                },
+                next.clone(),
+            ),
+        );
+
+        let result = step.submit(message(0, 0));
+        let done = step.join(None).unwrap().unwrap();
+
+        assert!(matches!(result, Err(SubmitError::InvalidMessage(_))));
+        assert_eq!(next.payloads(), [0, 2]);
+        assert_eq!(done.offsets(&partition(0)), vec![0..1]);
     }
 
     #[test]
