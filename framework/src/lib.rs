@@ -58,6 +58,7 @@
 //! - [`processor`]: the [`StreamProcessor`](processor::StreamProcessor) loop;
 //!   [`dlq`]: dead-letter policy; [`backends`]: the [`Consumer`] and [`Producer`] traits, the
 //!   in-memory broker and the Kafka backend.
+//! - [`json`]: decode and encode serde JSON payloads in one call.
 //! - [`Clock`], [`ManualClock`]: injected time; [`metrics`]: metric names.
 //! - `testing` (feature `test-utils`): `RecordingStep`, `RejectWhen`, message builders.
 #![warn(missing_docs)]
@@ -72,6 +73,7 @@ pub mod dlq;
 mod dropped;
 mod error;
 mod fast_hash;
+pub mod json;
 mod ledger;
 mod message;
 pub mod metrics;

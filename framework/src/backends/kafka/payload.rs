@@ -76,6 +76,14 @@ impl KafkaPayload {
 }
 
 // Written by hand: payload bytes never end up in logs, only their sizes.
+/// The value's bytes, empty for a message without a value (a tombstone): what a codec
+/// decodes.
+impl AsRef<[u8]> for KafkaPayload {
+    fn as_ref(&self) -> &[u8] {
+        self.value().unwrap_or_default()
+    }
+}
+
 impl fmt::Debug for KafkaPayload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaPayload")
