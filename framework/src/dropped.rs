@@ -38,8 +38,8 @@ pub(crate) struct DroppingForwarder<U> {
     /// The last message forwarded carried no offsets and may not be done: a message dropped
     /// now may stand for it.
     blind: bool,
-    /// Whether dropping counts as filtering, in the `MESSAGES_FILTERED` metric.
-    counts_as_filtered: bool,
+    /// The `step` label of the `MESSAGES_FILTERED` metric, if dropping counts as filtering.
+    counts_as_filtered: Option<&'static str>,
     /// Dropped since the metric was last updated (once per poll, not per message).
     filtered_unrecorded: u64,
     count: u64,
@@ -60,7 +60,7 @@ impl<U> DroppingForwarder<U> {
             offsets: CommitRequest::new(),
             deferred: CommitRequest::new(),
             blind: false,
-            counts_as_filtered: false,
+            counts_as_filtered: None,
             filtered_unrecorded: 0,
             count: 0,
             count_at_poll: 0,
@@ -81,9 +81,16 @@ impl<U> DroppingForwarder<U> {
         self.policy = policy;
     }
 
-    /// Counts dropped messages in the `MESSAGES_FILTERED` metric.
-    pub(crate) const fn counting_as_filtered(mut self) -> Self {
-        self.counts_as_filtered = true;
+    /// Renames the `step` label of a step counting its dropped messages.
+    pub(crate) const fn set_metric_name(&mut self, step: &'static str) {
+        if self.counts_as_filtered.is_some() {
+            self.counts_as_filtered = Some(step);
+        }
+    }
+
+    /// Counts dropped messages in the `MESSAGES_FILTERED` metric, labelled `step`.
+    pub(crate) const fn counting_as_filtered(mut self, step: &'static str) -> Self {
+        self.counts_as_filtered = Some(step);
         self
     }
 
@@ -92,7 +99,7 @@ impl<U> DroppingForwarder<U> {
     /// A derived message is deferred as well as any dropped behind parts without offsets: its
     /// offsets may stand for work still in flight further down (see the module docs).
     pub(crate) fn drop_message<T>(&mut self, message: &Message<T>) {
-        if self.counts_as_filtered {
+        if self.counts_as_filtered.is_some() {
             self.filtered_unrecorded += 1;
         }
         if message.partition().is_some() && !self.blind {
@@ -157,8 +164,11 @@ impl<U> DroppingForwarder<U> {
     where
         N: ProcessingStrategy<U>,
     {
-        if self.filtered_unrecorded > 0 {
-            ::metrics::counter!(metrics::MESSAGES_FILTERED).increment(self.filtered_unrecorded);
+        if let Some(step) = self.counts_as_filtered
+            && self.filtered_unrecorded > 0
+        {
+            ::metrics::counter!(metrics::MESSAGES_FILTERED, metrics::STEP => step)
+                .increment(self.filtered_unrecorded);
             self.filtered_unrecorded = 0;
         }
         self.carried_over.poll_next(next)?;
@@ -292,6 +302,13 @@ macro_rules! dropping_builders {
         #[must_use]
         pub fn with_clock(mut self, clock: SharedClock) -> Self {
             self.forwarder.set_clock(clock);
+            self
+        }
+
+        /// Names the step in its metrics' `step` label (default: its kind).
+        #[must_use]
+        pub fn with_metric_name(mut self, name: &'static str) -> Self {
+            self.forwarder.set_metric_name(name);
             self
         }
     };

@@ -1,7 +1,14 @@
 //! Metric names, all in one place, recorded through the `metrics` facade.
 //!
 //! The host application installs a recorder (Prometheus, StatsD); without one, recording is
-//! a no-op. Names are dotted, under `rill.`.
+//! a no-op. Names are dotted, under `rill.`. A step's own metrics carry the label [`STEP`]
+//! (its kind, or the name given with its `with_metric_name`), so two steps of one kind in a
+//! pipeline are told apart; `Produce`'s also carry [`TOPIC`], the topic it writes to.
+
+/// Label: the step a metric comes from.
+pub const STEP: &str = "step";
+/// Label: the topic a step writes to.
+pub const TOPIC: &str = "topic";
 
 /// Counter: messages polled from the consumer.
 pub const MESSAGES_POLLED: &str = "rill.consumer.messages_polled";
@@ -31,7 +38,7 @@ pub const BATCHES_FLUSHED: &str = "rill.reduce.batches_flushed";
 pub const TASKS_IN_FLIGHT: &str = "rill.run_task_in_threads.in_flight";
 /// Counter: deliveries confirmed by `Produce` (tag `status`: `ok`, `retried`, `failed`).
 pub const PRODUCE_DELIVERIES: &str = "rill.produce.deliveries";
-/// Counter: messages dropped by `Filter`.
+/// Counter: messages dropped by `Filter` and `FilterMap`.
 pub const MESSAGES_FILTERED: &str = "rill.filter.dropped";
 /// Dead letters given up after every delivery attempt failed ([`Undeliverable::CommitPast`](crate::dlq::Undeliverable)).
 pub const DLQ_UNDELIVERABLE: &str = "rill.dlq.undeliverable";

@@ -114,7 +114,12 @@ impl World {
             }
         }
         let dlq = LocalDlq::new();
-        Self { broker, input, output, dlq }
+        Self {
+            broker,
+            input,
+            output,
+            dlq,
+        }
     }
 
     fn all_committed(&self, group: &str) -> bool {
@@ -125,8 +130,12 @@ impl World {
     }
 
     fn users_written(&self) -> Vec<u64> {
-        let written = self.broker.payloads(&Partition::new(self.output.clone(), 0));
-        let batches = written.iter().map(|bytes| serde_json::from_slice(bytes).unwrap());
+        let written = self
+            .broker
+            .payloads(&Partition::new(self.output.clone(), 0));
+        let batches = written
+            .iter()
+            .map(|bytes| serde_json::from_slice(bytes).unwrap());
         let mut users: Vec<u64> = batches
             .flat_map(|batch: Vec<Enriched>| batch.into_iter().map(|e| e.user))
             .collect();
@@ -150,7 +159,10 @@ fn every_event_is_written_once_and_every_bad_one_dead_lettered_with_its_reason()
 
     let deadline = Instant::now() + Duration::from_secs(30);
     while !world.all_committed("guide") {
-        assert!(Instant::now() < deadline, "not everything committed in time");
+        assert!(
+            Instant::now() < deadline,
+            "not everything committed in time"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     handle.signal_shutdown();

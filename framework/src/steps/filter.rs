@@ -46,7 +46,7 @@ impl<F, N, T> Filter<F, N, T> {
         Self {
             predicate,
             next_step,
-            forwarder: DroppingForwarder::new().counting_as_filtered(),
+            forwarder: DroppingForwarder::new().counting_as_filtered("filter"),
         }
     }
 

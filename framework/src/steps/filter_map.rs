@@ -55,7 +55,7 @@ impl<F, N, U> FilterMap<F, N, U> {
         Self {
             function,
             next_step,
-            forwarder: DroppingForwarder::new().counting_as_filtered(),
+            forwarder: DroppingForwarder::new().counting_as_filtered("filter_map"),
             output: PhantomData,
         }
     }

@@ -86,6 +86,7 @@ pub struct Produce<P, N, T> {
     next_step: N,
     carried_over: CarriedOver<T>,
     clock: SharedClock,
+    metric_name: &'static str,
 }
 
 impl<P, N, T> Produce<P, N, T> {
@@ -100,7 +101,27 @@ impl<P, N, T> Produce<P, N, T> {
             next_step,
             carried_over: CarriedOver::new(),
             clock: SystemClock::shared(),
+            metric_name: "produce",
         }
+    }
+
+    /// Names the step in its metrics' `step` label (default `produce`); they also carry the
+    /// destination's `topic`.
+    #[must_use]
+    pub const fn with_metric_name(mut self, name: &'static str) -> Self {
+        self.metric_name = name;
+        self
+    }
+
+    /// Counts deliveries of `status` in the step's metric.
+    fn count_deliveries(&self, status: &'static str, count: u64) {
+        ::metrics::counter!(
+            metrics::PRODUCE_DELIVERIES,
+            "status" => status,
+            metrics::STEP => self.metric_name,
+            metrics::TOPIC => self.destination.topic().as_str().to_owned()
+        )
+        .increment(count);
     }
 
     /// Sets how many deliveries may be unconfirmed at once.
@@ -164,7 +185,7 @@ where
         let mut confirmed = 0;
         let result = self.forward_confirmed(&mut confirmed);
         if confirmed > 0 {
-            ::metrics::counter!(metrics::PRODUCE_DELIVERIES, "status" => "ok").increment(confirmed);
+            self.count_deliveries("ok", confirmed);
         }
         result
     }
@@ -191,16 +212,12 @@ where
                     front.delivery = None;
                     front.last_error = Some(error);
                     if front.attempts >= self.max_attempts {
-                        ::metrics::counter!(metrics::PRODUCE_DELIVERIES, "status" => "failed")
-                            .increment(1);
+                        self.count_deliveries("failed", 1);
                         return Err(self.failure(0));
                     }
-                    ::metrics::counter!(metrics::PRODUCE_DELIVERIES, "status" => "retried")
-                        .increment(1);
-                    tracing::warn!(
-                        attempts = front.attempts,
-                        "Delivery failed; producing again."
-                    );
+                    let attempts = front.attempts;
+                    self.count_deliveries("retried", 1);
+                    tracing::warn!(attempts, "Delivery failed; producing again.");
                     // Resent on the next call, keeping its place at the front.
                     break;
                 }

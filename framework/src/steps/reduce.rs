@@ -70,6 +70,7 @@ pub struct Reduce<T, B, I, F, N> {
     carried_over: CarriedOver<B>,
     clock: SharedClock,
     sampler: ClockSampler,
+    metric_name: &'static str,
     input: PhantomData<fn(T)>,
 }
 
@@ -96,6 +97,7 @@ impl<T, B, I, F, N> Reduce<T, B, I, F, N> {
             carried_over: CarriedOver::new(),
             clock: SystemClock::shared(),
             sampler: ClockSampler::new(),
+            metric_name: "reduce",
             input: PhantomData,
         }
     }
@@ -104,6 +106,13 @@ impl<T, B, I, F, N> Reduce<T, B, I, F, N> {
     #[must_use]
     pub fn with_weight(mut self, weight: fn(&T) -> u64) -> Self {
         self.weight = weight;
+        self
+    }
+
+    /// Names the step in its metrics' `step` label (default `reduce`).
+    #[must_use]
+    pub const fn with_metric_name(mut self, name: &'static str) -> Self {
+        self.metric_name = name;
         self
     }
 
@@ -146,7 +155,8 @@ where
         let Some(batch) = self.batch.take() else {
             return Ok(());
         };
-        ::metrics::counter!(metrics::BATCHES_FLUSHED, "reason" => reason).increment(1);
+        ::metrics::counter!(metrics::BATCHES_FLUSHED, "reason" => reason, metrics::STEP => self.metric_name)
+            .increment(1);
         let message = Message::derived(batch.value, batch.offsets);
         self.carried_over.forward(&mut self.next_step, message)
     }
@@ -162,7 +172,8 @@ where
         match self.next_step.submit(message) {
             Ok(()) => {
                 self.overdue = false;
-                ::metrics::counter!(metrics::BATCHES_FLUSHED, "reason" => "time").increment(1);
+                ::metrics::counter!(metrics::BATCHES_FLUSHED, "reason" => "time", metrics::STEP => self.metric_name)
+                    .increment(1);
                 Ok(())
             }
             Err(SubmitError::MessageRejected(message)) => {

@@ -87,6 +87,7 @@ pub struct RunTaskInThreads<F, N, U> {
     /// The runtime the step owns (see [`RunTaskInThreads::blocking`]), dropped after the
     /// tasks it runs.
     pool: Option<BlockingPool>,
+    metric_name: &'static str,
 }
 
 impl<F, N, U> RunTaskInThreads<F, N, U> {
@@ -102,7 +103,15 @@ impl<F, N, U> RunTaskInThreads<F, N, U> {
             carried_over: CarriedOver::new(),
             clock: SystemClock::shared(),
             pool: None,
+            metric_name: "run_task_in_threads",
         }
+    }
+
+    /// Names the step in its metrics' `step` label (default `run_task_in_threads`).
+    #[must_use]
+    pub const fn with_metric_name(mut self, name: &'static str) -> Self {
+        self.metric_name = name;
+        self
     }
 
     /// Keeps `pool` alive as long as the step.
@@ -143,7 +152,8 @@ where
                 Err(join_error) => return Err(StrategyError::other(join_error)),
             }
         }
-        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT).set(self.in_flight.len() as f64);
+        ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, metrics::STEP => self.metric_name)
+            .set(self.in_flight.len() as f64);
         Ok(())
     }
 
