@@ -3,9 +3,11 @@
 //! Each message's Kafka timestamp is its span's `received` time, so the consumer's flush clock
 //! follows the workload (as in production, where the broker stamps each message when it
 //! arrives), while the feeder paces the messages at the demo's rate, faster than they
-//! happened. The producer stays within reach of the consumer's commits, because librdkafka's
-//! mock broker keeps only about 5 MB of each partition and would drop what the consumer has not
-//! read yet. Once everything is committed, one more span stamped past the longest flush timeout
+//! happened. The producer stays within reach of what the consumer has read, because
+//! librdkafka's mock broker keeps only about 5 MB of each partition and would drop what the
+//! consumer has not read yet. (Bounding it by the group's commits instead would pace the feed
+//! at one lag window per commit interval, not at the consumer's speed.) Once everything is
+//! committed, one more span stamped past the longest flush timeout
 //! (the clock tick) moves workload time on, as later traffic would, so every segment comes due.
 
 use std::time::{Duration, Instant};
@@ -20,18 +22,18 @@ use crate::workload::{GeneratedSpan, partition_of};
 
 /// Every this many spans, one malformed message is produced too.
 const MALFORMED_EVERY: usize = 10_000;
-/// Most messages produced but not yet committed, per partition: about 2.5 MB of payload, half
-/// of what the mock broker keeps of a partition.
+/// Most messages produced but not yet read by the consumer, per partition: about 2.5 MB of
+/// payload, half of what the mock broker keeps of a partition.
 const MAX_LAG_PER_PARTITION: u64 = 2_500;
 /// The feeder sleeps when it is this far ahead of its schedule, not before.
 const PACING_GRAIN: Duration = Duration::from_millis(1);
-/// The longest the consumer may take to commit more, before the demo gives up.
+/// The longest the consumer may take to read or commit more, before the demo gives up.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Produces to the demo's input topic.
 pub(super) struct Feeder {
     producer: BaseProducer,
-    lag: LagMonitor,
+    commits: CommitWatcher,
     topic: &'static str,
     partitions: i32,
     produced: u64,
@@ -59,7 +61,7 @@ impl Feeder {
             .create()?;
         Ok(Self {
             producer,
-            lag: LagMonitor::new(bootstrap, topic, partitions, group)?,
+            commits: CommitWatcher::new(bootstrap, topic, partitions, group)?,
             topic,
             partitions: partitions.max(1),
             produced: 0,
@@ -67,11 +69,13 @@ impl Feeder {
     }
 
     /// Produces `load` at `rate` messages a second (each stamped with its `received` time),
-    /// with a malformed message every [`MALFORMED_EVERY`] spans.
+    /// with a malformed message every [`MALFORMED_EVERY`] spans, never more than the lag
+    /// window ahead of `read`: the messages the consumer has read so far.
     pub(super) fn feed(
         &mut self,
         load: &[GeneratedSpan],
         rate: f64,
+        read: impl Fn() -> u64,
         mut on_progress: impl FnMut(usize),
     ) -> Result<Fed, DemoError> {
         let started = Instant::now();
@@ -82,7 +86,7 @@ impl Feeder {
         for (index, span) in load.iter().enumerate() {
             if index % 1000 == 999 {
                 // Time spent waiting for the consumer shifts the schedule, not the rate.
-                schedule += self.lag.wait_until_below(self.produced, max_lag)?;
+                schedule += wait_until_within(self.produced, max_lag, "read", || Ok(read()))?;
             }
             // Sleep only when a millisecond or more ahead of the schedule: a sleep per message
             // would take longer than the gap between two messages at tens of thousands a
@@ -110,9 +114,14 @@ impl Feeder {
         Ok(Fed { malformed, started })
     }
 
+    /// Waits until the consumer has read every message produced so far.
+    pub(super) fn wait_until_read(&self, read: impl Fn() -> u64) -> Result<(), DemoError> {
+        wait_until_within(self.produced, 0, "read", || Ok(read())).map(drop)
+    }
+
     /// Waits until the consumer group committed every message produced so far.
-    pub(super) fn wait_until_committed(&mut self) -> Result<(), DemoError> {
-        self.lag.wait_until_below(self.produced, 0).map(drop)
+    pub(super) fn wait_until_committed(&self) -> Result<(), DemoError> {
+        wait_until_within(self.produced, 0, "committed", || self.commits.committed()).map(drop)
     }
 
     /// Produces `tick` stamped `after` past the latest `received` of `load`: workload time
@@ -179,15 +188,13 @@ impl Feeder {
 }
 
 /// Reads the consumer group's committed offsets.
-struct LagMonitor {
+struct CommitWatcher {
     client: BaseConsumer,
     topic: &'static str,
     partitions: i32,
-    /// What the group had committed at the last look.
-    last_committed: u64,
 }
 
-impl LagMonitor {
+impl CommitWatcher {
     fn new(
         bootstrap: &str,
         topic: &'static str,
@@ -202,7 +209,6 @@ impl LagMonitor {
             client,
             topic,
             partitions,
-            last_committed: 0,
         })
     }
 
@@ -224,33 +230,33 @@ impl LagMonitor {
             .filter_map(|offset| u64::try_from(offset).ok())
             .sum())
     }
+}
 
-    /// Waits while more than `max_lag` of `produced` messages are uncommitted, giving up once
-    /// the group committed nothing more for [`STALL_TIMEOUT`]; returns how long it waited.
-    /// Asking the broker takes a round trip to the group coordinator, so while the last
-    /// answer leaves room for half the lag again, it is not asked.
-    fn wait_until_below(&mut self, produced: u64, max_lag: u64) -> Result<Duration, DemoError> {
-        let started = Instant::now();
-        if max_lag > 0 && produced.saturating_sub(self.last_committed) <= max_lag / 2 {
-            return Ok(Duration::ZERO);
+/// Waits while more than `max_lag` of `produced` messages are not yet `what` (read, committed)
+/// by the consumer as `progress` counts them, giving up once it moved no further for
+/// [`STALL_TIMEOUT`]; returns how long it waited.
+fn wait_until_within(
+    produced: u64,
+    max_lag: u64,
+    what: &str,
+    mut progress: impl FnMut() -> Result<u64, DemoError>,
+) -> Result<Duration, DemoError> {
+    let started = Instant::now();
+    let mut done = progress()?;
+    let mut progressed = Instant::now();
+    while produced.saturating_sub(done) > max_lag {
+        if progressed.elapsed() > STALL_TIMEOUT {
+            return Err(DemoError::Other(format!(
+                "the consumer {what} nothing more for {STALL_TIMEOUT:?} ({done} of {produced} \
+                 messages {what})"
+            )));
         }
-        let mut committed = self.committed()?;
-        let mut progressed = Instant::now();
-        while produced.saturating_sub(committed) > max_lag {
-            if progressed.elapsed() > STALL_TIMEOUT {
-                return Err(DemoError::Other(format!(
-                    "the consumer committed nothing for {STALL_TIMEOUT:?} ({committed} of \
-                     {produced} messages committed)"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-            let now = self.committed()?;
-            if now > committed {
-                progressed = Instant::now();
-            }
-            committed = now;
+        std::thread::sleep(Duration::from_millis(2));
+        let now = progress()?;
+        if now > done {
+            progressed = Instant::now();
         }
-        self.last_committed = committed;
-        Ok(started.elapsed())
+        done = now;
     }
+    Ok(started.elapsed())
 }
