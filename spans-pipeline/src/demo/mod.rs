@@ -53,6 +53,8 @@ const OUTPUT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest wait, once every span is out, for Redis to empty: the tick's own segment comes due
 /// a root timeout (10 s) after it, then a flush iteration and its cleanup, with room to spare.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest the consumer may take to join its group and get its partitions.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the demo runs.
 #[derive(Clone, Debug)]
@@ -273,6 +275,30 @@ pub fn run(settings: &DemoSettings) -> Result<DemoReport, DemoError> {
     let (processor_handle, processor_thread) =
         start_consumer(&bootstrap, connection.clone(), settings, &runtime)?;
     let reader = OutputReader::start(&bootstrap, OUTPUT, OUTPUT_PARTITIONS)?;
+    // The feed's clock starts once the consumer has its partitions: the group's first join
+    // waits out the broker's initial rebalance delay (3 s on the mock), which is no part of
+    // the consumer's speed.
+    let joining = Instant::now();
+    while processor_handle.stats().rebalances == 0 {
+        if processor_thread.is_finished() {
+            processor_thread
+                .join()
+                .map_err(|_| DemoError::Other("consumer thread panicked".to_owned()))??;
+            return Err(DemoError::Other(
+                "the consumer stopped before it started".to_owned(),
+            ));
+        }
+        if joining.elapsed() > JOIN_TIMEOUT {
+            return Err(DemoError::Other(format!(
+                "the consumer got no partitions within {JOIN_TIMEOUT:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "demo: the consumer joined its group in {:.1?}",
+        joining.elapsed()
+    );
 
     let mut display = settings
         .progress
