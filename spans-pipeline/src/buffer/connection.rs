@@ -192,60 +192,86 @@ impl RedisConnection {
         if batch.entries.is_empty() {
             return Ok(Vec::new());
         }
-        let (commands, shapes) = batch.expand(self.is_cluster());
-        let mut values = self.execute_commands(commands).await?.into_iter();
-        Ok(shapes
-            .into_iter()
-            .map(|shape| match shape {
-                Shape::Single => values.next().unwrap_or(Value::Nil),
-                Shape::Spread(count) => Value::Array(values.by_ref().take(count).collect()),
-            })
-            .collect())
+        self.send(&self.pipelines(batch)).await
     }
 
-    async fn execute_commands(&self, commands: Vec<(Vec<u8>, Cmd)>) -> RedisResult<Vec<Value>> {
-        if commands.is_empty() {
-            return Ok(Vec::new());
-        }
-        match self {
-            Self::Standalone(conn) => {
-                let mut pipe = Pipeline::with_capacity(commands.len());
-                pipe.ignore_errors();
-                for (_, cmd) in commands {
-                    pipe.add_command(cmd);
-                }
-                pipe.query_async(&mut conn.clone()).await
+    /// Lays `batch` out as the pipelines this connection sends, for [`RedisConnection::send`].
+    pub(crate) fn pipelines(&self, batch: CommandBatch) -> Pipelines {
+        let cluster = self.is_cluster();
+        let (commands, shapes) = batch.expand(cluster);
+        let len = commands.len();
+        let layout = if cluster {
+            let mut groups: HashMap<Vec<u8>, (Vec<usize>, Pipeline)> = HashMap::new();
+            for (index, (slot_key, cmd)) in commands.into_iter().enumerate() {
+                let (indices, pipe) = groups
+                    .entry(keys::hash_slot_input(&slot_key).to_vec())
+                    .or_insert_with(|| {
+                        let mut pipe = Pipeline::new();
+                        pipe.ignore_errors();
+                        (Vec::new(), pipe)
+                    });
+                indices.push(index);
+                pipe.add_command(cmd);
             }
-            Self::Cluster(conn) => {
-                let total = commands.len();
-                let mut groups: HashMap<Vec<u8>, (Vec<usize>, Pipeline)> = HashMap::new();
-                for (index, (slot_key, cmd)) in commands.into_iter().enumerate() {
-                    let (indices, pipe) = groups
-                        .entry(keys::hash_slot_input(&slot_key).to_vec())
-                        .or_insert_with(|| {
-                            let mut pipe = Pipeline::new();
-                            pipe.ignore_errors();
-                            (Vec::new(), pipe)
-                        });
-                    indices.push(index);
-                    pipe.add_command(cmd);
-                }
-                let requests = groups.into_values().map(|(indices, pipe)| {
+            Layout::BySlot(groups.into_values().collect())
+        } else {
+            let mut pipe = Pipeline::with_capacity(len);
+            pipe.ignore_errors();
+            for (_, cmd) in commands {
+                pipe.add_command(cmd);
+            }
+            Layout::One(pipe)
+        };
+        Pipelines {
+            layout,
+            len,
+            shapes,
+        }
+    }
+
+    /// Sends pipelines built by [`RedisConnection::pipelines`] and returns one value per entry
+    /// of their batch, as [`RedisConnection::execute`] does. They are sent by reference, so
+    /// sending them again after a failure copies none of their arguments.
+    pub(crate) async fn send(&self, pipelines: &Pipelines) -> RedisResult<Vec<Value>> {
+        if pipelines.len == 0 {
+            return Ok(pipelines.shapes.iter().map(Shape::empty_reply).collect());
+        }
+        let values = match (self, &pipelines.layout) {
+            (Self::Standalone(conn), Layout::One(pipe)) => {
+                pipe.query_async::<Vec<Value>>(&mut conn.clone()).await?
+            }
+            (Self::Cluster(conn), Layout::BySlot(groups)) => {
+                let requests = groups.iter().map(|(indices, pipe)| {
                     let mut conn = conn.clone();
                     async move {
                         let values: Vec<Value> = pipe.query_async(&mut conn).await?;
                         Ok::<_, redis::RedisError>((indices, values))
                     }
                 });
-                let mut results = vec![Value::Nil; total];
+                let mut results = vec![Value::Nil; pipelines.len];
                 for (indices, values) in try_join_all(requests).await? {
-                    for (index, value) in indices.into_iter().zip(values) {
+                    for (&index, value) in indices.iter().zip(values) {
                         results[index] = value;
                     }
                 }
-                Ok(results)
+                results
             }
-        }
+            _ => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "pipelines laid out for another kind of connection",
+                )));
+            }
+        };
+        let mut values = values.into_iter();
+        Ok(pipelines
+            .shapes
+            .iter()
+            .map(|shape| match shape {
+                Shape::Single => values.next().unwrap_or(Value::Nil),
+                Shape::Spread(count) => Value::Array(values.by_ref().take(*count).collect()),
+            })
+            .collect())
     }
 }
 
@@ -306,9 +332,62 @@ enum Entry {
 }
 
 /// How the replies of an entry are returned.
+#[derive(Clone, Debug)]
 enum Shape {
     Single,
     Spread(usize),
+}
+
+impl Shape {
+    /// The reply of an entry that became no command.
+    fn empty_reply(&self) -> Value {
+        match self {
+            Self::Single => Value::Nil,
+            Self::Spread(_) => Value::Array(Vec::new()),
+        }
+    }
+}
+
+/// A [`CommandBatch`] laid out as the pipelines its connection sends, from
+/// [`RedisConnection::pipelines`]: built once, then sent by reference as often as needed.
+#[derive(Clone, Debug)]
+pub(crate) struct Pipelines {
+    layout: Layout,
+    /// Commands in all pipelines.
+    len: usize,
+    shapes: Vec<Shape>,
+}
+
+#[derive(Clone, Debug)]
+enum Layout {
+    /// A standalone server: one pipeline, in batch order.
+    One(Pipeline),
+    /// A cluster: one pipeline per slot, each with the batch positions of its commands.
+    BySlot(Vec<(Vec<usize>, Pipeline)>),
+}
+
+impl Pipelines {
+    /// The command of entry `entry`, when the entry is one command (see
+    /// [`CommandBatch::add`]), for sending it again alone.
+    pub(crate) fn command(&self, entry: usize) -> Option<&Cmd> {
+        let mut index = 0;
+        for shape in self.shapes.get(..entry)? {
+            index += match shape {
+                Shape::Single => 1,
+                Shape::Spread(count) => *count,
+            };
+        }
+        if !matches!(self.shapes.get(entry)?, Shape::Single) {
+            return None;
+        }
+        match &self.layout {
+            Layout::One(pipe) => pipe.cmd_iter().nth(index),
+            Layout::BySlot(groups) => groups.iter().find_map(|(indices, pipe)| {
+                let position = indices.iter().position(|&i| i == index)?;
+                pipe.cmd_iter().nth(position)
+            }),
+        }
+    }
 }
 
 impl CommandBatch {

@@ -27,13 +27,13 @@ use rill::backends::kafka::{KafkaPayload, is_message_too_large};
 use rill::{Clock, DeliveryError, Destination, ProduceError, Producer, SharedClock, Topic};
 
 use super::decode::seconds;
-use super::error_chain::ErrorChain;
 use super::flush_step::FlushSettings;
 use super::outcomes::{Outcomes, PRODUCE_FAILED};
 use crate::buffer::keys::SegmentKey;
 use crate::buffer::{
     BufferError, BufferOptions, FlushedSegment, RedisConnection, SpansBuffer, output,
 };
+use crate::error_chain::ErrorChain;
 use crate::metrics as names;
 
 /// Everything a worker needs besides its shards; cheap to clone (shared handles).
