@@ -47,7 +47,7 @@ impl std::fmt::Debug for RedisConnection {
 /// client then reports a failure while Redis still runs the commands, and the retry writes the
 /// batch a second time. A stalled Redis is detected by the flush workers' health checks and
 /// the consumer's backpressure instead, on a scale of seconds.
-pub const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl RedisConnection {
     /// Connects to the server at `urls[0]`, or to the cluster seeded by `urls`.
@@ -188,7 +188,7 @@ impl RedisConnection {
     /// Runs a batch; see the module docs. The result has one value per entry, in order: the
     /// reply of a command, or for [`CommandBatch::add_spread`] an array of the replies of the
     /// commands it became.
-    pub async fn execute(&self, batch: CommandBatch) -> RedisResult<Vec<Value>> {
+    pub(crate) async fn execute(&self, batch: CommandBatch) -> RedisResult<Vec<Value>> {
         if batch.entries.is_empty() {
             return Ok(Vec::new());
         }
@@ -315,7 +315,7 @@ impl ConnectionLike for RedisConnection {
 
 /// Commands to send together, each with the key that routes it.
 #[derive(Debug, Default)]
-pub struct CommandBatch {
+pub(crate) struct CommandBatch {
     entries: Vec<Entry>,
 }
 
@@ -392,12 +392,12 @@ impl Pipelines {
 
 impl CommandBatch {
     /// An empty batch.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Adds `cmd`, routed by `key` (the command's first key). Returns its reply's index.
-    pub fn add(&mut self, key: impl Into<Vec<u8>>, cmd: Cmd) -> usize {
+    pub(crate) fn add(&mut self, key: impl Into<Vec<u8>>, cmd: Cmd) -> usize {
         self.entries.push(Entry::Single(key.into(), cmd));
         self.entries.len() - 1
     }
@@ -406,7 +406,7 @@ impl CommandBatch {
     /// may lie in different cluster slots: a standalone server gets it as few commands of up to
     /// `keys_per_command` keys; a cluster gets one such command per hash tag, as a multi-key
     /// command must stay within one slot. Its reply is an array of those commands' replies.
-    pub fn add_spread(
+    pub(crate) fn add_spread(
         &mut self,
         name: &'static str,
         keys: Vec<String>,
@@ -421,13 +421,8 @@ impl CommandBatch {
     }
 
     /// Number of entries (replies).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    /// Whether there are no entries.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// The commands to send and how their replies fold back into one per entry.

@@ -14,36 +14,38 @@
 //! The data model is described in `docs/redis-data-model.md`; the choices made where Sentry's
 //! behaviour is a quirk are in `docs/decisions.md`.
 
-pub mod codec;
-pub mod connection;
-pub mod error;
-pub mod inspect;
+mod codec;
+pub(crate) mod connection;
+mod error;
+mod inspect;
 pub mod keys;
-pub mod options;
-pub mod output;
+pub(crate) mod options;
+pub(crate) mod output;
 mod parallel;
-pub mod script;
-pub mod segment;
-pub mod stats;
-pub mod store;
-pub mod subsegment;
-pub mod write_order;
+mod script;
+mod segment;
+mod stats;
+mod store;
+mod subsegment;
+mod write_order;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-pub use connection::{CommandBatch, RedisConnection};
+pub use codec::PayloadEncoder;
+pub use connection::RedisConnection;
 pub use error::BufferError;
+pub use inspect::{BufferInspector, InspectLimits, InspectProgress, InspectReport};
 pub use keys::SegmentKey;
 pub use options::BufferOptions;
-pub use segment::{
-    FlushCandidate, FlushedSegment, IngestMetadata, InsertedSubsegment, LoadedSegment, LostSpans,
-    OutputSpan,
-};
+pub use output::patch_span;
+use segment::LoadedSegment;
+pub use segment::{FlushCandidate, FlushedSegment, InsertedSubsegment, LostSpans, OutputSpan};
 pub use stats::FlushStats;
-pub use store::{PreparedWrite, QueueStats, SpansBufferStore};
-pub use subsegment::Subsegment;
-pub use write_order::{WriteOrder, WritePlace, WriteRetry};
+use store::PreparedWrite;
+pub use store::{QueueStats, SpansBufferStore};
+pub use subsegment::{Subsegment, build_subsegments};
+pub(crate) use write_order::{WriteOrder, WriteRetry};
 
 use crate::metrics as names;
 use crate::span::Span;
@@ -71,7 +73,7 @@ pub struct ProcessStats {
 /// A batch encoded by [`SpansBuffer::prepare`], ready for [`SpansBuffer::write_in_order`]. It
 /// owns its data (not the spans it was made from), so it can be written from another task.
 #[derive(Clone, Debug)]
-pub struct PreparedBatch {
+pub(crate) struct PreparedBatch {
     write: PreparedWrite,
     spans: usize,
     root_spans: usize,
@@ -151,9 +153,9 @@ impl SpansBuffer {
     /// Writes a batch of spans into the buffer. `now` is the batch's clock (the minimum Kafka
     /// timestamp, in seconds): segments become due `root-timeout` or `timeout` after it.
     ///
-    /// This is [`SpansBuffer::prepare`] then [`SpansBuffer::write_in_order`] in an order of its
-    /// own; a consumer that wants to encode the next batch while this one is written calls the
-    /// two itself, with one [`WriteOrder`] for all its batches.
+    /// This is `prepare` then `write_in_order` in an order of its own; the consumer, which
+    /// encodes the next batch while this one is written, calls the two itself, with one
+    /// `WriteOrder` for all its batches.
     pub async fn process_spans(
         &self,
         spans: &[Span<'_>],
@@ -168,7 +170,7 @@ impl SpansBuffer {
     ///
     /// Several batches may be prepared at once (each takes its own compressor), but they must
     /// be written in order: see [`SpansBuffer::write_in_order`].
-    pub fn prepare(&self, spans: &[Span<'_>]) -> Result<PreparedBatch, BufferError> {
+    pub(crate) fn prepare(&self, spans: &[Span<'_>]) -> Result<PreparedBatch, BufferError> {
         let options = self.store.options();
         let subsegments = subsegment::build_subsegments(spans, options.max_spans_per_evalsha);
         let chunk_len = match options.pipeline_batch_size {

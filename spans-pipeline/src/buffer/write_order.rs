@@ -22,21 +22,21 @@ use crate::metrics as names;
 
 /// The order batches write in: hands out [`WritePlace`]s, one per batch. Clones share it.
 #[derive(Clone, Debug, Default)]
-pub struct WriteOrder {
+pub(crate) struct WriteOrder {
     shared: Arc<Shared>,
 }
 
 /// A batch's place in a [`WriteOrder`], taken in the order the batches were consumed.
 #[derive(Debug)]
 #[must_use = "a place not written holds up every later batch"]
-pub struct WritePlace {
+pub(crate) struct WritePlace {
     shared: Arc<Shared>,
     place: u64,
 }
 
 /// How a phase that Redis failed is tried again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WriteRetry {
+pub(crate) enum WriteRetry {
     /// Not at all: the error is returned (the replay, the benches).
     Never,
     /// After a pause that doubles from `first` up to `max`, until Redis takes the write or
@@ -74,12 +74,12 @@ impl Default for Shared {
 
 impl WriteOrder {
     /// A new order; its first place writes first.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// The next place in line. Take places in the order the batches must be written.
-    pub fn place(&self) -> WritePlace {
+    pub(crate) fn place(&self) -> WritePlace {
         WritePlace {
             shared: Arc::clone(&self.shared),
             place: self.shared.next_place.fetch_add(1, Ordering::SeqCst),
@@ -109,7 +109,7 @@ impl SpansBuffer {
     /// `batch` is the result of [`SpansBuffer::prepare`]; an error (or any phase's) is
     /// returned once the place's turns were passed on, so the batches behind it still write.
     /// Writing the same batch again after a failure is harmless.
-    pub async fn write_in_order(
+    pub(crate) async fn write_in_order(
         &self,
         place: WritePlace,
         batch: Result<PreparedBatch, BufferError>,

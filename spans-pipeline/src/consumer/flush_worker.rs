@@ -119,7 +119,7 @@ pub struct SharedState {
 
 /// What one worker reports, read by the step on the consumer thread.
 #[derive(Debug, Default)]
-pub struct WorkerHealth {
+pub(super) struct WorkerHealth {
     /// [`HealthClock::seconds`] of the last completed iteration (0: not started yet).
     pub healthy_since: AtomicI64,
     /// [`HealthClock::seconds`] since which every iteration hit the flush limit (0: not at the

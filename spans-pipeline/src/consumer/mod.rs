@@ -36,8 +36,9 @@ use tokio::runtime::Handle;
 
 pub use decode::{KillSwitch, KillSwitchHandle, SpanMessage, decode_span};
 pub use flush_step::{FlushError, FlushSegments, FlushSettings, startup_timeout};
-pub use flush_worker::{HealthClock, SharedState, WorkerContext, WorkerHealth};
-pub use outcomes::{Outcomes, PRODUCE_FAILED};
+pub use flush_worker::{HealthClock, SharedState, WorkerContext};
+pub use outcomes::Outcomes;
+pub(crate) use outcomes::PRODUCE_FAILED;
 pub use process_spans::ProcessSpans;
 
 use crate::buffer::connection::RESPONSE_TIMEOUT;
