@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use integration_tests::redis_server::{RedisServer, TestRedis};
-use spans_pipeline::buffer::codec::PayloadEncoder;
-use spans_pipeline::buffer::subsegment::build_subsegments;
-use spans_pipeline::buffer::{BufferOptions, RedisConnection, SpansBuffer};
+use spans_pipeline::buffer::{
+    BufferOptions, PayloadEncoder, RedisConnection, SpansBuffer, build_subsegments,
+};
 use spans_pipeline::span::Span;
 use spans_pipeline::workload::{WorkloadShape, generate};
 
@@ -49,7 +49,7 @@ fn cpu_work(c: &mut Criterion) {
     group.finish();
 
     let spans = decode_batch(batch);
-    let mut group = c.benchmark_group("spans_pipeline::buffer::subsegment");
+    let mut group = c.benchmark_group("spans_pipeline::buffer::build_subsegments");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.bench_function("build_subsegments_2000", |b| {
         b.iter(|| black_box(build_subsegments(black_box(&spans), 0)));
@@ -57,7 +57,7 @@ fn cpu_work(c: &mut Criterion) {
     group.finish();
 
     let subsegments = build_subsegments(&spans, 0);
-    let mut group = c.benchmark_group("spans_pipeline::buffer::codec::PayloadEncoder");
+    let mut group = c.benchmark_group("spans_pipeline::buffer::PayloadEncoder");
     group.throughput(Throughput::Elements(BATCH as u64));
     for level in [-1, 0] {
         let mut encoder = PayloadEncoder::new(level).expect("encoder");

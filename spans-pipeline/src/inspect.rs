@@ -1,7 +1,7 @@
 //! `spans-pipeline inspect`: what is inside a live buffer, for an operator at a terminal (text)
 //! or a script (`--json`).
 //!
-//! The reading is [`crate::buffer::inspect::BufferInspector`], read-only and bounded so it is
+//! The reading is [`crate::buffer::BufferInspector`], read-only and bounded so it is
 //! safe on a production cluster; this module holds the command line, the progress display and
 //! the text rendering.
 
@@ -12,7 +12,7 @@ use bytesize::ByteSize;
 use clap::Args;
 
 use crate::buffer::RedisConnection;
-use crate::buffer::inspect::{BufferInspector, InspectLimits, InspectProgress, InspectReport};
+use crate::buffer::{BufferInspector, InspectLimits, InspectProgress, InspectReport};
 use crate::progress::Progress;
 
 /// Options of `spans-pipeline inspect`.

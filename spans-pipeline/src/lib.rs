@@ -17,6 +17,7 @@ pub mod buffer;
 pub mod config;
 pub mod consumer;
 pub mod demo;
+mod error_chain;
 pub mod inspect;
 pub mod metrics;
 pub mod progress;

@@ -18,8 +18,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::buffer::{
-    BufferError, BufferOptions, PreparedBatch, ProcessStats, RedisConnection, SpansBuffer, Ticket,
-    WriteOrder,
+    BufferError, BufferOptions, ProcessStats, RedisConnection, SpansBuffer, WriteOrder, WriteRetry,
 };
 use crate::progress::Progress;
 use crate::span::Span;
@@ -139,31 +138,6 @@ pub struct ReplayReport {
     pub flush: PhaseReport,
 }
 
-/// Writes a batch's payloads at once, then its scripts and its queue deadlines, each when its
-/// turn comes.
-async fn write_in_order(
-    buffer: Arc<SpansBuffer>,
-    prepared: PreparedBatch,
-    now: i64,
-    (scripts, queues): (Arc<WriteOrder>, Arc<WriteOrder>),
-    (script_ticket, queue_ticket): (Ticket, Ticket),
-) -> Result<ProcessStats, BufferError> {
-    let payloads = buffer.write_payloads(&prepared).await;
-    scripts.wait_for_turn(&script_ticket).await;
-    let written = match payloads {
-        Ok(()) => buffer.write_scripts(&prepared).await,
-        Err(error) => Err(error),
-    };
-    scripts.finish(script_ticket);
-    queues.wait_for_turn(&queue_ticket).await;
-    let stats = match written {
-        Ok(written) => buffer.queue_segments(&written, now).await,
-        Err(error) => Err(error),
-    };
-    queues.finish(queue_ticket);
-    stats
-}
-
 impl ReplayReport {
     fn add_ingested(&mut self, stats: &ProcessStats) {
         self.spans_in += stats.spans;
@@ -220,8 +194,7 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
     let mut read = 0;
     let cpu_before = redis_cpu_secs(&nodes)?;
     let started = Instant::now();
-    let scripts = Arc::new(WriteOrder::new());
-    let queues = Arc::new(WriteOrder::new());
+    let order = WriteOrder::new();
     let mut writing: VecDeque<JoinHandle<Result<ProcessStats, BufferError>>> = VecDeque::new();
     for batch in lines.chunks(args.batch_size.max(1)) {
         let mut spans = Vec::with_capacity(batch.len());
@@ -245,15 +218,14 @@ pub async fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
             0
         };
         let prepared = buffer.prepare(&spans)?;
-        // Tickets are taken here, in batch order, not in the task.
-        let tickets = (scripts.ticket(), queues.ticket());
-        let write = tokio::spawn(write_in_order(
-            Arc::clone(&buffer),
-            prepared,
-            now,
-            (Arc::clone(&scripts), Arc::clone(&queues)),
-            tickets,
-        ));
+        // The place is taken here, in batch order, not in the task.
+        let place = order.place();
+        let buffer = Arc::clone(&buffer);
+        let write = tokio::spawn(async move {
+            buffer
+                .write_in_order(place, Ok(prepared), now, WriteRetry::Never)
+                .await
+        });
         // At most two batches ahead of this one: the one writing its subsegments and the one
         // writing its queue deadlines.
         writing.push_back(write);

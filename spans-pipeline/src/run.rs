@@ -32,9 +32,8 @@ use rill::{Producer, Topic};
 
 use crate::buffer::RedisConnection;
 use crate::config::{Config, ConfigError, KafkaSection};
-use crate::consumer::{
-    ErrorChain, KillSwitchHandle, PipelineSettings, SettingsHandle, SpansStrategyFactory,
-};
+use crate::consumer::{KillSwitchHandle, PipelineSettings, SettingsHandle, SpansStrategyFactory};
+use crate::error_chain::ErrorChain;
 
 /// How long the start-time check of the dead-letter topic waits for the brokers.
 const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(10);

@@ -16,8 +16,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use proptest::prelude::*;
 use rill::backends::kafka::KafkaPayload;
 use rill::{Message, Partition, SubmitError, Topic};
-use spans_pipeline::buffer::output::patch_span;
-use spans_pipeline::buffer::subsegment::build_subsegments;
+use spans_pipeline::buffer::{build_subsegments, patch_span};
 use spans_pipeline::consumer::{KillSwitchHandle, decode_span};
 use spans_pipeline::span::{Span, SpanError};
 

@@ -11,8 +11,10 @@ mod process;
 
 use buffer_support::{SpanSpec, buffer, connect, for_each_mode, id, spans};
 use integration_tests::redis_server::TestRedis;
-use spans_pipeline::buffer::inspect::{BufferInspector, InspectLimits, InspectReport};
-use spans_pipeline::buffer::keys::{self, KeyFamily, SegmentKey};
+use spans_pipeline::buffer::keys::{self, KeyFamily};
+use spans_pipeline::buffer::{
+    BufferInspector, InspectLimits, InspectProgress, InspectReport, SegmentKey,
+};
 
 /// The batch clock of the writes, and the inspection's `now`.
 const NOW: i64 = 1_700_000_000;
@@ -60,10 +62,7 @@ async fn inspect(redis: &TestRedis, limits: InspectLimits) -> InspectReport {
     let mut scanned = 0;
     let report = inspector
         .inspect(NOW, &mut |step| {
-            if let spans_pipeline::buffer::inspect::InspectProgress::Scanning {
-                scanned: n, ..
-            } = step
-            {
+            if let InspectProgress::Scanning { scanned: n, .. } = step {
                 scanned = n;
             }
         })

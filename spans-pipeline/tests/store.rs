@@ -10,11 +10,9 @@ use std::time::Duration;
 
 use buffer_support::{connect, for_each_mode};
 use integration_tests::redis_server::TestRedis;
-use spans_pipeline::buffer::codec::PayloadEncoder;
-use spans_pipeline::buffer::keys;
 use spans_pipeline::buffer::{
-    BufferOptions, FlushCandidate, FlushedSegment, InsertedSubsegment, OutputSpan, QueueStats,
-    SegmentKey, SpansBufferStore,
+    BufferOptions, FlushCandidate, FlushedSegment, InsertedSubsegment, OutputSpan, PayloadEncoder,
+    QueueStats, SegmentKey, SpansBufferStore, keys,
 };
 
 const PT: &str = "999001:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";

@@ -489,6 +489,33 @@ impl TestRedis {
         }
     }
 
+    /// Runs `test` once per mode, each with a fresh Redis.
+    pub async fn for_each_mode<F, Fut>(test: F)
+    where
+        F: Fn(Self) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        for mode in Self::MODES {
+            test(Self::start(mode)).await;
+        }
+    }
+
+    /// Asserts that every key has a TTL.
+    ///
+    /// # Panics
+    ///
+    /// Panics naming the first key without one.
+    pub fn assert_ttls(&self) {
+        for key in self.keys_with_ttls() {
+            assert!(
+                key.ttl_secs > 0,
+                "key without ttl: {} ({})",
+                key.key_str(),
+                key.ttl_secs
+            );
+        }
+    }
+
     /// The mode of this Redis.
     pub fn mode(&self) -> RedisMode {
         match self {

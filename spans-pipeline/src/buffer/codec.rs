@@ -64,7 +64,7 @@ impl PayloadEncoder {
 }
 
 /// Decodes set members back into payloads, reusing one zstd decompression context.
-pub struct PayloadDecoder {
+pub(super) struct PayloadDecoder {
     decompressor: zstd::bulk::Decompressor<'static>,
 }
 
@@ -76,7 +76,7 @@ impl std::fmt::Debug for PayloadDecoder {
 
 impl PayloadDecoder {
     /// A decoder with a fresh decompression context.
-    pub fn new() -> std::io::Result<Self> {
+    pub(super) fn new() -> std::io::Result<Self> {
         Ok(Self {
             decompressor: zstd::bulk::Decompressor::new()?,
         })
@@ -84,7 +84,11 @@ impl PayloadDecoder {
 
     /// Appends the payloads stored in one set member to `out`: the split frame when the member
     /// is zstd-compressed, else the member itself.
-    pub fn decode(&mut self, member: Vec<u8>, out: &mut Vec<Vec<u8>>) -> Result<(), DecodeError> {
+    pub(super) fn decode(
+        &mut self,
+        member: Vec<u8>,
+        out: &mut Vec<Vec<u8>>,
+    ) -> Result<(), DecodeError> {
         if !member.starts_with(&ZSTD_MAGIC) {
             out.push(member);
             return Ok(());
@@ -107,18 +111,17 @@ impl PayloadDecoder {
     }
 }
 
-/// Appends the payloads stored in one set member to `out` (see [`PayloadDecoder::decode`]).
-pub fn decode_member(member: &[u8], out: &mut Vec<Vec<u8>>) -> Result<(), DecodeError> {
-    decode_member_into(member.to_vec(), out)
-}
-
 thread_local! {
     /// One decompression context per thread, made on first use.
     static DECODER: std::cell::RefCell<Option<PayloadDecoder>> = const { std::cell::RefCell::new(None) };
 }
 
-/// As [`decode_member`], taking the member, with the calling thread's decompression context.
-pub fn decode_member_into(member: Vec<u8>, out: &mut Vec<Vec<u8>>) -> Result<(), DecodeError> {
+/// Appends the payloads stored in one set member to `out` (see [`PayloadDecoder::decode`]),
+/// with the calling thread's decompression context.
+pub(super) fn decode_member_into(
+    member: Vec<u8>,
+    out: &mut Vec<Vec<u8>>,
+) -> Result<(), DecodeError> {
     DECODER.with(|decoder| {
         let mut decoder = decoder.borrow_mut();
         let decoder = match decoder.as_mut() {
@@ -132,6 +135,10 @@ pub fn decode_member_into(member: Vec<u8>, out: &mut Vec<Vec<u8>>) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn decode_member(member: &[u8], out: &mut Vec<Vec<u8>>) -> Result<(), DecodeError> {
+        decode_member_into(member.to_vec(), out)
+    }
 
     fn round_trip(level: i32) -> Vec<Vec<u8>> {
         let payloads: [&[u8]; 3] = [br#"{"span_id":"a"}"#, br#"{"span_id":"b"}"#, b"{}"];

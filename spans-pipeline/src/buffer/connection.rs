@@ -47,7 +47,7 @@ impl std::fmt::Debug for RedisConnection {
 /// client then reports a failure while Redis still runs the commands, and the retry writes the
 /// batch a second time. A stalled Redis is detected by the flush workers' health checks and
 /// the consumer's backpressure instead, on a scale of seconds.
-pub const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl RedisConnection {
     /// Connects to the server at `urls[0]`, or to the cluster seeded by `urls`.
@@ -188,64 +188,90 @@ impl RedisConnection {
     /// Runs a batch; see the module docs. The result has one value per entry, in order: the
     /// reply of a command, or for [`CommandBatch::add_spread`] an array of the replies of the
     /// commands it became.
-    pub async fn execute(&self, batch: CommandBatch) -> RedisResult<Vec<Value>> {
+    pub(crate) async fn execute(&self, batch: CommandBatch) -> RedisResult<Vec<Value>> {
         if batch.entries.is_empty() {
             return Ok(Vec::new());
         }
-        let (commands, shapes) = batch.expand(self.is_cluster());
-        let mut values = self.execute_commands(commands).await?.into_iter();
-        Ok(shapes
-            .into_iter()
-            .map(|shape| match shape {
-                Shape::Single => values.next().unwrap_or(Value::Nil),
-                Shape::Spread(count) => Value::Array(values.by_ref().take(count).collect()),
-            })
-            .collect())
+        self.send(&self.pipelines(batch)).await
     }
 
-    async fn execute_commands(&self, commands: Vec<(Vec<u8>, Cmd)>) -> RedisResult<Vec<Value>> {
-        if commands.is_empty() {
-            return Ok(Vec::new());
-        }
-        match self {
-            Self::Standalone(conn) => {
-                let mut pipe = Pipeline::with_capacity(commands.len());
-                pipe.ignore_errors();
-                for (_, cmd) in commands {
-                    pipe.add_command(cmd);
-                }
-                pipe.query_async(&mut conn.clone()).await
+    /// Lays `batch` out as the pipelines this connection sends, for [`RedisConnection::send`].
+    pub(crate) fn pipelines(&self, batch: CommandBatch) -> Pipelines {
+        let cluster = self.is_cluster();
+        let (commands, shapes) = batch.expand(cluster);
+        let len = commands.len();
+        let layout = if cluster {
+            let mut groups: HashMap<Vec<u8>, (Vec<usize>, Pipeline)> = HashMap::new();
+            for (index, (slot_key, cmd)) in commands.into_iter().enumerate() {
+                let (indices, pipe) = groups
+                    .entry(keys::hash_slot_input(&slot_key).to_vec())
+                    .or_insert_with(|| {
+                        let mut pipe = Pipeline::new();
+                        pipe.ignore_errors();
+                        (Vec::new(), pipe)
+                    });
+                indices.push(index);
+                pipe.add_command(cmd);
             }
-            Self::Cluster(conn) => {
-                let total = commands.len();
-                let mut groups: HashMap<Vec<u8>, (Vec<usize>, Pipeline)> = HashMap::new();
-                for (index, (slot_key, cmd)) in commands.into_iter().enumerate() {
-                    let (indices, pipe) = groups
-                        .entry(keys::hash_slot_input(&slot_key).to_vec())
-                        .or_insert_with(|| {
-                            let mut pipe = Pipeline::new();
-                            pipe.ignore_errors();
-                            (Vec::new(), pipe)
-                        });
-                    indices.push(index);
-                    pipe.add_command(cmd);
-                }
-                let requests = groups.into_values().map(|(indices, pipe)| {
+            Layout::BySlot(groups.into_values().collect())
+        } else {
+            let mut pipe = Pipeline::with_capacity(len);
+            pipe.ignore_errors();
+            for (_, cmd) in commands {
+                pipe.add_command(cmd);
+            }
+            Layout::One(pipe)
+        };
+        Pipelines {
+            layout,
+            len,
+            shapes,
+        }
+    }
+
+    /// Sends pipelines built by [`RedisConnection::pipelines`] and returns one value per entry
+    /// of their batch, as [`RedisConnection::execute`] does. They are sent by reference, so
+    /// sending them again after a failure copies none of their arguments.
+    pub(crate) async fn send(&self, pipelines: &Pipelines) -> RedisResult<Vec<Value>> {
+        if pipelines.len == 0 {
+            return Ok(pipelines.shapes.iter().map(Shape::empty_reply).collect());
+        }
+        let values = match (self, &pipelines.layout) {
+            (Self::Standalone(conn), Layout::One(pipe)) => {
+                pipe.query_async::<Vec<Value>>(&mut conn.clone()).await?
+            }
+            (Self::Cluster(conn), Layout::BySlot(groups)) => {
+                let requests = groups.iter().map(|(indices, pipe)| {
                     let mut conn = conn.clone();
                     async move {
                         let values: Vec<Value> = pipe.query_async(&mut conn).await?;
                         Ok::<_, redis::RedisError>((indices, values))
                     }
                 });
-                let mut results = vec![Value::Nil; total];
+                let mut results = vec![Value::Nil; pipelines.len];
                 for (indices, values) in try_join_all(requests).await? {
-                    for (index, value) in indices.into_iter().zip(values) {
+                    for (&index, value) in indices.iter().zip(values) {
                         results[index] = value;
                     }
                 }
-                Ok(results)
+                results
             }
-        }
+            _ => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "pipelines laid out for another kind of connection",
+                )));
+            }
+        };
+        let mut values = values.into_iter();
+        Ok(pipelines
+            .shapes
+            .iter()
+            .map(|shape| match shape {
+                Shape::Single => values.next().unwrap_or(Value::Nil),
+                Shape::Spread(count) => Value::Array(values.by_ref().take(*count).collect()),
+            })
+            .collect())
     }
 }
 
@@ -289,7 +315,7 @@ impl ConnectionLike for RedisConnection {
 
 /// Commands to send together, each with the key that routes it.
 #[derive(Debug, Default)]
-pub struct CommandBatch {
+pub(crate) struct CommandBatch {
     entries: Vec<Entry>,
 }
 
@@ -306,19 +332,72 @@ enum Entry {
 }
 
 /// How the replies of an entry are returned.
+#[derive(Clone, Debug)]
 enum Shape {
     Single,
     Spread(usize),
 }
 
+impl Shape {
+    /// The reply of an entry that became no command.
+    fn empty_reply(&self) -> Value {
+        match self {
+            Self::Single => Value::Nil,
+            Self::Spread(_) => Value::Array(Vec::new()),
+        }
+    }
+}
+
+/// A [`CommandBatch`] laid out as the pipelines its connection sends, from
+/// [`RedisConnection::pipelines`]: built once, then sent by reference as often as needed.
+#[derive(Clone, Debug)]
+pub(crate) struct Pipelines {
+    layout: Layout,
+    /// Commands in all pipelines.
+    len: usize,
+    shapes: Vec<Shape>,
+}
+
+#[derive(Clone, Debug)]
+enum Layout {
+    /// A standalone server: one pipeline, in batch order.
+    One(Pipeline),
+    /// A cluster: one pipeline per slot, each with the batch positions of its commands.
+    BySlot(Vec<(Vec<usize>, Pipeline)>),
+}
+
+impl Pipelines {
+    /// The command of entry `entry`, when the entry is one command (see
+    /// [`CommandBatch::add`]), for sending it again alone.
+    pub(crate) fn command(&self, entry: usize) -> Option<&Cmd> {
+        let mut index = 0;
+        for shape in self.shapes.get(..entry)? {
+            index += match shape {
+                Shape::Single => 1,
+                Shape::Spread(count) => *count,
+            };
+        }
+        if !matches!(self.shapes.get(entry)?, Shape::Single) {
+            return None;
+        }
+        match &self.layout {
+            Layout::One(pipe) => pipe.cmd_iter().nth(index),
+            Layout::BySlot(groups) => groups.iter().find_map(|(indices, pipe)| {
+                let position = indices.iter().position(|&i| i == index)?;
+                pipe.cmd_iter().nth(position)
+            }),
+        }
+    }
+}
+
 impl CommandBatch {
     /// An empty batch.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Adds `cmd`, routed by `key` (the command's first key). Returns its reply's index.
-    pub fn add(&mut self, key: impl Into<Vec<u8>>, cmd: Cmd) -> usize {
+    pub(crate) fn add(&mut self, key: impl Into<Vec<u8>>, cmd: Cmd) -> usize {
         self.entries.push(Entry::Single(key.into(), cmd));
         self.entries.len() - 1
     }
@@ -327,7 +406,7 @@ impl CommandBatch {
     /// may lie in different cluster slots: a standalone server gets it as few commands of up to
     /// `keys_per_command` keys; a cluster gets one such command per hash tag, as a multi-key
     /// command must stay within one slot. Its reply is an array of those commands' replies.
-    pub fn add_spread(
+    pub(crate) fn add_spread(
         &mut self,
         name: &'static str,
         keys: Vec<String>,
@@ -342,13 +421,8 @@ impl CommandBatch {
     }
 
     /// Number of entries (replies).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    /// Whether there are no entries.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// The commands to send and how their replies fold back into one per entry.

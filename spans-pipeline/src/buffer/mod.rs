@@ -14,36 +14,38 @@
 //! The data model is described in `docs/redis-data-model.md`; the choices made where Sentry's
 //! behaviour is a quirk are in `docs/decisions.md`.
 
-pub mod codec;
-pub mod connection;
-pub mod error;
-pub mod inspect;
+mod codec;
+pub(crate) mod connection;
+mod error;
+mod inspect;
 pub mod keys;
-pub mod options;
-pub mod output;
+pub(crate) mod options;
+pub(crate) mod output;
 mod parallel;
-pub mod script;
-pub mod segment;
-pub mod stats;
-pub mod store;
-pub mod subsegment;
-pub mod write_order;
+mod script;
+mod segment;
+mod stats;
+mod store;
+mod subsegment;
+mod write_order;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-pub use connection::{CommandBatch, RedisConnection};
+pub use codec::PayloadEncoder;
+pub use connection::RedisConnection;
 pub use error::BufferError;
+pub use inspect::{BufferInspector, InspectLimits, InspectProgress, InspectReport};
 pub use keys::SegmentKey;
 pub use options::BufferOptions;
-pub use segment::{
-    FlushCandidate, FlushedSegment, IngestMetadata, InsertedSubsegment, LoadedSegment, LostSpans,
-    OutputSpan,
-};
+pub use output::patch_span;
+use segment::LoadedSegment;
+pub use segment::{FlushCandidate, FlushedSegment, InsertedSubsegment, LostSpans, OutputSpan};
 pub use stats::FlushStats;
-pub use store::{PreparedWrite, QueueStats, SpansBufferStore};
-pub use subsegment::Subsegment;
-pub use write_order::{Ticket, WriteOrder};
+use store::PreparedWrite;
+pub use store::{QueueStats, SpansBufferStore};
+pub use subsegment::{Subsegment, build_subsegments};
+pub(crate) use write_order::{WriteOrder, WriteRetry};
 
 use crate::metrics as names;
 use crate::span::Span;
@@ -68,10 +70,10 @@ pub struct ProcessStats {
     pub detached: usize,
 }
 
-/// A batch encoded by [`SpansBuffer::prepare`], ready for [`SpansBuffer::write`]. It owns its
-/// data (not the spans it was made from), so it can be written from another task.
+/// A batch encoded by [`SpansBuffer::prepare`], ready for [`SpansBuffer::write_in_order`]. It
+/// owns its data (not the spans it was made from), so it can be written from another task.
 #[derive(Clone, Debug)]
-pub struct PreparedBatch {
+pub(crate) struct PreparedBatch {
     write: PreparedWrite,
     spans: usize,
     root_spans: usize,
@@ -80,7 +82,7 @@ pub struct PreparedBatch {
 /// A batch whose subsegments are in Redis, from [`SpansBuffer::write_scripts`], waiting
 /// for [`SpansBuffer::queue_segments`].
 #[derive(Clone, Debug)]
-pub struct WrittenBatch {
+struct WrittenBatch {
     inserted: Vec<InsertedSubsegment>,
     spans: usize,
     root_spans: usize,
@@ -151,22 +153,24 @@ impl SpansBuffer {
     /// Writes a batch of spans into the buffer. `now` is the batch's clock (the minimum Kafka
     /// timestamp, in seconds): segments become due `root-timeout` or `timeout` after it.
     ///
-    /// This is [`SpansBuffer::prepare`] then [`SpansBuffer::write`]; a consumer that wants to
-    /// encode the next batch while this one is written calls the two itself.
+    /// This is `prepare` then `write_in_order` in an order of its own; the consumer, which
+    /// encodes the next batch while this one is written, calls the two itself, with one
+    /// `WriteOrder` for all its batches.
     pub async fn process_spans(
         &self,
         spans: &[Span<'_>],
         now: i64,
     ) -> Result<ProcessStats, BufferError> {
-        let batch = self.prepare(spans)?;
-        self.write(&batch, now).await
+        let place = WriteOrder::new().place();
+        self.write_in_order(place, self.prepare(spans), now, WriteRetry::Never)
+            .await
     }
 
     /// Groups a batch into subsegments and encodes their commands, without touching Redis.
     ///
     /// Several batches may be prepared at once (each takes its own compressor), but they must
-    /// be written one after the other, in order: see [`SpansBuffer::write`].
-    pub fn prepare(&self, spans: &[Span<'_>]) -> Result<PreparedBatch, BufferError> {
+    /// be written in order: see [`SpansBuffer::write_in_order`].
+    pub(crate) fn prepare(&self, spans: &[Span<'_>]) -> Result<PreparedBatch, BufferError> {
         let options = self.store.options();
         let subsegments = subsegment::build_subsegments(spans, options.max_spans_per_evalsha);
         let chunk_len = match options.pipeline_batch_size {
@@ -180,41 +184,21 @@ impl SpansBuffer {
         })
     }
 
-    /// Writes a prepared batch and pushes its segments' flush deadlines (`now` as in
-    /// [`SpansBuffer::process_spans`]): [`SpansBuffer::write_payloads`],
-    /// [`SpansBuffer::write_scripts`], then [`SpansBuffer::queue_segments`].
-    ///
-    /// Batches must be written in the order their spans were consumed, each after the previous
-    /// one completed: a segment's deadline is the one of its latest batch, and a segment merged
-    /// away by a later batch must not be queued again by an earlier one. Writing the same batch
-    /// again after a failure is harmless.
-    pub async fn write(
-        &self,
-        batch: &PreparedBatch,
-        now: i64,
-    ) -> Result<ProcessStats, BufferError> {
-        self.write_payloads(batch).await?;
-        let written = self.write_scripts(batch).await?;
-        self.queue_segments(&written, now).await
-    }
-
-    /// The first part of [`SpansBuffer::write`]: the payloads. They need no order with other
-    /// batches (their keys are named by this batch's salts), so a caller overlapping batches
-    /// may send them as soon as the batch is prepared; Redis then has them to work on while
-    /// the client reads the replies of the batch before.
-    pub async fn write_payloads(&self, batch: &PreparedBatch) -> Result<(), BufferError> {
+    /// The first phase of a write: the payloads. They need no order with other batches (their
+    /// keys are named by this batch's salts), so they are sent as soon as the batch is
+    /// prepared; Redis then has them to work on while the client reads the replies of the
+    /// batch before.
+    async fn write_payloads(&self, batch: &PreparedBatch) -> Result<(), BufferError> {
         self.store.write_payloads(&batch.write).await
     }
 
-    /// The second part of [`SpansBuffer::write`]: the script calls, after this batch's
-    /// payloads and in batch order.
+    /// The second phase: the script calls, after this batch's payloads and in batch order.
     ///
-    /// A caller overlapping batches may start the next batch's `write_scripts` as soon as this
-    /// one returned, before this batch's [`SpansBuffer::queue_segments`]: a later batch's
-    /// scripts may run before an earlier batch's queue update, as long as the queue updates
-    /// run in batch order (the later one then removes what it merged away, and sets the latest
-    /// deadlines).
-    pub async fn write_scripts(&self, batch: &PreparedBatch) -> Result<WrittenBatch, BufferError> {
+    /// The next batch's `write_scripts` may start as soon as this one returned, before this
+    /// batch's [`SpansBuffer::queue_segments`]: a later batch's scripts may run before an
+    /// earlier batch's queue update, as long as the queue updates run in batch order (the
+    /// later one then removes what it merged away, and sets the latest deadlines).
+    async fn write_scripts(&self, batch: &PreparedBatch) -> Result<WrittenBatch, BufferError> {
         Ok(WrittenBatch {
             inserted: self.store.write_scripts(&batch.write).await?,
             spans: batch.spans,
@@ -222,9 +206,8 @@ impl SpansBuffer {
         })
     }
 
-    /// The last part of [`SpansBuffer::write`]: each segment's flush deadline. Call in batch
-    /// order.
-    pub async fn queue_segments(
+    /// The last phase: each segment's flush deadline, in batch order.
+    async fn queue_segments(
         &self,
         batch: &WrittenBatch,
         now: i64,

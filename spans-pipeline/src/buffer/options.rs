@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// The flush lock TTL of the consumer's configuration when the file does not set one.
-pub const CONSUMER_FLUSH_LOCK_TTL: Duration = Duration::from_secs(30);
+pub(crate) const CONSUMER_FLUSH_LOCK_TTL: Duration = Duration::from_secs(30);
 
 /// Runtime options of the spans buffer, and the `[buffer]` section of the configuration.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]

@@ -29,14 +29,14 @@ pub fn patch_span(payload: &[u8], segment_span_id: &str) -> OutputSpan {
 
 /// Patches the spans of one segment; the segment id attribute is rendered once.
 #[derive(Debug)]
-pub struct SpanPatcher<'s> {
+pub(crate) struct SpanPatcher<'s> {
     segment_span_id: &'s str,
     segment_attribute: String,
 }
 
 impl<'s> SpanPatcher<'s> {
     /// A patcher for the segment whose span id (or salt) is `segment_span_id`.
-    pub fn new(segment_span_id: &'s str) -> Self {
+    pub(crate) fn new(segment_span_id: &'s str) -> Self {
         Self {
             segment_span_id,
             segment_attribute: segment_attribute(segment_span_id),
@@ -44,7 +44,7 @@ impl<'s> SpanPatcher<'s> {
     }
 
     /// Patches one stored payload; see [`patch_span`].
-    pub fn patch(&self, payload: &[u8]) -> OutputSpan {
+    pub(crate) fn patch(&self, payload: &[u8]) -> OutputSpan {
         self.patch_object(payload).unwrap_or_else(|| OutputSpan {
             span_id: String::new(),
             organization_id: None,
@@ -55,7 +55,7 @@ impl<'s> SpanPatcher<'s> {
 
     /// Patches one stored payload if it is a JSON object; `None` for anything else, which
     /// must not be produced (every reader downstream expects each span to be an object).
-    pub fn patch_object(&self, payload: &[u8]) -> Option<OutputSpan> {
+    pub(crate) fn patch_object(&self, payload: &[u8]) -> Option<OutputSpan> {
         let edits = Edits::find(payload)?;
         // The walk above stops at the object's closing brace and does not look past it; a
         // whole-document parse also refuses trailing bytes.
@@ -301,7 +301,7 @@ fn is_falsy(raw: &str) -> bool {
 }
 
 /// Builds the messages of one segment; see [`crate::buffer::FlushedSegment::to_messages`].
-pub fn segment_messages<'s>(
+pub(crate) fn segment_messages<'s>(
     spans: impl Iterator<Item = &'s [u8]> + Clone,
     max_segment_bytes: u64,
 ) -> Vec<Vec<u8>> {
@@ -314,7 +314,7 @@ pub fn segment_messages<'s>(
 
 /// The messages of [`segment_messages`], each with the range of `spans` it holds, so that a
 /// message refused for its size can be cut again.
-pub fn segment_chunk_messages(
+pub(crate) fn segment_chunk_messages(
     spans: &[&[u8]],
     max_segment_bytes: u64,
 ) -> Vec<(Range<usize>, Vec<u8>)> {
@@ -333,7 +333,7 @@ pub fn segment_chunk_messages(
 /// ending before the span that would take it over the limit (a bigger span alone), as Sentry's
 /// `to_messages` does. An oversized segment always gives several chunks or one single-span
 /// chunk marked `skip_enrichment`; see [`segment_messages`].
-pub fn segment_chunks(spans: &[&[u8]], max_segment_bytes: u64) -> Vec<Range<usize>> {
+pub(crate) fn segment_chunks(spans: &[&[u8]], max_segment_bytes: u64) -> Vec<Range<usize>> {
     if !is_oversized(spans, max_segment_bytes) {
         return std::iter::once(0..spans.len()).collect();
     }
@@ -364,13 +364,13 @@ fn is_oversized(spans: &[&[u8]], max_segment_bytes: u64) -> bool {
 /// Bytes a message of spans adding up to `span_bytes` can take beyond them: a comma per span
 /// (every output span is longer than 64 bytes: it carries at least `is_segment` and the segment
 /// id attribute) and the envelope (`flush_id`, `spans`, `skip_enrichment`).
-pub fn message_overhead(span_bytes: u64) -> u64 {
+pub(crate) fn message_overhead(span_bytes: u64) -> u64 {
     span_bytes / 64 + 128
 }
 
 /// One `{"flush_id", "spans"}` message of `spans`, with `"skip_enrichment": true` when it holds
 /// only part of its segment; a fresh `flush_id` each call.
-pub fn chunk_message(spans: &[&[u8]], skip_enrichment: bool) -> Vec<u8> {
+pub(crate) fn chunk_message(spans: &[&[u8]], skip_enrichment: bool) -> Vec<u8> {
     message(spans.iter().copied(), skip_enrichment)
 }
 

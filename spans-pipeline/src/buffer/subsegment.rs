@@ -66,7 +66,7 @@ impl Subsegment<'_> {
 }
 
 /// `blake2b(concat(span ids), digest_size=16)` as 32 lowercase hex characters.
-pub fn salt<'s>(span_ids: impl IntoIterator<Item = &'s str>) -> String {
+pub(super) fn salt<'s>(span_ids: impl IntoIterator<Item = &'s str>) -> String {
     let mut hasher = Blake2b::<U16>::new();
     for span_id in span_ids {
         hasher.update(span_id.as_bytes());
@@ -77,7 +77,9 @@ pub fn salt<'s>(span_ids: impl IntoIterator<Item = &'s str>) -> String {
 /// Groups a batch into maximal batch-local trees, in order of first appearance.
 ///
 /// Returns `(project_and_trace, parent, spans)` per tree.
-pub fn group_by_parent<'a>(spans: &'a [Span<'a>]) -> Vec<(String, String, Vec<&'a Span<'a>>)> {
+pub(super) fn group_by_parent<'a>(
+    spans: &'a [Span<'a>],
+) -> Vec<(String, String, Vec<&'a Span<'a>>)> {
     // Trees are keyed by (index of the interned "<project>:<trace>", parent id).
     type TreeKey<'k> = (usize, &'k str);
     let mut traces: Vec<String> = Vec::new();

@@ -93,7 +93,7 @@ pub struct Config {
 
 impl Default for Config {
     /// Every section's defaults; `[buffer]` is Sentry's but for flush locks, which are on
-    /// (see [`CONSUMER_FLUSH_LOCK_TTL`]).
+    /// (see `CONSUMER_FLUSH_LOCK_TTL`).
     fn default() -> Self {
         Self {
             kafka: KafkaSection::default(),

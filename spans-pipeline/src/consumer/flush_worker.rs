@@ -27,13 +27,13 @@ use rill::backends::kafka::{KafkaPayload, is_message_too_large};
 use rill::{Clock, DeliveryError, Destination, ProduceError, Producer, SharedClock, Topic};
 
 use super::decode::seconds;
-use super::error_chain::ErrorChain;
 use super::flush_step::FlushSettings;
 use super::outcomes::{Outcomes, PRODUCE_FAILED};
 use crate::buffer::keys::SegmentKey;
 use crate::buffer::{
     BufferError, BufferOptions, FlushedSegment, RedisConnection, SpansBuffer, output,
 };
+use crate::error_chain::ErrorChain;
 use crate::metrics as names;
 
 /// Everything a worker needs besides its shards; cheap to clone (shared handles).
@@ -119,7 +119,7 @@ pub struct SharedState {
 
 /// What one worker reports, read by the step on the consumer thread.
 #[derive(Debug, Default)]
-pub struct WorkerHealth {
+pub(super) struct WorkerHealth {
     /// [`HealthClock::seconds`] of the last completed iteration (0: not started yet).
     pub healthy_since: AtomicI64,
     /// [`HealthClock::seconds`] since which every iteration hit the flush limit (0: not at the

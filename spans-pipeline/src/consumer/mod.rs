@@ -17,7 +17,6 @@
 //!    as Sentry does, never before.
 
 mod decode;
-mod error_chain;
 mod flush_step;
 mod flush_worker;
 mod outcomes;
@@ -36,10 +35,10 @@ use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
 pub use decode::{KillSwitch, KillSwitchHandle, SpanMessage, decode_span};
-pub(crate) use error_chain::ErrorChain;
 pub use flush_step::{FlushError, FlushSegments, FlushSettings, startup_timeout};
-pub use flush_worker::{HealthClock, SharedState, WorkerContext, WorkerHealth};
-pub use outcomes::{Outcomes, PRODUCE_FAILED};
+pub use flush_worker::{HealthClock, SharedState, WorkerContext};
+pub use outcomes::Outcomes;
+pub(crate) use outcomes::PRODUCE_FAILED;
 pub use process_spans::ProcessSpans;
 
 use crate::buffer::connection::RESPONSE_TIMEOUT;

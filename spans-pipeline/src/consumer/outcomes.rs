@@ -21,7 +21,7 @@ const OUTCOME_INVALID: u8 = 3;
 const CATEGORY_SPAN_INDEXED: u8 = 16;
 
 /// Reason of an outcome for spans of a segment that could not be produced.
-pub const PRODUCE_FAILED: &str = "produce_failed";
+pub(crate) const PRODUCE_FAILED: &str = "produce_failed";
 
 /// Writes outcome records to a topic.
 #[derive(Clone)]

@@ -9,9 +9,9 @@
 //! batch is a task of a `RunTaskInThreads` step with three in flight: one batch is decoded,
 //! grouped, compressed and its payloads sent while the one before runs its scripts and the
 //! one before that writes its queue deadlines. Scripts and queue updates each happen one batch
-//! at a time, in consumption order (a [`WriteOrder`] ticket per batch and write), because a
-//! segment's queue deadline must be the one of its latest batch; see
-//! `SpansBuffer::write_scripts`.
+//! at a time, in consumption order (a [`WriteOrder`] place per batch, see
+//! `SpansBuffer::write_in_order`), because a segment's queue deadline must be the one of its
+//! latest batch.
 //!
 //! When Redis fails, the task keeps its batch and retries with backoff (doubling from 100 ms to
 //! 5 s), so a dead Redis is not hammered; with every task waiting the step rejects new batches,
@@ -27,26 +27,24 @@ use rill::Message;
 use rill::steps::TaskError;
 
 use super::decode::{SpanMessage, seconds};
-use super::error_chain::ErrorChain;
-use crate::buffer::{BufferError, PreparedBatch, SpansBuffer, WriteOrder};
-use crate::metrics as names;
+use crate::buffer::{BufferError, PreparedBatch, SpansBuffer, WriteOrder, WriteRetry};
 use crate::span::Span;
-
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Batches a `ProcessSpans` step works on at once: one being prepared, one writing its
 /// subsegments, one its queue deadlines.
 pub(super) const CONCURRENT_BATCHES: usize = 3;
 
+/// How a write that Redis failed is retried: from 100 ms, doubling up to 5 s.
+const RETRY: WriteRetry = WriteRetry::Backoff {
+    first: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+};
+
 /// The buffer-writing task of the consumer's `RunTaskInThreads` over batches.
 #[derive(Debug)]
 pub struct ProcessSpans {
     buffer: Arc<SpansBuffer>,
-    /// Order of the subsegment writes.
-    scripts: Arc<WriteOrder>,
-    /// Order of the queue updates.
-    queues: Arc<WriteOrder>,
+    order: WriteOrder,
 }
 
 impl ProcessSpans {
@@ -54,15 +52,14 @@ impl ProcessSpans {
     pub fn new(buffer: SpansBuffer) -> Self {
         Self {
             buffer: Arc::new(buffer),
-            scripts: Arc::new(WriteOrder::new()),
-            queues: Arc::new(WriteOrder::new()),
+            order: WriteOrder::new(),
         }
     }
 
     /// The task for one batch: prepare it, write its payloads, then its script calls and its
     /// queue deadlines, each after the previous batch's (retrying until Redis takes them), and
-    /// resolve to the
-    /// batch's clock (the smallest broker timestamp, in seconds). Call in submission order.
+    /// resolve to the batch's clock (the smallest broker timestamp, in seconds). Call in
+    /// submission order.
     ///
     /// # Errors
     ///
@@ -73,42 +70,14 @@ impl ProcessSpans {
         &self,
         batch: Message<Vec<SpanMessage>>,
     ) -> impl Future<Output = Result<Message<i64>, TaskError>> + Send + use<> {
-        let (script_ticket, queue_ticket) = (self.scripts.ticket(), self.queues.ticket());
+        let place = self.order.place();
         let buffer = Arc::clone(&self.buffer);
-        let (scripts, queues) = (Arc::clone(&self.scripts), Arc::clone(&self.queues));
         async move {
             let now = clock(batch.payload());
-            // The first error that ends this batch; every ticket is still finished, so the
-            // batches behind it are not stranded while the pipeline stops.
-            let mut failed = None;
-            let mut prepared = prepare(&buffer, batch.payload())
-                .map_err(|error| failed = Some(error))
-                .ok();
-            if let Some(batch) = &prepared
-                && let Err(error) = until_done(|| buffer.write_payloads(batch)).await
-            {
-                failed = Some(error);
-                prepared = None;
-            }
-            scripts.wait_for_turn(&script_ticket).await;
-            let written = match &prepared {
-                Some(prepared) => until_done(|| buffer.write_scripts(prepared))
-                    .await
-                    .map_err(|error| failed = Some(error))
-                    .ok(),
-                None => None,
-            };
-            scripts.finish(script_ticket);
-            queues.wait_for_turn(&queue_ticket).await;
-            if let Some(written) = &written
-                && let Err(error) = until_done(|| buffer.queue_segments(written, now)).await
-            {
-                failed = Some(error);
-            }
-            queues.finish(queue_ticket);
-            match failed {
-                None => Ok(batch.map(|_| now)),
-                Some(error) => Err(TaskError::Failed(Box::new(error))),
+            let prepared = prepare(&buffer, batch.payload());
+            match buffer.write_in_order(place, prepared, now, RETRY).await {
+                Ok(_) => Ok(batch.map(|_| now)),
+                Err(error) => Err(TaskError::Failed(Box::new(error))),
             }
         }
     }
@@ -139,32 +108,4 @@ fn prepare(buffer: &SpansBuffer, batch: &[SpanMessage]) -> Result<PreparedBatch,
         })
         .collect();
     buffer.prepare(&spans)
-}
-
-/// Runs `attempt` until Redis accepts it, backing off between attempts, or until it fails
-/// with an error that would repeat at every retry (`NOPERM`, `WRONGTYPE`, a script error, a
-/// reply the store does not understand): that one is returned, and stops the pipeline before
-/// the batch is committed, instead of a retry loop that never ends.
-async fn until_done<T, F, Fut>(mut attempt: F) -> Result<T, BufferError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, BufferError>>,
-{
-    let mut backoff = FIRST_BACKOFF;
-    loop {
-        match attempt().await {
-            Ok(done) => return Ok(done),
-            Err(error) if !error.is_transient() => {
-                tracing::error!(error = %ErrorChain(&error), "Writing spans to Redis failed with an error that repeats at every retry; stopping the pipeline.");
-                metrics::counter!(names::PROCESS_FAILURES).increment(1);
-                return Err(error);
-            }
-            Err(error) => {
-                tracing::warn!(error = %ErrorChain(&error), retry_in = ?backoff, "Writing spans to Redis failed; retrying.");
-                metrics::counter!(names::PROCESS_FAILURES).increment(1);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
-    }
 }

@@ -133,9 +133,7 @@ where
     F: Fn(TestRedis) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    for mode in TestRedis::MODES {
-        test(start(mode)).await;
-    }
+    TestRedis::for_each_mode(test).await;
 }
 
 pub fn start(mode: RedisMode) -> TestRedis {
@@ -191,14 +189,7 @@ pub fn expected(spans: &[(char, bool)], segment: &str) -> Vec<(String, bool, Str
 
 /// Every key in Redis has a TTL.
 pub fn assert_ttls(redis: &TestRedis) {
-    for key in redis.keys_with_ttls() {
-        assert!(
-            key.ttl_secs > 0,
-            "key without ttl: {} ({})",
-            key.key_str(),
-            key.ttl_secs
-        );
-    }
+    redis.assert_ttls();
 }
 
 /// Nothing but `:hrs:` flags is left.

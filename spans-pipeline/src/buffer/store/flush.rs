@@ -91,7 +91,7 @@ impl SpansBufferStore {
     }
 
     /// Takes the flush lock of each candidate for the flush named by `token`
-    /// ([`script::ACQUIRE_FLUSH_LOCK`], which Redis runs even at `maxmemory`); returns the
+    /// (`ACQUIRE_FLUSH_LOCK`, which Redis runs even at `maxmemory`); returns the
     /// candidates whose lock was taken and how many were already locked. Locks off (ttl 0):
     /// everything.
     pub async fn acquire_flush_locks(
@@ -124,7 +124,7 @@ impl SpansBufferStore {
     }
 
     /// Extends the flush lock of each segment by the lock TTL, where it still holds the
-    /// segment's token ([`script::EXTEND_FLUSH_LOCK`]); returns, per segment, whether it does.
+    /// segment's token (`EXTEND_FLUSH_LOCK`); returns, per segment, whether it does.
     /// A segment flushed without a lock always does.
     pub async fn extend_flush_locks(
         &self,

@@ -45,7 +45,7 @@ use crate::buffer::script;
 pub use queue::QueueStats;
 pub(crate) use queue::{add_queue_stats, read_queue_stats};
 pub(crate) use reply::{as_optional_u64, as_string, info_field, into_array};
-pub use write::PreparedWrite;
+pub(crate) use write::PreparedWrite;
 
 /// Payload keys per `UNLINK` in cleanup (standalone; a cluster needs one per key).
 const CLEANUP_KEYS_PER_UNLINK: usize = 1000;

@@ -10,7 +10,7 @@ use redis::{Cmd, Value};
 use super::reply::{check_replies, is_error, is_noscript, parse_inserted};
 use super::{SpansBufferStore, expire};
 use crate::buffer::codec::PayloadEncoder;
-use crate::buffer::connection::CommandBatch;
+use crate::buffer::connection::{CommandBatch, Pipelines};
 use crate::buffer::error::BufferError;
 use crate::buffer::keys::SegmentKey;
 use crate::buffer::script;
@@ -67,11 +67,18 @@ impl PreparedSubsegment {
 }
 
 /// Up to `pipeline-batch-size` subsegments: sent as one round trip.
+///
+/// Its commands are laid out as pipelines once, when the batch is prepared, and sent by
+/// reference: a write retried after a failure copies none of the compressed payloads.
 #[derive(Clone, Debug)]
 struct PreparedChunk {
-    payloads: Vec<(String, Cmd)>,
-    /// One command per script call, with the subsegments (indices) it carries.
-    scripts: Vec<(String, Cmd, Vec<usize>)>,
+    /// `SADD` + `EXPIRE` per subsegment and layout.
+    payloads: Pipelines,
+    /// One `EVALSHA` per script call.
+    scripts: Pipelines,
+    /// Per script call (entry of `scripts`): the key that routes it, and the subsegments
+    /// (indices) it carries.
+    calls: Vec<(String, Vec<usize>)>,
 }
 
 impl SpansBufferStore {
@@ -118,27 +125,31 @@ impl SpansBufferStore {
         let mut chunks = Vec::new();
         let mut first = 0;
         for chunk in subsegments.chunks(chunk_len) {
-            let mut prepared = PreparedChunk {
-                payloads: Vec::with_capacity(chunk.len() * 2),
-                scripts: Vec::new(),
-            };
+            let mut payloads = CommandBatch::new();
+            let mut scripts = CommandBatch::new();
             let calls = script_calls(
                 chunk,
                 self.options.max_spans_per_evalsha,
                 !self.conn.is_cluster(),
             );
+            let mut indices = Vec::with_capacity(calls.len());
             for call in calls {
                 for &index in call.iter().flatten() {
-                    self.add_payload_writes(&chunk[index], encoder, &mut prepared.payloads)?;
+                    self.add_payload_writes(&chunk[index], encoder, &mut payloads)?;
                 }
-                let cmd = self.add_buffer_call(chunk, &call);
-                let indices = call.iter().flatten().map(|index| first + index).collect();
-                prepared
-                    .scripts
-                    .push((chunk[call[0][0]].project_and_trace.clone(), cmd, indices));
+                let key = chunk[call[0][0]].project_and_trace.clone();
+                scripts.add(key.as_str(), self.add_buffer_call(chunk, &call));
+                indices.push((
+                    key,
+                    call.iter().flatten().map(|index| first + index).collect(),
+                ));
             }
             first += chunk.len();
-            chunks.push(prepared);
+            chunks.push(PreparedChunk {
+                payloads: self.conn.pipelines(payloads),
+                scripts: self.conn.pipelines(scripts),
+                calls: indices,
+            });
         }
         Ok(chunks)
     }
@@ -149,11 +160,7 @@ impl SpansBufferStore {
     /// batches' writes; only this batch's scripts must wait for them.
     pub async fn write_payloads(&self, prepared: &PreparedWrite) -> Result<(), BufferError> {
         for chunk in &prepared.chunks {
-            let mut payloads = CommandBatch::new();
-            for (key, cmd) in &chunk.payloads {
-                payloads.add(key.as_str(), cmd.clone());
-            }
-            let replies = self.conn.execute(payloads).await?;
+            let replies = self.conn.send(&chunk.payloads).await?;
             if let Some(error) = replies.iter().find(|v| is_error(v)) {
                 return Err(BufferError::unexpected("SADD", error));
             }
@@ -169,13 +176,9 @@ impl SpansBufferStore {
     ) -> Result<Vec<InsertedSubsegment>, BufferError> {
         let mut inserted: Vec<Option<InsertedSubsegment>> = vec![None; prepared.len()];
         for chunk in &prepared.chunks {
-            let mut scripts = CommandBatch::new();
-            for (key, cmd, _) in &chunk.scripts {
-                scripts.add(key.as_str(), cmd.clone());
-            }
-            let mut replies = self.conn.execute(scripts).await?;
+            let mut replies = self.conn.send(&chunk.scripts).await?;
             self.retry_noscript(chunk, &mut replies).await?;
-            for ((_, _, call), reply) in chunk.scripts.iter().zip(&replies) {
+            for ((_, call), reply) in chunk.calls.iter().zip(&replies) {
                 let Value::Array(items) = reply else {
                     return Err(BufferError::unexpected("EVALSHA", reply));
                 };
@@ -199,7 +202,7 @@ impl SpansBufferStore {
         &self,
         subsegment: &Subsegment<'_>,
         encoder: &mut PayloadEncoder,
-        commands: &mut Vec<(String, Cmd)>,
+        commands: &mut CommandBatch,
     ) -> Result<(), BufferError> {
         let members = encoder
             .encode(subsegment.spans.iter().map(|span| span.payload))
@@ -216,8 +219,8 @@ impl SpansBufferStore {
             let mut sadd = redis::cmd("SADD");
             sadd.arg(&key).arg(&members);
             let expire = expire(&key, ttl);
-            commands.push((key.clone(), sadd));
-            commands.push((key, expire));
+            commands.add(key.as_str(), sadd);
+            commands.add(key, expire);
         }
         Ok(())
     }
@@ -274,10 +277,14 @@ impl SpansBufferStore {
             "Reloading add-buffer.lua after NOSCRIPT."
         );
         self.load_script().await?;
+        // Rare, so the failed calls are copied into a batch of their own.
         let mut retry = CommandBatch::new();
         for &index in &failed {
-            let (key, cmd, _) = &chunk.scripts[index];
-            retry.add(key.as_str(), cmd.clone());
+            let cmd = chunk
+                .scripts
+                .command(index)
+                .ok_or_else(|| BufferError::unexpected("EVALSHA", &replies[index]))?;
+            retry.add(chunk.calls[index].0.as_str(), cmd.clone());
         }
         for (index, reply) in failed.into_iter().zip(self.conn.execute(retry).await?) {
             replies[index] = reply;
