@@ -8,7 +8,7 @@ use crate::carried_over::CarriedOver;
 use crate::clock::{ClockSampler, SharedClock, SystemClock, earliest, expired};
 use crate::commit::CommitRequest;
 use crate::error::{InvalidMessage, StrategyError, SubmitError};
-use crate::message::Message;
+use crate::message::{Message, Partition};
 use crate::metrics;
 use crate::strategy::ProcessingStrategy;
 
@@ -265,6 +265,15 @@ where
 
     fn close(&mut self) {
         self.next_step.close();
+    }
+
+    fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+        // The open batch may hold messages of a revoked partition, whose hand-over waits for
+        // them: it goes out at the next poll instead of at the end of its window.
+        if !revoked.is_empty() && self.batch.is_some() {
+            self.overdue = true;
+        }
+        self.next_step.partitions_changed(assigned, revoked);
     }
 
     fn terminate(&mut self) {
