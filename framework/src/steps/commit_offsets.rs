@@ -261,6 +261,30 @@ mod tests {
     }
 
     #[test]
+    fn a_revocation_releases_at_the_next_poll_whatever_the_interval() {
+        let (mut step, _clock) = step(CommitPolicy::every(Duration::from_secs(3600)));
+        step.submit(message(0, ())).unwrap();
+        assert_eq!(poll(&mut step), None);
+
+        ProcessingStrategy::<()>::partitions_changed(&mut step, &[], &[partition(0)]);
+
+        let done = poll(&mut step).unwrap();
+        assert_eq!(done.offsets(&partition(0)), vec![0..1]);
+        step.submit(message(1, ())).unwrap();
+        assert_eq!(poll(&mut step), None, "back to the interval");
+    }
+
+    #[test]
+    fn an_assignment_alone_changes_nothing() {
+        let (mut step, _clock) = step(CommitPolicy::every(Duration::from_secs(3600)));
+        step.submit(message(0, ())).unwrap();
+
+        ProcessingStrategy::<()>::partitions_changed(&mut step, &[partition(1)], &[]);
+
+        assert_eq!(poll(&mut step), None);
+    }
+
+    #[test]
     fn releases_every_offset_once_the_interval_passed() {
         let (mut step, clock) = step(CommitPolicy::every(Duration::from_secs(1)));
         for offset in 0..3 {

@@ -134,6 +134,25 @@ mod tests {
     }
 
     #[test]
+    fn a_revocation_releases_dropped_offsets_at_the_next_poll_and_is_passed_on() {
+        let clock = ManualClock::new();
+        let next = RecordingStep::new();
+        let mut step = Filter::new(even, next.clone())
+            .with_clock(clock.shared())
+            .with_commit_policy(CommitPolicy::every(Duration::from_secs(1)));
+        step.submit(message(0, 1)).unwrap();
+        assert_eq!(step.poll().unwrap(), None);
+
+        step.partitions_changed(&[], &[partition(0)]);
+
+        assert_eq!(
+            step.poll().unwrap().unwrap().offsets(&partition(0)),
+            vec![0..1]
+        );
+        assert_eq!(next.changes(), [(vec![], vec![partition(0)])]);
+    }
+
+    #[test]
     fn join_reports_every_dropped_offset() {
         let mut step = Filter::new(even, RecordingStep::new());
         step.submit(message(5, 1)).unwrap();

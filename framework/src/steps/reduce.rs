@@ -373,6 +373,20 @@ mod tests {
     }
 
     #[test]
+    fn a_revocation_flushes_the_open_batch_at_the_next_poll_and_is_passed_on() {
+        let (mut step, next, _clock) = batcher(100, Duration::from_secs(3600));
+        step.submit(message(0, 1)).unwrap();
+        step.poll().unwrap();
+        assert!(next.payloads().is_empty());
+
+        step.partitions_changed(&[], &[partition(0)]);
+        step.poll().unwrap();
+
+        assert_eq!(next.payloads(), [vec![1]]);
+        assert_eq!(next.changes(), [(vec![], vec![partition(0)])]);
+    }
+
+    #[test]
     fn the_timer_fires_without_new_messages_and_is_announced() {
         let (mut step, next, clock) = batcher(100, Duration::from_millis(500));
         step.submit(message(0, 1)).unwrap();
