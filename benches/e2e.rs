@@ -329,8 +329,12 @@ fn consumer_once(args: &Args, traces: usize) -> Result<ConsumerRun, BoxError> {
         &KafkaConsumerConfig::new(&bootstrap, GROUP).with_override("log_level", "3"),
         &[INPUT],
     )?;
-    let mut processor = StreamProcessor::new(consumer, timed)
-        .with_config(ProcessorConfig::default().with_join_timeout(Duration::from_secs(30)));
+    // The timing closure hides the factory's own `rebuilds_on_rebalance`; ask for it here.
+    let mut processor = StreamProcessor::new(consumer, timed).with_config(
+        ProcessorConfig::default()
+            .with_join_timeout(Duration::from_secs(30))
+            .with_rebuild_on_rebalance(true),
+    );
     let handle = processor.handle();
     let cpu_before = redis_cpu_secs(&nodes)?;
     let thread = std::thread::spawn(move || {

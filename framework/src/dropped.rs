@@ -46,6 +46,9 @@ pub(crate) struct DroppingForwarder<U> {
     /// `count` at the previous poll: whether messages were dropped since.
     count_at_poll: u64,
     policy: CommitPolicy,
+    /// A partition was revoked: release the dropped offsets at the next poll, whatever the
+    /// policy, so its hand-over does not wait for them.
+    release_soon: bool,
     last_release: Instant,
     clock: SharedClock,
     sampler: ClockSampler,
@@ -65,6 +68,7 @@ impl<U> DroppingForwarder<U> {
             count: 0,
             count_at_poll: 0,
             policy: CommitPolicy::every(Duration::from_secs(1)),
+            release_soon: false,
             last_release: clock.now(),
             clock,
             sampler: ClockSampler::new(),
@@ -179,7 +183,7 @@ impl<U> DroppingForwarder<U> {
         }
         let busy = self.count != self.count_at_poll;
         self.count_at_poll = self.count;
-        if downstream.is_some() {
+        if downstream.is_some() || std::mem::take(&mut self.release_soon) {
             let now = self.last_release;
             return Ok(commit::merge(downstream, self.take_dropped(now)));
         }
@@ -218,6 +222,12 @@ impl<U> DroppingForwarder<U> {
             commit::merge(joined, self.take_dropped(now)),
             deferred,
         ))
+    }
+
+    /// Some partitions were revoked while the pipeline keeps running: their dropped offsets go
+    /// out at the next poll (see [`ProcessingStrategy::partitions_changed`]).
+    pub(crate) const fn partitions_revoked(&mut self) {
+        self.release_soon = true;
     }
 
     pub(crate) fn terminate<N>(&mut self, next: &mut N)
@@ -269,6 +279,17 @@ macro_rules! delegate_to_forwarder {
 
         fn close(&mut self) {
             ProcessingStrategy::<$output>::close(&mut self.next_step);
+        }
+
+        fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+            if !revoked.is_empty() {
+                self.forwarder.partitions_revoked();
+            }
+            ProcessingStrategy::<$output>::partitions_changed(
+                &mut self.next_step,
+                assigned,
+                revoked,
+            );
         }
 
         fn terminate(&mut self) {

@@ -177,6 +177,22 @@ impl OffsetLedger {
         positions
     }
 
+    /// Forgets the offsets of `partition` from `offset` on: polled, but dropped before the
+    /// pipeline took them (a revoked partition's waiting messages), so they are not in flight
+    /// and will never be reported. Offsets below `offset` are untouched.
+    pub fn forget_polled_from(&mut self, partition: &Partition, offset: u64) {
+        if let Some(ledger) = self.partitions.get_mut(partition) {
+            while ledger
+                .pending
+                .back()
+                .is_some_and(|&(polled, _)| polled >= offset)
+            {
+                ledger.pending.pop_back();
+            }
+            ledger.next_polled = ledger.next_polled.min(offset.max(ledger.committed));
+        }
+    }
+
     /// Forgets in-flight offsets of `partition` and restarts it at `position`, as after a seek.
     ///
     /// Used when work was abandoned (a join that ran out of time) on a partition that stays
@@ -278,6 +294,21 @@ mod tests {
 
         assert!(!ledger.record_polled(&p(0), 1));
         assert!(!ledger.record_polled(&p(1), 0));
+    }
+
+    #[test]
+    fn offsets_dropped_before_submission_no_longer_hold_the_watermark() {
+        let mut ledger = ledger_with(&p(0), 0, 0..5);
+        ledger.mark_done(&done(&p(0), &[0, 1]));
+
+        // 2 is still in the pipeline; 3 and 4 were waiting and are dropped.
+        ledger.forget_polled_from(&p(0), 3);
+
+        assert_eq!(ledger.in_flight(&p(0)), 1);
+        assert_eq!(ledger.take_committable()[&p(0)], 2);
+        ledger.mark_done(&done(&p(0), &[2]));
+        assert_eq!(ledger.take_committable()[&p(0)], 3);
+        assert_eq!(ledger.in_flight(&p(0)), 0);
     }
 
     #[test]

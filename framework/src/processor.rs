@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::backends::{Consumer, ConsumerError, ConsumerEvent};
+use crate::backends::{Consumer, ConsumerError, ConsumerEvent, RebalanceProtocol};
 use crate::carried_over::retry_until;
 use crate::clock::{SharedClock, SystemClock};
 use crate::commit::CommitRequest;
@@ -39,6 +39,10 @@ const COMMIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// dead-letter deliveries checked often.
 pub const EVENTS_PER_ITERATION: usize = 64;
 
+/// Longest wait for a consumer event while a revoked partition's work is in flight, so its
+/// hand-over follows the end of that work closely.
+const REVOCATION_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Settings of a [`StreamProcessor`].
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
@@ -48,6 +52,7 @@ pub struct ProcessorConfig {
     max_pending_messages: usize,
     retry_interval: Duration,
     stall_timeout: Duration,
+    rebuild_on_rebalance: bool,
 }
 
 impl Default for ProcessorConfig {
@@ -59,6 +64,7 @@ impl Default for ProcessorConfig {
             max_pending_messages: 1_000,
             retry_interval: Duration::from_millis(1),
             stall_timeout: Duration::from_secs(10),
+            rebuild_on_rebalance: false,
         }
     }
 }
@@ -112,6 +118,18 @@ impl ProcessorConfig {
     #[must_use]
     pub const fn with_stall_timeout(mut self, timeout: Duration) -> Self {
         self.stall_timeout = timeout;
+        self
+    }
+
+    /// Joins and rebuilds the pipeline on every assignment change, whatever the consumer's
+    /// [protocol](Consumer::rebalance_protocol) (default `false`: incremental rebalancing when
+    /// it is cooperative, see [Rebalances](StreamProcessor#rebalances)). For a pipeline that
+    /// reads its partitions only when the factory builds it and does not follow
+    /// [`partitions_changed`](ProcessingStrategy::partitions_changed); a factory can say so
+    /// itself ([`rebuilds_on_rebalance`](ProcessingStrategyFactory::rebuilds_on_rebalance)).
+    #[must_use]
+    pub const fn with_rebuild_on_rebalance(mut self, rebuild: bool) -> Self {
+        self.rebuild_on_rebalance = rebuild;
         self
     }
 }
@@ -283,12 +301,23 @@ pub enum RunError {
 ///
 /// # Rebalances
 ///
-/// On any assignment change the pipeline is joined (up to
-/// [`join_timeout`](ProcessorConfig::with_join_timeout)), what it finished is committed, and a
-/// new pipeline is built for the new assignment. Pending messages of revoked partitions are
-/// dropped (never committed, so redelivered to the new owner), and the consumer is told when a
-/// revocation is complete. Work a timed-out join abandoned on a partition that stays assigned
-/// is replayed: the consumer is rewound to that partition's watermark.
+/// With a consumer whose [protocol](Consumer::rebalance_protocol) is cooperative (and
+/// [`rebuild_on_rebalance`](ProcessorConfig::with_rebuild_on_rebalance) off), rebalancing is
+/// *incremental*: the pipeline keeps running through it and the factory is called only for the
+/// first assignment. Newly assigned partitions join it; a revoked partition's waiting messages
+/// are dropped (never committed, so redelivered to the new owner), nothing more of it is
+/// submitted, and the partitions that stay keep flowing while the revoked one's work in flight
+/// finishes. Once none is left (or at the [`join_timeout`](ProcessorConfig::with_join_timeout),
+/// leaving the rest to the next owner), it is committed and the consumer is told the
+/// revocation is complete. The pipeline learns of both through
+/// [`partitions_changed`](ProcessingStrategy::partitions_changed).
+///
+/// Otherwise (an eager protocol, or rebuilding asked for), on any assignment change the
+/// pipeline is joined (up to the join timeout), what it finished is committed, and a new
+/// pipeline is built for the new assignment. Pending messages of revoked partitions are dropped,
+/// and the consumer is told when a revocation is complete. Work a timed-out join abandoned on a
+/// partition that stays assigned is replayed: the consumer is rewound to that partition's
+/// watermark.
 ///
 /// # Examples
 ///
@@ -336,6 +365,9 @@ pub struct StreamProcessor<T, C> {
     /// When the consumer was last polled.
     consumer_polled_at: Option<Instant>,
     paused: Vec<Partition>,
+    /// Partitions revoked incrementally whose work is still in flight, with the instant at
+    /// which they are handed over anyway.
+    revoking: HashMap<Partition, Instant>,
     committed: HashMap<Partition, u64>,
     /// Positions whose commit failed transiently, retried with the next commit.
     uncommitted: HashMap<Partition, u64>,
@@ -364,6 +396,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
             retry_at: None,
             consumer_polled_at: None,
             paused: Vec::new(),
+            revoking: HashMap::new(),
             committed: HashMap::new(),
             uncommitted: HashMap::new(),
             commit_retry_at: None,
@@ -448,6 +481,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         self.poll_strategy()?;
         self.submit_pending()?;
         self.commit()?;
+        self.finish_revocations(false)?;
         self.update_pause()?;
         self.publish_stats();
         Ok(())
@@ -468,7 +502,9 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
             return Ok(());
         }
         let deadline = self.clock.now() + self.config.join_timeout;
-        let drained = self.drain(deadline);
+        let drained = self
+            .drain(deadline)
+            .and_then(|()| self.finish_revocations(true));
         if let Err(error) = &drained {
             self.abort(error);
             return drained;
@@ -574,6 +610,10 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         if self.dlq.as_ref().is_some_and(|dlq| !dlq.is_idle()) {
             timeout = timeout.min(self.config.retry_interval);
         }
+        if !self.revoking.is_empty() {
+            // The group waits for the hand-over: look again soon after the work finishes.
+            timeout = timeout.min(REVOCATION_CHECK_INTERVAL);
+        }
         timeout
     }
 
@@ -582,7 +622,10 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
             ConsumerEvent::Message(message) => {
                 self.stats.messages_polled += 1;
                 let recorded = match (message.partition(), message.offset()) {
-                    (Some(partition), Some(offset)) => self.ledger.record_polled(partition, offset),
+                    (Some(partition), Some(offset)) => {
+                        (self.revoking.is_empty() || !self.revoking.contains_key(partition))
+                            && self.ledger.record_polled(partition, offset)
+                    }
                     _ => false,
                 };
                 if recorded {
@@ -597,10 +640,20 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         }
     }
 
+    /// Whether assignment changes are handled incrementally, keeping the pipeline running.
+    fn incremental(&self) -> bool {
+        !self.config.rebuild_on_rebalance
+            && !self.factory.rebuilds_on_rebalance()
+            && self.consumer.rebalance_protocol() == RebalanceProtocol::Cooperative
+    }
+
     fn assign(&mut self, partitions: HashMap<Partition, u64>) -> Result<(), RunError> {
         self.stats.rebalances += 1;
         ::metrics::counter!(metrics::PARTITIONS_ASSIGNED).increment(partitions.len() as u64);
         tracing::info!(partitions = ?partitions.keys().collect::<Vec<_>>(), "Partitions assigned.");
+        if self.incremental() {
+            return self.assign_incrementally(partitions);
+        }
         if self.strategy.is_some() {
             let deadline = self.clock.now() + self.config.join_timeout;
             self.drain(deadline)?;
@@ -619,23 +672,140 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         self.stats.rebalances += 1;
         ::metrics::counter!(metrics::PARTITIONS_REVOKED).increment(partitions.len() as u64);
         tracing::info!(?partitions, "Partitions revoked.");
+        if self.incremental() {
+            return self.revoke_incrementally(partitions);
+        }
         let deadline = self.clock.now() + self.config.join_timeout;
         self.drain(deadline)?;
         // Never committed, so the next owner reads them again.
         self.pending
             .retain(|m| m.partition().is_some_and(|p| !partitions.contains(p)));
-        self.paused.retain(|p| !partitions.contains(p));
         for partition in partitions {
-            self.ledger.revoke(partition);
-            if let Some(dlq) = &mut self.dlq {
-                dlq.forget(partition);
-            }
-            self.committed.remove(partition);
-            self.uncommitted.remove(partition);
+            self.forget(partition);
         }
         self.rewind_abandoned()?;
         self.consumer.complete_revocation(partitions)?;
         self.rebuild()
+    }
+
+    /// Forgets everything about a partition given up: its ledger, dead letters, pause and
+    /// commits. Done reports still to come for it are ignored.
+    fn forget(&mut self, partition: &Partition) {
+        self.ledger.revoke(partition);
+        if let Some(dlq) = &mut self.dlq {
+            dlq.forget(partition);
+        }
+        self.paused.retain(|p| p != partition);
+        self.committed.remove(partition);
+        self.uncommitted.remove(partition);
+    }
+
+    /// Adds partitions to the running pipeline; builds one only if there is none yet.
+    fn assign_incrementally(
+        &mut self,
+        partitions: HashMap<Partition, u64>,
+    ) -> Result<(), RunError> {
+        let mut added: Vec<Partition> = partitions.keys().cloned().collect();
+        added.sort();
+        for (partition, start) in partitions {
+            // A group never gives a partition back before its revocation completed; should one
+            // do so, the old ownership is over.
+            if self.revoking.remove(&partition).is_some() {
+                self.forget(&partition);
+            }
+            if let Some(dlq) = &mut self.dlq {
+                dlq.assign(&partition, start);
+            }
+            self.ledger.assign(partition, start);
+        }
+        let Some(strategy) = self.strategy.as_mut() else {
+            return self.rebuild();
+        };
+        if added.is_empty() {
+            return Ok(());
+        }
+        guard("partitions_changed", || {
+            strategy.partitions_changed(&added, &[])
+        })?;
+        // Paused for backpressure: the newcomers wait with the others.
+        if !self.paused.is_empty() {
+            self.consumer.pause(&added)?;
+            self.paused.extend(added);
+        }
+        Ok(())
+    }
+
+    /// Stops feeding revoked partitions to the running pipeline and lets their work in flight
+    /// finish; [`finish_revocations`](Self::finish_revocations) hands them over.
+    fn revoke_incrementally(&mut self, partitions: &[Partition]) -> Result<(), RunError> {
+        let deadline = self.clock.now() + self.config.join_timeout;
+        // Waiting messages are never submitted nor committed: the next owner reads them again.
+        // They are the last polled of their partition, so the ledger forgets its tail.
+        let mut dropped_from: HashMap<Partition, u64> = HashMap::new();
+        self.pending.retain(|m| match (m.partition(), m.offset()) {
+            (Some(partition), Some(offset)) if partitions.contains(partition) => {
+                let from = dropped_from.entry(partition.clone()).or_insert(offset);
+                *from = (*from).min(offset);
+                false
+            }
+            _ => true,
+        });
+        for (partition, from) in &dropped_from {
+            self.ledger.forget_polled_from(partition, *from);
+        }
+        if self.pending.is_empty() {
+            self.backpressure_since = None;
+            self.retry_at = None;
+        }
+        self.paused.retain(|p| !partitions.contains(p));
+        for partition in partitions {
+            self.revoking.insert(partition.clone(), deadline);
+        }
+        if let Some(strategy) = self.strategy.as_mut() {
+            guard("partitions_changed", || {
+                strategy.partitions_changed(&[], partitions)
+            })?;
+        }
+        self.finish_revocations(false)
+    }
+
+    /// Hands over the revoked partitions whose work is all done (or all of them with `force`,
+    /// or those past their deadline): commits them, forgets them, and completes their
+    /// revocation.
+    fn finish_revocations(&mut self, force: bool) -> Result<(), RunError> {
+        if self.revoking.is_empty() {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let mut ready = Vec::new();
+        for (partition, &deadline) in &self.revoking {
+            let in_flight = self.ledger.in_flight(partition);
+            if in_flight == 0 || force || now >= deadline {
+                if in_flight > 0 {
+                    tracing::warn!(
+                        %partition,
+                        in_flight,
+                        "Handing a revoked partition over with work in flight; the next owner \
+                         reads it again."
+                    );
+                }
+                ready.push(partition.clone());
+            }
+        }
+        if ready.is_empty() {
+            return Ok(());
+        }
+        ready.sort();
+        // As in a drain: positions whose commit just failed get their last chance now.
+        self.commit_retry_at = None;
+        self.commit()?;
+        for partition in &ready {
+            self.revoking.remove(partition);
+            self.forget(partition);
+        }
+        tracing::info!(partitions = ?ready, "Revocation complete.");
+        self.consumer.complete_revocation(&ready)?;
+        Ok(())
     }
 
     /// Joins the pipeline, dead-letters what it reports, waits for dead-letter deliveries and
@@ -715,6 +885,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         tracing::info!("Rebuilding the pipeline.");
         let deadline = self.clock.now() + self.config.join_timeout;
         self.drain(deadline)?;
+        self.finish_revocations(true)?;
         self.rewind_abandoned()?;
         self.rebuild()
     }
@@ -816,7 +987,13 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         });
         let full = self.pending.len() >= self.config.max_pending_messages;
         if (sustained || full) && self.paused.is_empty() {
-            let mut partitions: Vec<Partition> = self.ledger.partitions().cloned().collect();
+            // Partitions being revoked deliver nothing more: the consumer no longer has them.
+            let mut partitions: Vec<Partition> = self
+                .ledger
+                .partitions()
+                .filter(|p| !self.revoking.contains_key(*p))
+                .cloned()
+                .collect();
             if partitions.is_empty() {
                 return Ok(());
             }
@@ -977,6 +1154,7 @@ mod tests {
     use crate::message::Topic;
     use crate::steps::{CommitOffsets, Reduce, RunTask};
     use crate::testing::{RecordingStep, numbered_broker};
+    use std::collections::HashSet;
 
     const GROUP: &str = "g";
 
@@ -1520,40 +1698,54 @@ mod tests {
         assert!(processor.stats().invalid_messages >= 1);
     }
 
-    #[test]
-    fn a_revocation_joins_commits_and_drops_pending_messages_of_revoked_partitions() {
+    /// Partition 1 is revoked while every polled message waits for a pipeline that rejects
+    /// them all: its messages are dropped, never submitted nor committed, and it is handed over
+    /// at once, the pipeline joined for it or not (`rebuild`).
+    fn revoke_with_everything_waiting(rebuild: bool) {
         let fixture = Fixture::new(2, 3);
         let step = RecordingStep::new()
             .reject_next(usize::MAX)
             .commit_on_poll();
-        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
-            .with_config(fast().with_retry_interval(Duration::ZERO));
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step)).with_config(
+            fast()
+                .with_retry_interval(Duration::ZERO)
+                .with_rebuild_on_rebalance(rebuild),
+        );
         run_until(&mut processor, |p| p.stats().messages_polled == 6);
 
         // A second member joins: partition 1 moves to it.
         let mut second = fixture.consumer();
-        step.set_reject_next(0);
         run_until(&mut processor, |p| p.stats().rebalances == 2);
 
+        // The new owner starts where nobody committed: from the beginning.
+        assert_eq!(
+            next_assignment(&mut second),
+            Some(HashMap::from([(fixture.partition(1), 0)]))
+        );
+        step.set_reject_next(0);
         run_until(&mut processor, |_| fixture.committed(0) == Some(3));
         let offsets_of_p1: Vec<_> = step
             .messages()
             .iter()
-            .filter(|m| m.partition().map(Partition::index) == Some(1))
+            .filter(|m| m.partition() == Some(&fixture.partition(1)))
             .map(|m| m.offset())
             .collect();
         assert!(
             offsets_of_p1.is_empty(),
             "revoked messages submitted: {offsets_of_p1:?}"
         );
-        assert!(step.joined());
+        assert_eq!(step.joined(), rebuild);
         assert_eq!(fixture.committed(1), None);
-        // The new owner starts where nobody committed: from the beginning.
-        let assigned = (0..10).find_map(|_| match second.poll(Duration::ZERO).unwrap() {
-            Some(ConsumerEvent::Assigned(assigned)) => Some(assigned),
-            _ => None,
-        });
-        assert_eq!(assigned, Some(HashMap::from([(fixture.partition(1), 0)])));
+    }
+
+    #[test]
+    fn a_revocation_joins_commits_and_drops_pending_messages_of_revoked_partitions() {
+        revoke_with_everything_waiting(true);
+    }
+
+    #[test]
+    fn waiting_messages_of_a_revoked_partition_are_dropped_and_do_not_delay_the_hand_over() {
+        revoke_with_everything_waiting(false);
     }
 
     #[test]
@@ -1563,7 +1755,7 @@ mod tests {
         let step = RecordingStep::new(); // never reports done: join abandons everything
         let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
             .with_clock(clock.shared())
-            .with_config(fast());
+            .with_config(fast().with_rebuild_on_rebalance(true));
         run_until(&mut processor, |_| step.accepted() == 4);
 
         let _second = fixture.consumer();
@@ -1573,6 +1765,171 @@ mod tests {
         run_until(&mut processor, |_| step.accepted() == 6);
         let replayed: Vec<_> = step.messages()[4..].iter().map(|m| m.offset()).collect();
         assert_eq!(replayed, [Some(0), Some(1)]);
+    }
+
+    /// A recording factory that counts the pipelines it builds.
+    fn counted(
+        step: &RecordingStep<u64>,
+    ) -> (
+        impl ProcessingStrategyFactory<u64> + 'static,
+        Arc<AtomicU64>,
+    ) {
+        let created = Arc::new(AtomicU64::new(0));
+        let factory = {
+            let (step, created) = (step.clone(), Arc::clone(&created));
+            move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+                created.fetch_add(1, Ordering::SeqCst);
+                Box::new(step.clone())
+            }
+        };
+        (factory, created)
+    }
+
+    /// A step that finishes its work at once, except on `partition`, until released.
+    fn slow_on(partition: &Partition) -> RecordingStep<u64> {
+        let step = RecordingStep::new().commit_on_poll();
+        step.set_holding(std::slice::from_ref(partition));
+        step
+    }
+
+    fn next_assignment(consumer: &mut LocalConsumer<u64>) -> Option<HashMap<Partition, u64>> {
+        while let Some(event) = consumer.poll(Duration::ZERO).unwrap() {
+            if let ConsumerEvent::Assigned(assigned) = event {
+                return Some(assigned);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_cooperative_rebalance_keeps_the_pipeline_running_and_hands_over_once_work_is_done() {
+        let fixture = Fixture::new(2, 5);
+        let (p0, p1) = (fixture.partition(0), fixture.partition(1));
+        // Partition 1's work is slow: none of it finishes until released.
+        let step = slow_on(&p1);
+        let (factory, created) = counted(&step);
+        let mut processor = StreamProcessor::new(fixture.consumer(), factory).with_config(fast());
+        run_until(&mut processor, |_| {
+            step.accepted() == 10 && fixture.committed(0) == Some(5)
+        });
+
+        // A second member joins: partition 1 moves to it, partition 0 stays.
+        let mut second = fixture.consumer();
+        run_until(&mut processor, |p| p.stats().rebalances == 2);
+        assert_eq!(
+            step.changes(),
+            [(vec![], vec![p1.clone()])],
+            "told of the revocation"
+        );
+
+        // Partition 0 keeps flowing while partition 1's work is in flight; 1 is not handed over.
+        for n in 5..10 {
+            fixture.broker.produce_to(&p0, n).unwrap();
+        }
+        run_until(&mut processor, |_| fixture.committed(0) == Some(10));
+        assert_eq!(fixture.committed(1), None);
+        assert_eq!(next_assignment(&mut second), None, "handed over too early");
+
+        // The slow work finishes: partition 1 is committed and handed over.
+        step.release_held();
+        run_until(&mut processor, |_| fixture.committed(1) == Some(5));
+        assert_eq!(
+            next_assignment(&mut second),
+            Some(HashMap::from([(p1.clone(), 5)]))
+        );
+
+        // The second member leaves: partition 1 comes back and joins the running pipeline.
+        drop(second);
+        fixture.broker.produce_to(&p1, 5).unwrap();
+        run_until(&mut processor, |_| fixture.committed(1) == Some(6));
+        assert_eq!(step.changes().last(), Some(&(vec![p1], vec![])));
+        assert_eq!(created.load(Ordering::SeqCst), 1, "the factory ran again");
+        assert!(!step.joined(), "the pipeline was joined during a rebalance");
+        let offsets_of_p0: Vec<_> = step
+            .messages()
+            .iter()
+            .filter(|m| m.partition() == Some(&p0))
+            .filter_map(Message::offset)
+            .collect();
+        assert_eq!(
+            offsets_of_p0,
+            (0..10).collect::<Vec<_>>(),
+            "read once, in order"
+        );
+    }
+
+    #[test]
+    fn a_revoked_partition_whose_work_never_finishes_is_handed_over_at_the_join_deadline() {
+        let fixture = Fixture::new(2, 4);
+        let p1 = fixture.partition(1);
+        let clock = ManualClock::new();
+        let step = slow_on(&p1);
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_clock(clock.shared())
+            .with_config(fast().with_join_timeout(Duration::from_secs(5)));
+        run_until(&mut processor, |_| step.accepted() == 8);
+
+        let mut second = fixture.consumer();
+        run_until(&mut processor, |p| p.stats().rebalances == 2);
+        clock.advance(Duration::from_secs(4));
+        processor.run_once().unwrap();
+        assert_eq!(
+            next_assignment(&mut second),
+            None,
+            "handed over before the deadline"
+        );
+
+        clock.advance(Duration::from_secs(1));
+        processor.run_once().unwrap();
+
+        // Nothing of partition 1 finished: the next owner starts from the beginning.
+        assert_eq!(next_assignment(&mut second), Some(HashMap::from([(p1, 0)])));
+        // Done reports arriving later for it are ignored: it is no longer ours.
+        step.release_held();
+        for _ in 0..10 {
+            processor.run_once().unwrap();
+        }
+        assert_eq!(fixture.committed(1), None);
+        assert_eq!(fixture.committed(0), Some(4));
+    }
+
+    #[test]
+    fn backpressure_during_a_revocation_pauses_only_the_partitions_that_stay() {
+        let fixture = Fixture::new(2, 3);
+        let (p0, p1) = (fixture.partition(0), fixture.partition(1));
+        let step = slow_on(&p1);
+        let mut processor = StreamProcessor::new(fixture.consumer(), recording(&step))
+            .with_config(fast().with_max_pending_messages(1));
+        run_until(&mut processor, |_| step.accepted() == 6);
+        let _second = fixture.consumer();
+        run_until(&mut processor, |p| p.stats().rebalances == 2);
+
+        step.set_reject_next(usize::MAX);
+        fixture.broker.produce_to(&p0, 3).unwrap();
+        run_until(&mut processor, |p| p.stats().pauses == 1);
+
+        assert_eq!(processor.consumer().paused(), HashSet::from([p0]));
+    }
+
+    #[test]
+    fn an_eager_group_still_joins_and_rebuilds_the_pipeline() {
+        let fixture = Fixture::new(2, 3);
+        fixture.broker.configure_group(
+            GROUP,
+            crate::backends::RebalanceProtocol::Eager,
+            crate::backends::InitialOffset::Earliest,
+        );
+        let step = RecordingStep::new().commit_on_poll();
+        let (factory, created) = counted(&step);
+        let mut processor = StreamProcessor::new(fixture.consumer(), factory).with_config(fast());
+        run_until(&mut processor, |_| fixture.committed(1) == Some(3));
+
+        let _second = fixture.consumer();
+        run_until(&mut processor, |p| p.stats().rebalances == 3);
+
+        assert!(step.joined());
+        assert_eq!(created.load(Ordering::SeqCst), 2);
+        assert!(step.changes().is_empty());
     }
 
     #[test]

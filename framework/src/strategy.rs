@@ -89,6 +89,21 @@ pub trait ProcessingStrategy<T>: Send {
     /// step forwards the call; the default does nothing.
     fn close(&mut self) {}
 
+    /// The assignment changed while this pipeline keeps running (incremental rebalancing, see
+    /// the [processor](crate::processor::StreamProcessor)'s docs): messages of `assigned`
+    /// partitions are submitted from now on, none of `revoked` ones any more.
+    ///
+    /// The processor hands a revoked partition over once every offset of it that was submitted
+    /// is reported done (or at the join deadline). A step that holds work back by time (a
+    /// batch window, a commit interval) releases it at its next [`poll`](Self::poll), so the
+    /// revocation does not wait for the timer; a step with per-partition state updates it. A
+    /// step that wraps a next step forwards the call; the default does nothing. Never called
+    /// when the processor rebuilds the pipeline on every rebalance: a new pipeline is then
+    /// built with the new partitions.
+    fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+        let _ = (assigned, revoked);
+    }
+
     /// Stops at once, abandoning work in progress (aborting tasks), and terminates the next step.
     fn terminate(&mut self);
 
@@ -129,6 +144,10 @@ where
 
     fn close(&mut self) {
         (**self).close();
+    }
+
+    fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+        (**self).partitions_changed(assigned, revoked);
     }
 
     fn terminate(&mut self) {
@@ -188,6 +207,16 @@ pub trait ProcessingStrategyFactory<T>: Send {
     /// factory that does not wait.
     fn create_timeout(&self) -> Duration {
         Duration::ZERO
+    }
+
+    /// Whether the processor must join and rebuild the pipeline on every assignment change,
+    /// also with a cooperative protocol: for pipelines that use the partitions given to
+    /// [`create`](Self::create) and do not follow
+    /// [`partitions_changed`](ProcessingStrategy::partitions_changed). `false` by default: with
+    /// a cooperative protocol the pipeline keeps running through rebalances (incremental
+    /// rebalancing) and the factory is called only when there is none.
+    fn rebuilds_on_rebalance(&self) -> bool {
+        false
     }
 }
 

@@ -39,6 +39,11 @@ struct State<T> {
     closed_before_join: bool,
     terminated: bool,
     polls: usize,
+    /// Partitions whose accepted offsets are kept back (their work unfinished) until released.
+    holding: Vec<Partition>,
+    held: CommitRequest,
+    /// `partitions_changed` calls: (assigned, revoked).
+    changes: Vec<(Vec<Partition>, Vec<Partition>)>,
 }
 
 /// A last step that records what it receives and can push back on demand.
@@ -88,6 +93,9 @@ impl<T> RecordingStep<T> {
                 closed_before_join: false,
                 terminated: false,
                 polls: 0,
+                holding: Vec::new(),
+                held: CommitRequest::new(),
+                changes: Vec::new(),
             })),
         }
     }
@@ -122,6 +130,25 @@ impl<T> RecordingStep<T> {
     pub fn commit_on_poll(self) -> Self {
         self.state.lock().commit_on_poll = true;
         self
+    }
+
+    /// From now on, keeps the offsets of `partitions` it accepts back, as work that has not
+    /// finished, until [`release_held`](Self::release_held).
+    pub fn set_holding(&self, partitions: &[Partition]) {
+        self.state.lock().holding = partitions.to_vec();
+    }
+
+    /// Reports the offsets kept back as done (with `commit_on_poll`), and keeps no more back.
+    pub fn release_held(&self) {
+        let mut state = self.state.lock();
+        state.holding.clear();
+        let held = std::mem::take(&mut state.held);
+        state.uncommitted.merge(&held);
+    }
+
+    /// The `partitions_changed` calls received so far: (assigned, revoked).
+    pub fn changes(&self) -> Vec<(Vec<Partition>, Vec<Partition>)> {
+        self.state.lock().changes.clone()
     }
 
     /// The messages accepted so far, metadata included.
@@ -204,7 +231,14 @@ impl<T: Send> ProcessingStrategy<T> for RecordingStep<T> {
         {
             return Err(InvalidMessage::new(partition.clone(), offset, "rejected by test").into());
         }
-        message.add_committable_to(&mut state.uncommitted);
+        let held = message
+            .partition()
+            .is_some_and(|partition| state.holding.contains(partition));
+        if held {
+            message.add_committable_to(&mut state.held);
+        } else {
+            message.add_committable_to(&mut state.uncommitted);
+        }
         state.messages.push(message);
         Ok(())
     }
@@ -220,6 +254,13 @@ impl<T: Send> ProcessingStrategy<T> for RecordingStep<T> {
 
     fn close(&mut self) {
         self.state.lock().closed = true;
+    }
+
+    fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+        self.state
+            .lock()
+            .changes
+            .push((assigned.to_vec(), revoked.to_vec()));
     }
 
     fn terminate(&mut self) {
@@ -322,6 +363,10 @@ where
 
     fn close(&mut self) {
         self.next_step.close();
+    }
+
+    fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+        self.next_step.partitions_changed(assigned, revoked);
     }
 
     fn terminate(&mut self) {

@@ -3,6 +3,11 @@
 //! work in flight, every committed offset implies that every earlier offset of its partition
 //! was fully processed or dead-lettered, commits never move backwards, and everything is
 //! eventually committed.
+//!
+//! Rebalances are eager (the pipeline joined and rebuilt) or cooperative (the pipeline keeps
+//! running: a revoked partition is handed over once its work is done or at the join deadline,
+//! with batches open and tasks in flight, and partitions move both ways as the second member
+//! joins and leaves).
 
 // Test code: a failed setup step should panic with its error.
 #![allow(clippy::unwrap_used)]
@@ -14,6 +19,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use rill::backends::local::{LocalBroker, LocalConsumer};
+use rill::backends::{InitialOffset, RebalanceProtocol};
 use rill::dlq::{DeadLetter, DlqPolicy};
 use rill::processor::{ProcessorConfig, StreamProcessor};
 use rill::steps::{
@@ -345,6 +351,9 @@ impl Consumer<Item> for LoggingConsumer {
     fn complete_revocation(&mut self, partitions: &[Partition]) -> Result<(), ConsumerError> {
         self.inner.complete_revocation(partitions)
     }
+    fn rebalance_protocol(&self) -> RebalanceProtocol {
+        self.inner.rebalance_protocol()
+    }
     fn close(&mut self) -> Result<(), ConsumerError> {
         self.inner.close()
     }
@@ -430,8 +439,10 @@ fn run_case(
     rebalances: Vec<usize>,
     join_timeout: Duration,
     seed: u64,
+    protocol: RebalanceProtocol,
 ) -> Result<(), TestCaseError> {
     let broker = LocalBroker::new();
+    broker.configure_group(GROUP, protocol, InitialOffset::Earliest);
     let topic = Topic::new("in");
     broker.create_topic(&topic, partitions);
     for index in 0..partitions {
@@ -523,7 +534,7 @@ fn run_case(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn commits_cover_only_finished_work_and_never_go_back(
@@ -534,8 +545,9 @@ proptest! {
         // Mostly short enough to abandon tasks in flight; sometimes long enough for all.
         join_timeout in prop_oneof![(0_u64..6).prop_map(Duration::from_millis), Just(Duration::from_secs(5))],
         seed in any::<u64>(),
+        protocol in prop_oneof![Just(RebalanceProtocol::Eager), Just(RebalanceProtocol::Cooperative)],
     ) {
-        run_case(partitions, per_partition, specs, rebalances, join_timeout, seed)?;
+        run_case(partitions, per_partition, specs, rebalances, join_timeout, seed, protocol)?;
     }
 }
 
@@ -556,6 +568,11 @@ fn a_join_deadline_never_commits_a_dropped_part_past_the_tasks_before_it() {
     // Rebalances every few iterations, so one lands while the task runs.
     let rebalances: Vec<usize> = (1..200).map(|i| i * 11).collect();
     for seed in 0..4 {
+        let protocol = if seed % 2 == 0 {
+            RebalanceProtocol::Eager
+        } else {
+            RebalanceProtocol::Cooperative
+        };
         run_case(
             2,
             3,
@@ -563,7 +580,40 @@ fn a_join_deadline_never_commits_a_dropped_part_past_the_tasks_before_it() {
             rebalances.clone(),
             Duration::ZERO,
             seed,
+            protocol,
         )
         .unwrap();
+    }
+}
+
+/// Cooperative rebalances with batches open and tasks in flight on the partitions that move,
+/// and a join deadline long enough to let the revoked ones finish: nothing is abandoned, the
+/// hand-over waits for the work, the kept partitions flow on.
+#[test]
+fn cooperative_rebalances_in_the_middle_of_batches_and_tasks_commit_only_finished_work() {
+    let specs = vec![
+        StepSpec::Batch { size: 4 },
+        StepSpec::Threads {
+            concurrency: 2,
+            max_delay_ms: 6,
+        },
+        StepSpec::Shuffle { window: 3 },
+    ];
+    let specs = in_order_after_splits(specs);
+    // The second member joins and leaves every few iterations: partitions move both ways.
+    let rebalances: Vec<usize> = (1..60).map(|i| i * 7).collect();
+    for seed in 0..4 {
+        for join_timeout in [Duration::from_millis(2), Duration::from_secs(5)] {
+            run_case(
+                3,
+                30,
+                specs.clone(),
+                rebalances.clone(),
+                join_timeout,
+                seed,
+                RebalanceProtocol::Cooperative,
+            )
+            .unwrap();
+        }
     }
 }

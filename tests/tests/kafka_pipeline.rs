@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,10 @@ impl<N: ProcessingStrategy<KafkaPayload>> ProcessingStrategy<KafkaPayload> for G
         self.next_step.close();
     }
 
+    fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+        self.next_step.partitions_changed(assigned, revoked);
+    }
+
     fn terminate(&mut self) {
         self.next_step.terminate();
     }
@@ -96,6 +100,8 @@ impl<N: ProcessingStrategy<KafkaPayload>> ProcessingStrategy<KafkaPayload> for G
 struct Member {
     handle: ProcessorHandle,
     thread: JoinHandle<Result<u64, RunError>>,
+    /// Pipelines its factory built.
+    builds: Arc<AtomicU64>,
 }
 
 impl Member {
@@ -142,7 +148,10 @@ impl Setup {
         let consumer = KafkaConsumer::subscribe(&config, &[INPUT]).unwrap();
         let producer = Arc::clone(&self.producer);
         let gate = Arc::clone(&self.gate);
+        let builds = Arc::new(AtomicU64::new(0));
+        let built = Arc::clone(&builds);
         let factory = move |_: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload>> {
+            built.fetch_add(1, Ordering::SeqCst);
             Box::new(Gate {
                 blocked: Arc::clone(&gate),
                 next_step: RunTask::new(
@@ -172,7 +181,11 @@ impl Setup {
             processor.run()?;
             Ok(processor.stats().pauses)
         });
-        Member { handle, thread }
+        Member {
+            handle,
+            thread,
+            builds,
+        }
     }
 
     /// Produces `values` round-robin over `partitions` input partitions.
@@ -335,7 +348,8 @@ fn consume_transform_produce_commit_with_dead_letters() {
 }
 
 /// Three members join and leave while messages keep coming; every message comes out at least
-/// once and each input partition's order is kept.
+/// once and each input partition's order is kept. With the cooperative protocol, no member
+/// builds its pipeline more than once.
 fn members_join_and_leave(protocol: RebalanceProtocol) {
     let setup = Setup::new(1, 6);
     setup.produce(&numbers(0..600), 6);
@@ -343,12 +357,21 @@ fn members_join_and_leave(protocol: RebalanceProtocol) {
     let second = setup.start_member(protocol);
     setup.produce(&numbers(600..1200), 6);
     let third = setup.start_member(protocol);
+    let mut builds = vec![first.builds.load(Ordering::SeqCst)];
     first.stop();
     setup.produce(&numbers(1200..1800), 6);
 
     setup.wait_until_committed(&[300; 6]);
+    builds.extend([&second, &third].map(|member| member.builds.load(Ordering::SeqCst)));
     second.stop();
     third.stop();
+    if protocol == RebalanceProtocol::Cooperative {
+        // Incremental rebalancing: a member's pipeline runs through every rebalance.
+        assert!(
+            builds.iter().all(|&count| count <= 1),
+            "pipelines rebuilt: {builds:?}"
+        );
+    }
 
     let output = setup.read_all(OUTPUT);
     let labelled = parse_output(&output);

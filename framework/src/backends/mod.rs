@@ -99,6 +99,16 @@ pub trait Consumer<T> {
     /// A broker error while giving the partitions up.
     fn complete_revocation(&mut self, partitions: &[Partition]) -> Result<(), ConsumerError>;
 
+    /// How the group moves partitions on a rebalance. With
+    /// [`Cooperative`](RebalanceProtocol::Cooperative), the processor keeps its pipeline
+    /// running for the partitions that stay and hands a revoked one over once its work is done
+    /// (see the [processor](crate::processor::StreamProcessor)'s docs). The default,
+    /// [`Eager`](RebalanceProtocol::Eager), makes it join and rebuild the pipeline on every
+    /// assignment change, which suits any consumer.
+    fn rebalance_protocol(&self) -> RebalanceProtocol {
+        RebalanceProtocol::Eager
+    }
+
     /// Leaves the consumer group; called once, after the final commit, when the processor
     /// stops. No event is handled after it.
     ///

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::clock::{ClockSampler, SharedClock, SystemClock};
 use crate::commit::CommitRequest;
 use crate::error::{StrategyError, SubmitError};
-use crate::message::Message;
+use crate::message::{Message, Partition};
 use crate::metrics;
 use crate::strategy::ProcessingStrategy;
 
@@ -105,6 +105,8 @@ pub struct CommitOffsets {
     /// `waiting` at the previous poll: whether messages arrived since.
     waiting_at_poll: u64,
     last_release: Instant,
+    /// A partition was revoked: release at the next poll, whatever the policy.
+    release_soon: bool,
     last_timestamp: Option<SystemTime>,
     last_latency_sample: Instant,
 }
@@ -127,6 +129,7 @@ impl CommitOffsets {
             waiting: 0,
             waiting_at_poll: 0,
             last_release: now,
+            release_soon: false,
             last_timestamp: None,
             last_latency_sample: now,
         }
@@ -144,6 +147,7 @@ impl CommitOffsets {
 
     fn release(&mut self, now: Instant) -> Option<CommitRequest> {
         self.last_release = now;
+        self.release_soon = false;
         self.waiting = 0;
         self.waiting_at_poll = 0;
         if self.pending.is_empty() {
@@ -172,9 +176,11 @@ impl<T> ProcessingStrategy<T> for CommitOffsets {
         }
         let busy = self.waiting != self.waiting_at_poll;
         self.waiting_at_poll = self.waiting;
-        if let Some(messages) = self.policy.messages()
-            && self.waiting >= messages
-        {
+        let due_by_count = self
+            .policy
+            .messages()
+            .is_some_and(|messages| self.waiting >= messages);
+        if due_by_count || std::mem::take(&mut self.release_soon) {
             let now = self.clock.now();
             return Ok(self.release(now));
         }
@@ -204,6 +210,13 @@ impl<T> ProcessingStrategy<T> for CommitOffsets {
     }
 
     fn terminate(&mut self) {}
+
+    /// A revoked partition's offsets go out at the next poll: its hand-over waits for them.
+    fn partitions_changed(&mut self, _assigned: &[Partition], revoked: &[Partition]) {
+        if !revoked.is_empty() {
+            self.release_soon = true;
+        }
+    }
 
     fn is_idle(&self) -> bool {
         true
@@ -243,6 +256,30 @@ mod tests {
         step.submit(message(0, ())).unwrap();
 
         clock.advance(Duration::from_millis(999));
+
+        assert_eq!(poll(&mut step), None);
+    }
+
+    #[test]
+    fn a_revocation_releases_at_the_next_poll_whatever_the_interval() {
+        let (mut step, _clock) = step(CommitPolicy::every(Duration::from_secs(3600)));
+        step.submit(message(0, ())).unwrap();
+        assert_eq!(poll(&mut step), None);
+
+        ProcessingStrategy::<()>::partitions_changed(&mut step, &[], &[partition(0)]);
+
+        let done = poll(&mut step).unwrap();
+        assert_eq!(done.offsets(&partition(0)), vec![0..1]);
+        step.submit(message(1, ())).unwrap();
+        assert_eq!(poll(&mut step), None, "back to the interval");
+    }
+
+    #[test]
+    fn an_assignment_alone_changes_nothing() {
+        let (mut step, _clock) = step(CommitPolicy::every(Duration::from_secs(3600)));
+        step.submit(message(0, ())).unwrap();
+
+        ProcessingStrategy::<()>::partitions_changed(&mut step, &[partition(1)], &[]);
 
         assert_eq!(poll(&mut step), None);
     }

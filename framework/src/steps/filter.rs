@@ -8,7 +8,7 @@ use crate::clock::SharedClock;
 use crate::commit::CommitRequest;
 use crate::dropped::DroppingForwarder;
 use crate::error::{StrategyError, SubmitError};
-use crate::message::Message;
+use crate::message::{Message, Partition};
 use crate::strategy::ProcessingStrategy;
 
 /// Forwards messages for which `predicate` returns true and drops the others.
@@ -131,6 +131,25 @@ mod tests {
             step.poll().unwrap().unwrap().offsets(&partition(0)),
             vec![0..1]
         );
+    }
+
+    #[test]
+    fn a_revocation_releases_dropped_offsets_at_the_next_poll_and_is_passed_on() {
+        let clock = ManualClock::new();
+        let next = RecordingStep::new();
+        let mut step = Filter::new(even, next.clone())
+            .with_clock(clock.shared())
+            .with_commit_policy(CommitPolicy::every(Duration::from_secs(1)));
+        step.submit(message(0, 1)).unwrap();
+        assert_eq!(step.poll().unwrap(), None);
+
+        step.partitions_changed(&[], &[partition(0)]);
+
+        assert_eq!(
+            step.poll().unwrap().unwrap().offsets(&partition(0)),
+            vec![0..1]
+        );
+        assert_eq!(next.changes(), [(vec![], vec![partition(0)])]);
     }
 
     #[test]

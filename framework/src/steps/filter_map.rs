@@ -13,7 +13,7 @@ use crate::clock::SharedClock;
 use crate::commit::CommitRequest;
 use crate::dropped::DroppingForwarder;
 use crate::error::{InvalidMessage, StrategyError, SubmitError};
-use crate::message::Message;
+use crate::message::{Message, Partition};
 use crate::strategy::ProcessingStrategy;
 
 /// Turns each message into `Some(payload)`, forwarded, or `None`, dropped; an `Err(reason)`

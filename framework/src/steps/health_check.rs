@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::clock::{ClockSampler, SharedClock, SystemClock};
 use crate::commit::CommitRequest;
 use crate::error::{StrategyError, SubmitError};
-use crate::message::Message;
+use crate::message::{Message, Partition};
 use crate::strategy::ProcessingStrategy;
 
 /// Passes everything through to the next step and, on `poll`, touches `path` at most once
@@ -105,6 +105,10 @@ impl<T, N: ProcessingStrategy<T>> ProcessingStrategy<T> for HealthCheck<N> {
 
     fn close(&mut self) {
         self.next_step.close();
+    }
+
+    fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+        self.next_step.partitions_changed(assigned, revoked);
     }
 
     fn terminate(&mut self) {

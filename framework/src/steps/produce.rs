@@ -13,7 +13,7 @@ use crate::carried_over::{CarriedOver, RETRY_INTERVAL, retry_until};
 use crate::clock::{SharedClock, SystemClock, earliest};
 use crate::commit::CommitRequest;
 use crate::error::{StrategyError, SubmitError};
-use crate::message::Message;
+use crate::message::{Message, Partition};
 use crate::metrics;
 use crate::strategy::ProcessingStrategy;
 
@@ -297,6 +297,10 @@ where
 
     fn close(&mut self) {
         self.next_step.close();
+    }
+
+    fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+        self.next_step.partitions_changed(assigned, revoked);
     }
 
     fn terminate(&mut self) {

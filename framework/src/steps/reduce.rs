@@ -8,7 +8,7 @@ use crate::carried_over::CarriedOver;
 use crate::clock::{ClockSampler, SharedClock, SystemClock, earliest, expired};
 use crate::commit::CommitRequest;
 use crate::error::{InvalidMessage, StrategyError, SubmitError};
-use crate::message::Message;
+use crate::message::{Message, Partition};
 use crate::metrics;
 use crate::strategy::ProcessingStrategy;
 
@@ -267,6 +267,15 @@ where
         self.next_step.close();
     }
 
+    fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+        // The open batch may hold messages of a revoked partition, whose hand-over waits for
+        // them: it goes out at the next poll instead of at the end of its window.
+        if !revoked.is_empty() && self.batch.is_some() {
+            self.overdue = true;
+        }
+        self.next_step.partitions_changed(assigned, revoked);
+    }
+
     fn terminate(&mut self) {
         self.batch = None;
         self.overdue = false;
@@ -361,6 +370,20 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         step.poll().unwrap();
         assert_eq!(next.payloads(), [vec![1, 2]]);
+    }
+
+    #[test]
+    fn a_revocation_flushes_the_open_batch_at_the_next_poll_and_is_passed_on() {
+        let (mut step, next, _clock) = batcher(100, Duration::from_secs(3600));
+        step.submit(message(0, 1)).unwrap();
+        step.poll().unwrap();
+        assert!(next.payloads().is_empty());
+
+        step.partitions_changed(&[], &[partition(0)]);
+        step.poll().unwrap();
+
+        assert_eq!(next.payloads(), [vec![1]]);
+        assert_eq!(next.changes(), [(vec![], vec![partition(0)])]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::carried_over::CarriedOver;
 use crate::clock::{SharedClock, SystemClock};
 use crate::commit::CommitRequest;
 use crate::error::{StrategyError, SubmitError};
-use crate::message::Message;
+use crate::message::{Message, Partition};
 use crate::strategy::ProcessingStrategy;
 
 /// Applies `function` to each message and submits the result to the next step.
@@ -90,6 +90,10 @@ where
 
     fn close(&mut self) {
         self.next_step.close();
+    }
+
+    fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+        self.next_step.partitions_changed(assigned, revoked);
     }
 
     fn terminate(&mut self) {

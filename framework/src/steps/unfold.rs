@@ -8,7 +8,7 @@ use crate::clock::SharedClock;
 use crate::commit::CommitRequest;
 use crate::dropped::DroppingForwarder;
 use crate::error::{StrategyError, SubmitError};
-use crate::message::Message;
+use crate::message::{Message, Partition};
 use crate::strategy::ProcessingStrategy;
 
 /// Turns each payload into any number of payloads, forwarded in order.

@@ -29,7 +29,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use rill::{CarriedOver, CommitRequest, Message, ProcessingStrategy, StrategyError, SubmitError};
+use rill::{
+    CarriedOver, CommitRequest, Message, Partition, ProcessingStrategy, StrategyError, SubmitError,
+};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
@@ -431,6 +433,10 @@ impl<N: ProcessingStrategy<i64>> ProcessingStrategy<i64> for FlushSegments<N> {
     fn close(&mut self) {
         self.closed = true;
         self.next_step.close();
+    }
+
+    fn partitions_changed(&mut self, assigned: &[Partition], revoked: &[Partition]) {
+        self.next_step.partitions_changed(assigned, revoked);
     }
 
     fn terminate(&mut self) {

@@ -274,6 +274,13 @@ impl ProcessingStrategyFactory<KafkaPayload> for SpansStrategyFactory {
     fn create_timeout(&self) -> Duration {
         flush_step::startup_timeout(&self.settings.current().buffer) + RESPONSE_TIMEOUT * 2
     }
+
+    /// The flush workers own the shards of the partitions the pipeline was built for (as
+    /// Sentry's consumer restarts its flusher on every rebalance): a new assignment needs a
+    /// new pipeline.
+    fn rebuilds_on_rebalance(&self) -> bool {
+        true
+    }
 }
 
 /// Why a pipeline could not be built.

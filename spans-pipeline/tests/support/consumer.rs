@@ -241,8 +241,9 @@ impl ConsumerSetup {
             config = config.with_rebalance_protocol(RebalanceProtocol::Eager);
         }
         let consumer = KafkaConsumer::subscribe(&config, &[INPUT]).unwrap();
+        // The recording closure hides the factory's own `rebuilds_on_rebalance`; ask for it here.
         let mut processor = StreamProcessor::new(consumer, factory)
-            .with_config(self.processor.clone())
+            .with_config(self.processor.clone().with_rebuild_on_rebalance(true))
             .with_dlq(DlqPolicy::new(KafkaDlqProducer::new(
                 kafka_producer,
                 Topic::new(DLQ),

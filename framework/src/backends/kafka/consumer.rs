@@ -452,6 +452,10 @@ impl Consumer<KafkaPayload> for KafkaConsumer {
         Ok(())
     }
 
+    fn rebalance_protocol(&self) -> RebalanceProtocol {
+        self.protocol
+    }
+
     fn close(&mut self) -> Result<(), ConsumerError> {
         if self.closed {
             return Ok(());

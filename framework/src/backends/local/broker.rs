@@ -284,6 +284,13 @@ impl<T> State<T> {
         log_len(self, partition)
     }
 
+    /// How `group` rebalances (the default protocol for a group not created yet).
+    pub(super) fn protocol(&self, group: &str) -> RebalanceProtocol {
+        self.groups
+            .get(group)
+            .map_or_else(RebalanceProtocol::default, |g| g.protocol)
+    }
+
     /// Where a member starts reading a newly assigned partition.
     pub(super) fn start_offset(
         &self,

@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::broker::{LocalBroker, Notice};
-use crate::backends::{Consumer, ConsumerError, ConsumerEvent};
+use crate::backends::{Consumer, ConsumerError, ConsumerEvent, RebalanceProtocol};
 use crate::message::Partition;
 
 /// A member of a consumer group on a [`LocalBroker`], created by [`LocalBroker::subscribe`].
@@ -175,6 +175,10 @@ impl<T: Clone> Consumer<T> for LocalConsumer<T> {
             .release(&self.group, self.member, partitions);
         self.broker.notify();
         Ok(())
+    }
+
+    fn rebalance_protocol(&self) -> RebalanceProtocol {
+        self.broker.lock().protocol(&self.group)
     }
 
     fn close(&mut self) -> Result<(), ConsumerError> {
