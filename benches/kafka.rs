@@ -77,23 +77,15 @@ fn prepared_cluster() -> MockKafka {
 /// Waits until `group` committed every input message; returns when that was first seen.
 fn wait_until_all_committed(kafka: &MockKafka, group: &str) -> Instant {
     let per_partition = (MESSAGES / PARTITIONS as usize) as i64;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let committed = kafka
-            .committed_offsets(group, INPUT, PARTITIONS)
-            .expect("committed offsets");
-        if committed
-            .iter()
-            .all(|offset| *offset == Some(per_partition))
-        {
-            return Instant::now();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not all committed: {committed:?}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    kafka
+        .wait_until_committed(
+            group,
+            INPUT,
+            &[per_partition; PARTITIONS as usize],
+            Duration::from_secs(120),
+        )
+        .expect("every input offset committed");
+    Instant::now()
 }
 
 fn consumer_overrides() -> [(&'static str, &'static str); 3] {

@@ -17,6 +17,13 @@ pub trait Clock: Send + Sync + fmt::Debug {
 
     /// Waits for `duration`: the system clock sleeps, a manual clock moves forward instead.
     fn sleep(&self, duration: Duration);
+
+    /// Waits for `duration` at most, for room in a pipeline: the system clock returns early
+    /// when a task of a step (`RunTaskInThreads`) finished, so the waiting loop sees the room
+    /// at once. By default, and for a manual clock, [`sleep`](Self::sleep).
+    fn wait(&self, duration: Duration) {
+        self.sleep(duration);
+    }
 }
 
 /// A clock shared between the steps of a pipeline and its processor.
@@ -40,6 +47,10 @@ impl Clock for SystemClock {
 
     fn sleep(&self, duration: Duration) {
         std::thread::sleep(duration);
+    }
+
+    fn wait(&self, duration: Duration) {
+        crate::wake::wait(duration);
     }
 }
 

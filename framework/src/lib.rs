@@ -60,7 +60,8 @@
 //!   in-memory broker and the Kafka backend.
 //! - [`json`]: decode and encode serde JSON payloads in one call.
 //! - [`Clock`], [`ManualClock`]: injected time; [`metrics`]: metric names.
-//! - `testing` (feature `test-utils`): `RecordingStep`, `RejectWhen`, message builders.
+//! - `testing` (feature `test-utils`): `RecordingStep`, `RejectWhen`, message builders, and
+//!   `testing::kafka`, librdkafka's mock cluster with clients to fill and read it.
 #![warn(missing_docs)]
 // Tests compare offset ranges as `[start..end]`, which is what they mean.
 #![cfg_attr(test, allow(clippy::single_range_in_vec_init))]
@@ -82,6 +83,7 @@ pub mod steps;
 mod strategy;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+mod wake;
 
 pub use backends::{
     Consumer, ConsumerError, ConsumerEvent, Delivered, DeliveryError, DeliveryFuture, Destination,

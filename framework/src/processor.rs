@@ -551,7 +551,10 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
                 .consumer_polled_at
                 .is_some_and(|at| now.saturating_duration_since(at) < self.config.poll_timeout)
         {
-            self.clock.sleep(timeout);
+            // Room usually comes from a task finishing on another thread, which ends the
+            // wait; the retry is due then, whatever the pause left.
+            self.clock.wait(timeout);
+            self.retry_at = None;
             return Ok(());
         }
         self.consumer_polled_at = Some(now);
@@ -918,6 +921,8 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
         let Some(strategy) = self.strategy.as_mut() else {
             return Ok(());
         };
+        // A task finishing from here on ends the next wait for room at once.
+        crate::wake::observe();
         match guard("poll", || strategy.poll())? {
             Ok(done) => {
                 self.mark_done(done.as_ref());

@@ -1,7 +1,10 @@
-//! Test doubles for steps: a recording next step and message builders.
+//! Test doubles for steps: a recording next step and message builders; and in [`kafka`], a
+//! real Kafka in process (librdkafka's mock cluster) with clients to fill and read it.
 //!
 //! Compiled for this crate's tests and, with the `test-utils` feature, for other crates' tests;
 //! never part of a production build.
+
+pub mod kafka;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -199,21 +199,9 @@ impl Setup {
 
     /// Waits until the group committed everything produced to the input topic.
     fn wait_until_committed(&self, expected: &[i64]) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let committed = self
-                .kafka
-                .committed_offsets("labellers", INPUT, expected.len() as i32)
-                .unwrap();
-            if committed.iter().zip(expected).all(|(c, e)| *c == Some(*e)) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "committed {committed:?}, expected {expected:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.kafka
+            .wait_until_committed("labellers", INPUT, expected, WAIT)
+            .unwrap();
     }
 
     /// Everything in `topic` now, duplicates included.

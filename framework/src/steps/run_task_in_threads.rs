@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use futures::FutureExt;
 use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tokio::sync::oneshot::error::TryRecvError;
 use tokio::task::JoinHandle;
 
 use super::run_blocking::BlockingPool;
@@ -33,7 +35,15 @@ pub enum TaskError {
     Failed(#[source] BoxError),
 }
 
-type Task<U> = JoinHandle<Result<Message<U>, TaskError>>;
+/// A task in flight: its handle (to abort it) and where it leaves its outcome.
+///
+/// The outcome comes through a channel rather than the handle so that it is there before
+/// the task wakes a waiting loop: a handle reads as finished only a moment after the task's
+/// last statement ran.
+struct Task<U> {
+    handle: JoinHandle<()>,
+    outcome: oneshot::Receiver<Result<Message<U>, TaskError>>,
+}
 
 /// Spawns `task(message)` on a tokio runtime for each message and forwards the results in
 /// submission order, with at most `concurrency` tasks in flight.
@@ -136,20 +146,29 @@ where
     /// Forwards finished results from the front, stopping at the first unfinished task or
     /// when the next step pushes back.
     fn forward_finished(&mut self) -> Result<(), StrategyError> {
-        while !self.carried_over.is_holding()
-            && self.in_flight.front().is_some_and(JoinHandle::is_finished)
-        {
-            let Some(mut task) = self.in_flight.pop_front() else {
+        while !self.carried_over.is_holding() {
+            let Some(front) = self.in_flight.front_mut() else {
                 break;
             };
-            let outcome = (&mut task)
-                .now_or_never()
-                .ok_or_else(|| StrategyError::other("a finished task was not ready"))?;
+            let outcome = match front.outcome.try_recv() {
+                Ok(outcome) => outcome,
+                Err(TryRecvError::Empty) => break,
+                // Ended without an outcome: the task panicked.
+                Err(TryRecvError::Closed) if front.handle.is_finished() => {
+                    let error = match (&mut front.handle).now_or_never() {
+                        Some(Err(join_error)) => StrategyError::other(join_error),
+                        _ => StrategyError::other("a task ended without its outcome"),
+                    };
+                    self.in_flight.pop_front();
+                    return Err(error);
+                }
+                Err(TryRecvError::Closed) => break,
+            };
+            self.in_flight.pop_front();
             match outcome {
-                Ok(Ok(message)) => self.carried_over.forward(&mut self.next_step, message)?,
-                Ok(Err(TaskError::InvalidMessage(invalid))) => return Err(invalid.into()),
-                Ok(Err(TaskError::Failed(error))) => return Err(StrategyError::Other(error)),
-                Err(join_error) => return Err(StrategyError::other(join_error)),
+                Ok(message) => self.carried_over.forward(&mut self.next_step, message)?,
+                Err(TaskError::InvalidMessage(invalid)) => return Err(invalid.into()),
+                Err(TaskError::Failed(error)) => return Err(StrategyError::Other(error)),
             }
         }
         ::metrics::gauge!(metrics::TASKS_IN_FLIGHT, metrics::STEP => self.metric_name)
@@ -159,7 +178,7 @@ where
 
     fn abort_all(&mut self) {
         for task in self.in_flight.drain(..) {
-            task.abort();
+            task.handle.abort();
         }
     }
 }
@@ -184,7 +203,14 @@ where
             return Err(SubmitError::MessageRejected(message));
         }
         let task = (self.task)(message);
-        self.in_flight.push_back(self.runtime.spawn(task));
+        let (sender, outcome) = oneshot::channel();
+        let handle = self.runtime.spawn(async move {
+            // Nobody reads it once the step is gone.
+            let _ = sender.send(task.await);
+            // A loop waiting for room looks again now rather than after its retry pause.
+            crate::wake::notify();
+        });
+        self.in_flight.push_back(Task { handle, outcome });
         Ok(())
     }
 
@@ -235,7 +261,7 @@ impl<F, N, U> Drop for RunTaskInThreads<F, N, U> {
     fn drop(&mut self) {
         // A dropped step must not leave tasks running whose results nobody will read.
         for task in self.in_flight.drain(..) {
-            task.abort();
+            task.handle.abort();
         }
     }
 }
