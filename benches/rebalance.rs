@@ -46,7 +46,7 @@ type Done = Arc<Mutex<Vec<Instant>>>;
 
 /// The payload is the partition the message was produced to: batches split again carry no
 /// partition of their own.
-fn pipeline(runtime: &tokio::runtime::Handle, done: &Done) -> impl ProcessingStrategy<u32> {
+fn pipeline(runtime: &tokio::runtime::Handle, done: &Done) -> impl ProcessingStrategy<u32> + use<> {
     let done = Arc::clone(done);
     let sink = RunTask::new(
         move |message: Message<u32>| {
