@@ -142,7 +142,7 @@ impl Setup {
         let consumer = KafkaConsumer::subscribe(&config, &[INPUT]).unwrap();
         let producer = Arc::clone(&self.producer);
         let gate = Arc::clone(&self.gate);
-        let factory = move |_: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload>> {
+        let factory = move |_: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload> + Send> {
             Box::new(Gate {
                 blocked: Arc::clone(&gate),
                 next_step: RunTask::new(
