@@ -263,7 +263,7 @@ impl Drop for BrokerProcess {
 struct FirstSubmit(Arc<OnceLock<SystemTime>>);
 
 struct Timed {
-    inner: Box<dyn ProcessingStrategy<KafkaPayload>>,
+    inner: Box<dyn ProcessingStrategy<KafkaPayload> + Send>,
     first: FirstSubmit,
 }
 
@@ -318,7 +318,7 @@ fn consumer_once(args: &Args, traces: usize) -> Result<ConsumerRun, BoxError> {
     let first = FirstSubmit::default();
     let timed = {
         let first = first.clone();
-        move |partitions: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload>> {
+        move |partitions: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload> + Send> {
             Box::new(Timed {
                 inner: factory.create(partitions),
                 first: first.clone(),

@@ -114,7 +114,7 @@ fn run_rill() -> Duration {
         .expect("producer"),
     );
     let transform_first = first.clone();
-    let factory = move |_: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload>> {
+    let factory = move |_: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload> + Send> {
         let seen = transform_first.clone();
         Box::new(RunTask::new(
             move |message: rill::Message<KafkaPayload>| {

@@ -334,7 +334,7 @@ fn run_processor<F>(
     config: ProcessorConfig,
     factory: F,
 ) where
-    F: FnMut(&[Partition]) -> Box<dyn ProcessingStrategy<Payload>> + Send + 'static,
+    F: FnMut(&[Partition]) -> Box<dyn ProcessingStrategy<Payload> + Send> + Send + 'static,
 {
     let consumer = broker.subscribe("bench", std::slice::from_ref(topic));
     let mut processor = StreamProcessor::new(consumer, factory).with_config(config);
@@ -363,7 +363,7 @@ fn processor(c: &mut Criterion) {
                 (filled_broker(&topic, messages()), topic)
             },
             |(broker, topic)| {
-                let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<Payload>> {
+                let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<Payload> + Send> {
                     Box::new(RunTask::new(
                         identity,
                         CommitOffsets::new(Duration::from_millis(10)),
@@ -416,7 +416,7 @@ fn ceiling(c: &mut Criterion) {
                 (filled_broker(&topic, messages_of(CEILING_MESSAGES)), topic)
             },
             |(broker, topic)| {
-                let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<Payload>> {
+                let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<Payload> + Send> {
                     let work = |m: Message<Payload>| {
                         std::thread::sleep(CEILING_TASK);
                         Ok(m)

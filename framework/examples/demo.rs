@@ -71,7 +71,7 @@ fn pipeline(
     producer: LocalProducer<Bytes>,
     output: Topic,
 ) -> impl ProcessingStrategyFactory<Bytes> {
-    move |_: &[Partition]| -> Box<dyn ProcessingStrategy<Bytes>> {
+    move |_: &[Partition]| -> Box<dyn ProcessingStrategy<Bytes> + Send> {
         let commit = CommitOffsets::new(Duration::from_millis(200));
         let produce = Produce::new(producer.clone(), output.clone(), commit);
         let encode = RunTask::new(encode, produce);

@@ -110,7 +110,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         &[INPUT],
     )?;
     let pipeline_producer = Arc::clone(&producer);
-    let factory = move |_: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload>> {
+    let factory = move |_: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload> + Send> {
         // Built from the last step back: square → batch → join → produce → commit.
         let commit = CommitOffsets::new(Duration::from_millis(200));
         let produce = Produce::new(Arc::clone(&pipeline_producer), Topic::new(OUTPUT), commit);

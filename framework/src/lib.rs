@@ -95,4 +95,6 @@ pub use commit::{CommitRequest, OffsetSet, merge};
 pub use error::{BoxError, InvalidMessage, StrategyError, SubmitError};
 pub use ledger::OffsetLedger;
 pub use message::{Message, Partition, Topic};
-pub use strategy::{Fallible, ProcessingStrategy, ProcessingStrategyFactory, fallible};
+pub use strategy::{
+    BoxedPipeline, Fallible, ProcessingStrategy, ProcessingStrategyFactory, fallible,
+};

@@ -337,7 +337,7 @@ pub enum RunError {
 /// }
 ///
 /// let consumer = broker.subscribe("doubler", &[topic]);
-/// let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+/// let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> {
 ///     Box::new(RunTask::new(
 ///         |m: Message<u64>| Ok(m.map(|n| n * 2)),
 ///         CommitOffsets::new(Duration::ZERO),
@@ -350,10 +350,17 @@ pub enum RunError {
 /// }
 /// processor.shutdown().unwrap();
 /// ```
-pub struct StreamProcessor<T, C> {
+///
+/// # Threads
+///
+/// `P` is the pipeline as the processor keeps it. With [`new`](Self::new) it is `Send`, and so
+/// is the processor (its consumer and messages permitting): build it, take its
+/// [`handle`](Self::handle), run it on a thread of its own. [`local`](Self::local) takes
+/// pipelines that are not `Send`, and the processor then stays on the thread that built it.
+pub struct StreamProcessor<T, C, P: ?Sized = dyn ProcessingStrategy<T> + Send> {
     consumer: C,
-    factory: Box<dyn ProcessingStrategyFactory<T>>,
-    strategy: Option<Box<dyn ProcessingStrategy<T>>>,
+    factory: Box<dyn ProcessingStrategyFactory<T, P>>,
+    strategy: Option<Box<P>>,
     ledger: OffsetLedger,
     pending: VecDeque<Message<T>>,
     dlq: Option<DeadLetterQueue<T>>,
@@ -382,9 +389,76 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
     /// settings, the system clock and no dead-letter queue (invalid messages are logged and
     /// skipped).
     pub fn new(consumer: C, factory: impl ProcessingStrategyFactory<T> + 'static) -> Self {
+        Self::from_factory(consumer, Box::new(factory))
+    }
+}
+
+impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C, dyn ProcessingStrategy<T>> {
+    /// As [`new`](StreamProcessor::new), for pipelines that need not be `Send`: the
+    /// processor runs on the thread that built it.
+    ///
+    /// # Examples
+    ///
+    /// Payloads behind an `Rc`:
+    ///
+    /// ```
+    /// use std::rc::Rc;
+    /// use std::time::Duration;
+    /// use rill::backends::local::LocalBroker;
+    /// use rill::processor::StreamProcessor;
+    /// use rill::steps::{CommitOffsets, RunTask};
+    /// use rill::{Message, Partition, Topic};
+    ///
+    /// let broker = LocalBroker::new();
+    /// let topic = Topic::new("words");
+    /// broker.create_topic(&topic, 1);
+    /// let partition = Partition::new(topic.clone(), 0);
+    /// for word in ["a", "bb", "ccc"] {
+    ///     broker.produce_to(&partition, Rc::<str>::from(word)).unwrap();
+    /// }
+    ///
+    /// let factory = |_: &[Partition]| {
+    ///     RunTask::new(
+    ///         |m: Message<Rc<str>>| Ok(m.map(|word| Rc::<str>::from(word.to_uppercase()))),
+    ///         CommitOffsets::new(Duration::ZERO),
+    ///     )
+    /// };
+    /// let mut processor = StreamProcessor::local(broker.subscribe("upper", &[topic]), factory);
+    /// while broker.committed("upper", &partition) != Some(3) {
+    ///     processor.run_once().unwrap();
+    /// }
+    /// processor.shutdown().unwrap();
+    /// ```
+    ///
+    /// Such a processor cannot move to another thread:
+    ///
+    /// ```compile_fail
+    /// # use std::rc::Rc;
+    /// # use std::time::Duration;
+    /// # use rill::backends::local::LocalBroker;
+    /// # use rill::processor::StreamProcessor;
+    /// # use rill::steps::{CommitOffsets, RunTask};
+    /// # use rill::{Message, Partition, Topic};
+    /// let broker = LocalBroker::<Rc<str>>::new();
+    /// let factory = |_: &[Partition]| {
+    ///     RunTask::new(|m: Message<Rc<str>>| Ok(m), CommitOffsets::new(Duration::ZERO))
+    /// };
+    /// let mut processor = StreamProcessor::local(broker.subscribe("g", &[Topic::new("t")]), factory);
+    /// std::thread::spawn(move || processor.run());
+    /// ```
+    pub fn local(
+        consumer: C,
+        factory: impl ProcessingStrategyFactory<T, dyn ProcessingStrategy<T>> + 'static,
+    ) -> Self {
+        Self::from_factory(consumer, Box::new(factory))
+    }
+}
+
+impl<T: 'static, C: Consumer<T>, P: ProcessingStrategy<T> + ?Sized> StreamProcessor<T, C, P> {
+    fn from_factory(consumer: C, factory: Box<dyn ProcessingStrategyFactory<T, P>>) -> Self {
         Self {
             consumer,
-            factory: Box::new(factory),
+            factory,
             strategy: None,
             ledger: OffsetLedger::new(),
             pending: VecDeque::new(),
@@ -1126,7 +1200,7 @@ impl<T: 'static, C: Consumer<T>> StreamProcessor<T, C> {
     }
 }
 
-impl<T, C: std::fmt::Debug> std::fmt::Debug for StreamProcessor<T, C> {
+impl<T, C: std::fmt::Debug, P: ?Sized> std::fmt::Debug for StreamProcessor<T, C, P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamProcessor")
             .field("consumer", &self.consumer)
@@ -1190,11 +1264,11 @@ mod tests {
 
     fn recording(step: &RecordingStep<u64>) -> impl ProcessingStrategyFactory<u64> + 'static {
         let step = step.clone();
-        move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> { Box::new(step.clone()) }
+        move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> { Box::new(step.clone()) }
     }
 
     fn committing() -> impl ProcessingStrategyFactory<u64> + 'static {
-        |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+        |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> {
             Box::new(CommitOffsets::new(Duration::ZERO))
         }
     }
@@ -1234,7 +1308,7 @@ mod tests {
         let created = Arc::new(std::sync::Mutex::new(Vec::<Vec<Partition>>::new()));
         let factory = {
             let created = Arc::clone(&created);
-            move |partitions: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+            move |partitions: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> {
                 created.lock().unwrap().push(partitions.to_vec());
                 Box::new(CommitOffsets::new(Duration::from_secs(3600)))
             }
@@ -1401,7 +1475,7 @@ mod tests {
         let dlq_topic = Topic::new("dlq");
         fixture.broker.create_topic(&dlq_topic, 1);
         let producer = LocalProducer::new(fixture.broker.clone());
-        let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+        let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> {
             let refuse = |batch: Message<Vec<u64>>| -> Result<Message<()>, SubmitError<_>> {
                 Err(InvalidMessage::of(&batch, "the whole batch is bad").into())
             };
@@ -1605,7 +1679,9 @@ mod tests {
         let step = Stalls::default();
         let factory = {
             let step = step.clone();
-            move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> { Box::new(step.clone()) }
+            move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> {
+                Box::new(step.clone())
+            }
         };
         let stall = Duration::from_millis(300);
         let join_timeout = Duration::from_millis(1500);
@@ -1663,7 +1739,8 @@ mod tests {
             fn terminate(&mut self) {}
         }
         let fixture = Fixture::new(1, 1);
-        let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> { Box::new(Panics) };
+        let factory =
+            |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> { Box::new(Panics) };
         let mut processor = StreamProcessor::new(fixture.consumer(), factory).with_config(fast());
 
         let result = processor.run();
@@ -1692,8 +1769,9 @@ mod tests {
             fn terminate(&mut self) {}
         }
         let fixture = Fixture::new(1, 1);
-        let factory =
-            |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> { Box::new(AlwaysInvalid) };
+        let factory = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> {
+            Box::new(AlwaysInvalid)
+        };
         let mut processor = StreamProcessor::new(fixture.consumer(), factory)
             .with_config(fast().with_join_timeout(Duration::from_millis(50)));
         run_until(&mut processor, |p| p.stats().messages_submitted == 1);
@@ -1782,7 +1860,7 @@ mod tests {
         let created = Arc::new(AtomicU64::new(0));
         let factory = {
             let (step, created) = (step.clone(), Arc::clone(&created));
-            move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+            move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> {
                 created.fetch_add(1, Ordering::SeqCst);
                 Box::new(step.clone())
             }
@@ -1940,7 +2018,7 @@ mod tests {
     #[test]
     fn shutdown_from_another_thread_joins_and_commits_work_in_flight() {
         let fixture = Fixture::new(1, 100);
-        let commit = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+        let commit = |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> {
             Box::new(CommitOffsets::new(Duration::from_secs(3600)))
         };
         let mut processor = StreamProcessor::new(fixture.consumer(), commit);

@@ -11,6 +11,12 @@ use crate::message::{Message, Partition};
 /// A pipeline is a chain of steps, each owning the next; the stream processor owns the first
 /// and calls these methods from one thread.
 ///
+/// A step need not be `Send`: nothing here crosses threads. A processor built on one thread
+/// and run on another (the usual way: build, take its handle, spawn) moves its pipelines with
+/// it, so [`StreamProcessor::new`](crate::processor::StreamProcessor::new) asks for `Send`
+/// ones; [`StreamProcessor::local`](crate::processor::StreamProcessor::local) runs pipelines
+/// that are not (an `Rc` payload, a step holding a `RefCell`) on the thread that built it.
+///
 /// # Backpressure
 ///
 /// A step that cannot take a message right now returns [`SubmitError::MessageRejected`] with
@@ -46,7 +52,7 @@ use crate::message::{Message, Partition};
 ///
 /// assert_eq!(done.offsets(&partition), vec![0..1]);
 /// ```
-pub trait ProcessingStrategy<T>: Send {
+pub trait ProcessingStrategy<T> {
     /// Does pending work and returns offsets that are now done.
     ///
     /// Called on every iteration of the consumer loop; must not block.
@@ -169,9 +175,16 @@ where
 /// callback) whenever the assignment changes, after the previous pipeline was joined and its
 /// offsets committed. Any `FnMut(&[Partition]) -> S + Send` whose `S` is a step is a factory:
 /// the closure returns its pipeline as it is (no `Box<dyn ..>` return type to spell out).
+///
 /// A factory that can fail (it opens a connection, reads a file) is
 /// [`fallible`](crate::fallible): its error stops the processor with
 /// [`RunError::Factory`](crate::processor::RunError::Factory).
+///
+/// `P` is the pipeline as the processor keeps it: `dyn ProcessingStrategy<T> + Send` (the
+/// default) for a processor that may move to another thread, `dyn ProcessingStrategy<T>` for
+/// one that stays where it was built
+/// ([`StreamProcessor::local`](crate::processor::StreamProcessor::local)). A closure is a
+/// factory of both, as far as its pipeline allows.
 ///
 /// # Examples
 ///
@@ -185,9 +198,9 @@ where
 /// };
 /// let _pipeline = ProcessingStrategyFactory::<u32>::create(&mut factory, &[]);
 /// ```
-pub trait ProcessingStrategyFactory<T>: Send {
+pub trait ProcessingStrategyFactory<T, P: ?Sized = dyn ProcessingStrategy<T> + Send>: Send {
     /// Builds a pipeline for `partitions` (sorted), the whole current assignment.
-    fn create(&mut self, partitions: &[Partition]) -> Box<dyn ProcessingStrategy<T>>;
+    fn create(&mut self, partitions: &[Partition]) -> Box<P>;
 
     /// Builds a pipeline, or says why it cannot; what the processor calls. By default
     /// [`create`](Self::create), which cannot fail.
@@ -195,10 +208,7 @@ pub trait ProcessingStrategyFactory<T>: Send {
     /// # Errors
     ///
     /// Whatever kept the factory from building the pipeline.
-    fn try_create(
-        &mut self,
-        partitions: &[Partition],
-    ) -> Result<Box<dyn ProcessingStrategy<T>>, BoxError> {
+    fn try_create(&mut self, partitions: &[Partition]) -> Result<Box<P>, BoxError> {
         Ok(self.create(partitions))
     }
 
@@ -220,13 +230,46 @@ pub trait ProcessingStrategyFactory<T>: Send {
     }
 }
 
-impl<T, F, S> ProcessingStrategyFactory<T> for F
+/// Boxes a step as the pipeline type `Self` of a processor: what lets one closure be a factory
+/// of `Send` pipelines and of local ones.
+pub trait BoxedPipeline<T, S> {
+    /// `step`, boxed.
+    fn boxed(step: S) -> Box<Self>;
+
+    /// A pipeline whose first `poll` reports `error`: what a [`fallible`] factory's `create`
+    /// returns when it could not build one.
+    fn not_built(error: BoxError) -> Box<Self>;
+}
+
+impl<T, S: ProcessingStrategy<T> + Send + 'static> BoxedPipeline<T, S>
+    for dyn ProcessingStrategy<T> + Send
+{
+    fn boxed(step: S) -> Box<Self> {
+        Box::new(step)
+    }
+
+    fn not_built(error: BoxError) -> Box<Self> {
+        Box::new(NotBuilt(Some(error)))
+    }
+}
+
+impl<T, S: ProcessingStrategy<T> + 'static> BoxedPipeline<T, S> for dyn ProcessingStrategy<T> {
+    fn boxed(step: S) -> Box<Self> {
+        Box::new(step)
+    }
+
+    fn not_built(error: BoxError) -> Box<Self> {
+        Box::new(NotBuilt(Some(error)))
+    }
+}
+
+impl<T, P, F, S> ProcessingStrategyFactory<T, P> for F
 where
     F: FnMut(&[Partition]) -> S + Send,
-    S: ProcessingStrategy<T> + 'static,
+    P: BoxedPipeline<T, S> + ?Sized,
 {
-    fn create(&mut self, partitions: &[Partition]) -> Box<dyn ProcessingStrategy<T>> {
-        Box::new(self(partitions))
+    fn create(&mut self, partitions: &[Partition]) -> Box<P> {
+        P::boxed(self(partitions))
     }
 }
 
@@ -255,27 +298,23 @@ pub const fn fallible<F>(build: F) -> Fallible<F> {
     Fallible(build)
 }
 
-impl<T, F, S, E> ProcessingStrategyFactory<T> for Fallible<F>
+impl<T, P, F, S, E> ProcessingStrategyFactory<T, P> for Fallible<F>
 where
     F: FnMut(&[Partition]) -> Result<S, E> + Send,
-    S: ProcessingStrategy<T> + 'static,
+    P: BoxedPipeline<T, S> + ?Sized,
     E: Into<BoxError>,
-    T: 'static,
 {
     /// The pipeline, or one whose first `poll` reports why it could not be built.
-    fn create(&mut self, partitions: &[Partition]) -> Box<dyn ProcessingStrategy<T>> {
+    fn create(&mut self, partitions: &[Partition]) -> Box<P> {
         match self.try_create(partitions) {
             Ok(pipeline) => pipeline,
-            Err(error) => Box::new(NotBuilt(Some(error))),
+            Err(error) => P::not_built(error),
         }
     }
 
-    fn try_create(
-        &mut self,
-        partitions: &[Partition],
-    ) -> Result<Box<dyn ProcessingStrategy<T>>, BoxError> {
+    fn try_create(&mut self, partitions: &[Partition]) -> Result<Box<P>, BoxError> {
         match (self.0)(partitions) {
-            Ok(pipeline) => Ok(Box::new(pipeline)),
+            Ok(pipeline) => Ok(P::boxed(pipeline)),
             Err(error) => Err(error.into()),
         }
     }
@@ -309,4 +348,42 @@ impl<T> ProcessingStrategy<T> for NotBuilt {
     }
 
     fn terminate(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::processor::StreamProcessor;
+    use crate::steps::{CommitOffsets, RunTask};
+    use crate::testing::numbered_broker;
+
+    #[test]
+    fn a_closure_builds_pipelines_that_are_not_send_for_a_local_processor() {
+        let (broker, topic) = numbered_broker("in", 1, 3);
+        // The factory is `Send`; the pipeline it builds counts through an `Rc`, so is not.
+        let factory = |_: &[Partition]| {
+            let seen = Rc::new(Cell::new(0_u64));
+            RunTask::new(
+                move |m: Message<u64>| {
+                    seen.set(seen.get() + 1);
+                    Ok(m.map(|n| n + seen.get()))
+                },
+                CommitOffsets::new(Duration::ZERO),
+            )
+        };
+        let mut processor =
+            StreamProcessor::local(broker.subscribe("g", std::slice::from_ref(&topic)), factory);
+
+        let partition = Partition::new(topic, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while broker.committed("g", &partition) != Some(3) {
+            assert!(Instant::now() < deadline, "not all committed");
+            processor.run_once().unwrap();
+        }
+        processor.shutdown().unwrap();
+    }
 }

@@ -215,7 +215,7 @@ impl<T> Default for RecordingStep<T> {
     }
 }
 
-impl<T: Send> ProcessingStrategy<T> for RecordingStep<T> {
+impl<T> ProcessingStrategy<T> for RecordingStep<T> {
     fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
         let mut state = self.state.lock();
         state.polls += 1;
@@ -346,7 +346,7 @@ impl<F, N> RejectWhen<F, N> {
 
 impl<T, F, N> ProcessingStrategy<T> for RejectWhen<F, N>
 where
-    F: FnMut() -> bool + Send,
+    F: FnMut() -> bool,
     N: ProcessingStrategy<T>,
 {
     fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {

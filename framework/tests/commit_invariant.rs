@@ -218,7 +218,7 @@ fn build(
     seed: u64,
     log: &Log,
     runtime: &tokio::runtime::Handle,
-) -> Box<dyn ProcessingStrategy<Item>> {
+) -> Box<dyn ProcessingStrategy<Item> + Send> {
     let sink_log = Arc::clone(log);
     // Every 3 messages, and every 5 ms for the last few, so polling alone commits everything.
     let commit = CommitOffsets::with_policy(
@@ -226,7 +226,7 @@ fn build(
     );
     // The sink: every item reaching it is fully processed. Done-ness is tracked by payload,
     // independently of the offsets the framework attaches to messages.
-    let mut pipeline: Box<dyn ProcessingStrategy<Item>> = Box::new(RunTask::new(
+    let mut pipeline: Box<dyn ProcessingStrategy<Item> + Send> = Box::new(RunTask::new(
         move |message: Message<Item>| {
             record_done(&sink_log, &message);
             Ok(message)

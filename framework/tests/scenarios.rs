@@ -53,7 +53,7 @@ fn a_rebalance_in_the_middle_of_a_batch_loses_nothing_and_commits_the_partial_ba
     let seen: Seen = Arc::default();
     let factory = {
         let seen = Arc::clone(&seen);
-        move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+        move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> {
             // A batch of 1000 in an hour: only a join flushes it.
             let batch = Reduce::vec(1000, Duration::from_secs(3600), recording_sink(&seen));
             Box::new(RunTask::new(tag, batch))
@@ -106,7 +106,7 @@ fn a_rejection_storm_keeps_order_pauses_and_resumes_and_loses_nothing() {
     let seen: Seen = Arc::default();
     let factory = {
         let seen = Arc::clone(&seen);
-        move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+        move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> {
             let batch = Reduce::vec(7, Duration::from_millis(1), recording_sink(&seen));
             // Rejects every submission for a while, then every other one: a storm.
             let mut calls = 0_u64;
@@ -163,7 +163,7 @@ fn shutdown_with_tasks_and_deliveries_in_flight_finishes_them_and_commits() {
     let producer = LocalProducer::new(broker.clone());
     let factory = {
         let (handle, producer, out) = (runtime.handle().clone(), producer.clone(), out.clone());
-        move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64>> {
+        move |_: &[Partition]| -> Box<dyn ProcessingStrategy<u64> + Send> {
             let produce = Produce::new(
                 producer.clone(),
                 out.clone(),

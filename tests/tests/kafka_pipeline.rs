@@ -150,7 +150,7 @@ impl Setup {
         let gate = Arc::clone(&self.gate);
         let builds = Arc::new(AtomicU64::new(0));
         let built = Arc::clone(&builds);
-        let factory = move |_: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload>> {
+        let factory = move |_: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload> + Send> {
             built.fetch_add(1, Ordering::SeqCst);
             Box::new(Gate {
                 blocked: Arc::clone(&gate),

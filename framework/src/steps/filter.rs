@@ -55,9 +55,8 @@ impl<F, N, T> Filter<F, N, T> {
 
 impl<T, F, N> ProcessingStrategy<T> for Filter<F, N, T>
 where
-    F: FnMut(&Message<T>) -> bool + Send,
+    F: FnMut(&Message<T>) -> bool,
     N: ProcessingStrategy<T>,
-    T: Send,
 {
     fn submit(&mut self, message: Message<T>) -> Result<(), SubmitError<T>> {
         if self.forwarder.carried_over.is_holding() {

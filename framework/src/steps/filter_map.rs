@@ -65,10 +65,9 @@ impl<F, N, U> FilterMap<F, N, U> {
 
 impl<T, U, E, F, N> ProcessingStrategy<T> for FilterMap<F, N, U>
 where
-    F: FnMut(&Message<T>) -> Result<Option<U>, E> + Send,
+    F: FnMut(&Message<T>) -> Result<Option<U>, E>,
     E: fmt::Display,
     N: ProcessingStrategy<U>,
-    U: Send,
 {
     fn submit(&mut self, message: Message<T>) -> Result<(), SubmitError<T>> {
         if self.forwarder.carried_over.is_holding() {

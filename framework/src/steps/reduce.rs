@@ -200,10 +200,8 @@ where
 
 impl<T, B, I, F, N> ProcessingStrategy<T> for Reduce<T, B, I, F, N>
 where
-    T: Send,
-    B: Send,
-    I: FnMut() -> B + Send,
-    F: FnMut(&mut B, T) -> Result<(), T> + Send,
+    I: FnMut() -> B,
+    F: FnMut(&mut B, T) -> Result<(), T>,
     N: ProcessingStrategy<B>,
 {
     fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {

@@ -63,9 +63,8 @@ impl<F, N, U> RunTask<F, N, U> {
 
 impl<T, U, F, N> ProcessingStrategy<T> for RunTask<F, N, U>
 where
-    F: FnMut(Message<T>) -> Result<Message<U>, SubmitError<T>> + Send,
+    F: FnMut(Message<T>) -> Result<Message<U>, SubmitError<T>>,
     N: ProcessingStrategy<U>,
-    U: Send,
 {
     fn poll(&mut self) -> Result<Option<CommitRequest>, StrategyError> {
         self.carried_over.poll_next(&mut self.next_step)?;

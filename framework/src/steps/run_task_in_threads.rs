@@ -185,7 +185,7 @@ where
 
 impl<T, U, F, Fut, N> ProcessingStrategy<T> for RunTaskInThreads<F, N, U>
 where
-    F: FnMut(Message<T>) -> Fut + Send,
+    F: FnMut(Message<T>) -> Fut,
     Fut: Future<Output = Result<Message<U>, TaskError>> + Send + 'static,
     N: ProcessingStrategy<U>,
     U: Send + 'static,

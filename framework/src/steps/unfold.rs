@@ -66,10 +66,9 @@ impl<F, N, U> Unfold<F, N, U> {
 
 impl<T, U, I, F, N> ProcessingStrategy<T> for Unfold<F, N, U>
 where
-    F: FnMut(T) -> I + Send,
+    F: FnMut(T) -> I,
     I: IntoIterator<Item = U>,
     N: ProcessingStrategy<U>,
-    U: Send,
 {
     fn submit(&mut self, message: Message<T>) -> Result<(), SubmitError<T>> {
         if self.forwarder.carried_over.is_holding() {

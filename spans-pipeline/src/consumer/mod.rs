@@ -205,7 +205,7 @@ impl SpansStrategyFactory {
     fn build(
         &self,
         shards: &[u16],
-    ) -> Result<Box<dyn ProcessingStrategy<KafkaPayload>>, StartError> {
+    ) -> Result<Box<dyn ProcessingStrategy<KafkaPayload> + Send>, StartError> {
         let PipelineSettings {
             buffer: options,
             consumer: settings,
@@ -252,7 +252,10 @@ impl SpansStrategyFactory {
 }
 
 impl ProcessingStrategyFactory<KafkaPayload> for SpansStrategyFactory {
-    fn create(&mut self, partitions: &[Partition]) -> Box<dyn ProcessingStrategy<KafkaPayload>> {
+    fn create(
+        &mut self,
+        partitions: &[Partition],
+    ) -> Box<dyn ProcessingStrategy<KafkaPayload> + Send> {
         let mut shards: Vec<u16> = partitions
             .iter()
             .filter_map(|partition| u16::try_from(partition.index()).ok())
