@@ -284,25 +284,3 @@ fn block_on<T>(future: impl std::future::Future<Output = T>) -> Result<T, MockKa
         .map_err(MockKafkaError::Runtime)?;
     Ok(runtime.block_on(future))
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_mock_broker_down_and_up_again_still_takes_and_serves_messages() {
-        if Broker::from_env().unwrap() != Broker::Mock {
-            return; // fault injection is the mock's
-        }
-        let kafka = MockKafka::start(1).unwrap();
-        kafka.create_topic("t", 1).unwrap();
-
-        kafka.broker_down(1).unwrap();
-        kafka.broker_up(1).unwrap();
-        kafka.produce("t", [&b"x"[..]], |_| 0).unwrap();
-
-        let read = kafka.read_all("t", Duration::from_secs(20)).unwrap();
-        assert_eq!(read.len(), 1);
-        assert!(kafka.broker_log().is_none());
-    }
-}
