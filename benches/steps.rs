@@ -43,7 +43,7 @@ const IN_FLIGHT: usize = 16;
 
 /// The loop at its ceiling: `CEILING_CONCURRENCY` tasks of `CEILING_TASK` each at a time can
 /// finish at most `CEILING_CONCURRENCY / CEILING_TASK` messages per second (2 000).
-const CEILING_MESSAGES: u64 = 1_000;
+const CEILING_MESSAGES: u64 = 4_000;
 const CEILING_CONCURRENCY: usize = 4;
 const CEILING_TASK: Duration = Duration::from_millis(2);
 
