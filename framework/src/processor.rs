@@ -1122,26 +1122,43 @@ impl<T: 'static, C: Consumer<T>, P: ProcessingStrategy<T> + ?Sized> StreamProces
             ::metrics::counter!(metrics::INVALID_MESSAGES, "outcome" => "skipped").increment(1);
             return Ok(());
         }
-        for (partition, offset) in origins {
-            if !self.ledger.owns(&partition) {
-                tracing::warn!(%invalid, "Ignoring an invalid message of a partition not assigned.");
-                continue;
-            }
-            match &mut self.dlq {
-                Some(dlq) => {
-                    tracing::warn!(%invalid, "Dead-lettering invalid message.");
+        // A batch stands for many messages: one log line and one counter update for all.
+        let (owned, foreign): (Vec<_>, Vec<_>) = origins
+            .into_iter()
+            .partition(|(partition, _)| self.ledger.owns(partition));
+        if !foreign.is_empty() {
+            tracing::warn!(
+                %invalid,
+                messages = foreign.len(),
+                "Ignoring an invalid message of a partition not assigned."
+            );
+        }
+        if owned.is_empty() {
+            return Ok(());
+        }
+        let count = owned.len() as u64;
+        match &mut self.dlq {
+            Some(dlq) => {
+                tracing::warn!(%invalid, messages = count, "Dead-lettering invalid message.");
+                for (partition, offset) in owned {
                     ::metrics::counter!(metrics::INVALID_MESSAGES, "outcome" => "dead_lettered")
                         .increment(1);
                     dlq.dead_letter(partition, offset, invalid.reason().to_owned())?;
                 }
-                None => {
-                    tracing::warn!(%invalid, "Skipping invalid message: no dead-letter queue configured.");
-                    ::metrics::counter!(metrics::INVALID_MESSAGES, "outcome" => "skipped")
-                        .increment(1);
-                    let mut done = CommitRequest::new();
-                    done.add(&partition, offset);
-                    self.ledger.mark_done(&done);
+            }
+            None => {
+                tracing::warn!(
+                    %invalid,
+                    messages = count,
+                    "Skipping invalid message: no dead-letter queue configured."
+                );
+                ::metrics::counter!(metrics::INVALID_MESSAGES, "outcome" => "skipped")
+                    .increment(count);
+                let mut done = CommitRequest::new();
+                for (partition, offset) in &owned {
+                    done.add(partition, *offset);
                 }
+                self.ledger.mark_done(&done);
             }
         }
         Ok(())
