@@ -180,7 +180,7 @@ impl<T> ProcessingStrategy<T> for CommitOffsets {
             .policy
             .messages()
             .is_some_and(|messages| self.waiting >= messages);
-        if due_by_count || std::mem::take(&mut self.release_soon) {
+        if due_by_count || self.release_soon {
             let now = self.clock.now();
             return Ok(self.release(now));
         }
