@@ -145,15 +145,20 @@ impl<U> DroppingForwarder<U> {
         message
     }
 
+    /// Whether nothing is held here and `next` is idle: every message forwarded is done.
+    pub(crate) fn is_idle<N>(&self, next: &N) -> bool
+    where
+        N: ProcessingStrategy<U>,
+    {
+        !self.carried_over.is_holding() && next.is_idle()
+    }
+
     /// Releases the deferred offsets if everything forwarded before them is done.
     fn release_deferred_if_idle<N>(&mut self, next: &N)
     where
         N: ProcessingStrategy<U>,
     {
-        if (self.blind || !self.deferred.is_empty())
-            && !self.carried_over.is_holding()
-            && next.is_idle()
-        {
+        if (self.blind || !self.deferred.is_empty()) && self.is_idle(next) {
             self.blind = false;
             if !self.deferred.is_empty() {
                 self.offsets.merge(&std::mem::take(&mut self.deferred));
@@ -301,8 +306,7 @@ macro_rules! delegate_to_forwarder {
         }
 
         fn is_idle(&self) -> bool {
-            !self.forwarder.carried_over.is_holding()
-                && ProcessingStrategy::<$output>::is_idle(&self.next_step)
+            self.forwarder.is_idle(&self.next_step)
         }
     };
 }

@@ -131,7 +131,7 @@ impl<T> RecordingStep<T> {
     /// Reports the offsets of accepted messages as done on the next `poll` or `join`.
     #[must_use]
     pub fn commit_on_poll(self) -> Self {
-        self.state.lock().commit_on_poll = true;
+        self.set_commit_on_poll();
         self
     }
 

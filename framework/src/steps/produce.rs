@@ -80,6 +80,8 @@ struct InFlight<T> {
 pub struct Produce<P, N, T> {
     producer: P,
     destination: Destination,
+    /// The destination's topic as the metrics' `topic` label, made once.
+    topic_label: ::metrics::SharedString,
     max_in_flight: usize,
     max_attempts: u32,
     in_flight: VecDeque<InFlight<T>>,
@@ -92,9 +94,12 @@ pub struct Produce<P, N, T> {
 impl<P, N, T> Produce<P, N, T> {
     /// Produces to `destination` with `producer`, in front of `next_step`.
     pub fn new(producer: P, destination: impl Into<Destination>, next_step: N) -> Self {
+        let destination = destination.into();
+        let topic_label = std::sync::Arc::<str>::from(destination.topic().as_str()).into();
         Self {
             producer,
-            destination: destination.into(),
+            destination,
+            topic_label,
             max_in_flight: 10_000,
             max_attempts: 3,
             in_flight: VecDeque::new(),
@@ -119,7 +124,7 @@ impl<P, N, T> Produce<P, N, T> {
             metrics::PRODUCE_DELIVERIES,
             "status" => status,
             metrics::STEP => self.metric_name,
-            metrics::TOPIC => self.destination.topic().as_str().to_owned()
+            metrics::TOPIC => self.topic_label.clone()
         )
         .increment(count);
     }

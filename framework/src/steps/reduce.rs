@@ -149,14 +149,19 @@ impl<T, B, I, F, N> Reduce<T, B, I, F, N>
 where
     N: ProcessingStrategy<B>,
 {
+    /// Counts a batch sent on for `reason` in the step's metric.
+    fn count_flush(&self, reason: &'static str) {
+        ::metrics::counter!(metrics::BATCHES_FLUSHED, "reason" => reason, metrics::STEP => self.metric_name)
+            .increment(1);
+    }
+
     /// Forwards the current batch, if any; it is held if the next step is full.
     fn flush(&mut self, reason: &'static str) -> Result<(), InvalidMessage> {
         self.overdue = false;
         let Some(batch) = self.batch.take() else {
             return Ok(());
         };
-        ::metrics::counter!(metrics::BATCHES_FLUSHED, "reason" => reason, metrics::STEP => self.metric_name)
-            .increment(1);
+        self.count_flush(reason);
         let message = Message::derived(batch.value, batch.offsets);
         self.carried_over.forward(&mut self.next_step, message)
     }
@@ -172,8 +177,7 @@ where
         match self.next_step.submit(message) {
             Ok(()) => {
                 self.overdue = false;
-                ::metrics::counter!(metrics::BATCHES_FLUSHED, "reason" => "time", metrics::STEP => self.metric_name)
-                    .increment(1);
+                self.count_flush("time");
                 Ok(())
             }
             Err(SubmitError::MessageRejected(message)) => {

@@ -259,24 +259,7 @@ impl TestClients {
         partitions: i32,
     ) -> Result<Vec<Option<i64>>, KafkaTestError> {
         let consumer: BaseConsumer = self.consumer_config(group).create()?;
-        let mut query = TopicPartitionList::new();
-        for partition in 0..partitions {
-            query.add_partition(topic, partition);
-        }
-        let offsets = {
-            // Dropped before the consumer: the list holds references to partitions that make
-            // the consumer's destructor wait forever otherwise.
-            let committed = consumer.committed_offsets(query, REQUEST_TIMEOUT)?;
-            (0..partitions)
-                .map(|partition| {
-                    committed
-                        .find_partition(topic, partition)
-                        .and_then(|entry| entry.offset().to_raw())
-                        .filter(|offset| *offset >= 0)
-                })
-                .collect()
-        };
-        Ok(offsets)
+        read_committed(&consumer, topic, partitions)
     }
 
     /// Waits until `group` committed `expected[n]` on partition `n` of `topic`, for every `n`,
@@ -294,8 +277,10 @@ impl TestClients {
     ) -> Result<(), KafkaTestError> {
         let partitions = i32::try_from(expected.len()).unwrap_or(i32::MAX);
         let deadline = Instant::now() + timeout;
+        // One client for every look: each asks the group coordinator afresh.
+        let consumer: BaseConsumer = self.consumer_config(group).create()?;
         loop {
-            let committed = self.committed_offsets(group, topic, partitions)?;
+            let committed = read_committed(&consumer, topic, partitions)?;
             if committed.iter().zip(expected).all(|(c, e)| *c == Some(*e)) {
                 return Ok(());
             }
@@ -433,6 +418,30 @@ impl MockKafka {
         self.cluster()?.broker_up(id)?;
         Ok(())
     }
+}
+
+/// The offsets `consumer`'s group committed on partitions `0..partitions` of `topic`: `None`
+/// where nothing was committed.
+fn read_committed(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: i32,
+) -> Result<Vec<Option<i64>>, KafkaTestError> {
+    let mut query = TopicPartitionList::new();
+    for partition in 0..partitions {
+        query.add_partition(topic, partition);
+    }
+    // The list is dropped before the consumer: it holds references to partitions that make
+    // the consumer's destructor wait forever otherwise.
+    let committed = consumer.committed_offsets(query, REQUEST_TIMEOUT)?;
+    Ok((0..partitions)
+        .map(|partition| {
+            committed
+                .find_partition(topic, partition)
+                .and_then(|entry| entry.offset().to_raw())
+                .filter(|offset| *offset >= 0)
+        })
+        .collect())
 }
 
 /// Headers of (name, value) pairs, for producing test messages with headers.
