@@ -51,8 +51,8 @@ use rill::backends::kafka::{
 };
 use rill::processor::{ProcessorConfig, StreamProcessor};
 use rill::{
-    CommitRequest, Message, Partition, ProcessingStrategy, ProcessingStrategyFactory, Producer,
-    StrategyError, SubmitError,
+    CommitRequest, Message, Partition, ProcessingStrategy, Producer, StrategyError, SubmitError,
+    wrap_pipelines,
 };
 use spans_pipeline::buffer::RedisConnection;
 use spans_pipeline::config::Config;
@@ -313,28 +313,27 @@ fn consumer_once(args: &Args, traces: usize) -> Result<ConsumerRun, BoxError> {
     config.buffer.flush_lock_ttl = Duration::ZERO;
     config.consumer.max_batch_time = args.batch_time;
     config.consumer.commit_interval = Duration::from_millis(100);
-    let mut factory =
+    let factory =
         SpansStrategyFactory::from_config(&config, connection, producer, runtime.handle().clone());
     let first = FirstSubmit::default();
     let timed = {
         let first = first.clone();
-        move |partitions: &[Partition]| -> Box<dyn ProcessingStrategy<KafkaPayload> + Send> {
-            Box::new(Timed {
-                inner: factory.create(partitions),
-                first: first.clone(),
-            })
-        }
+        wrap_pipelines(
+            factory,
+            move |_: &[Partition], inner: Box<dyn ProcessingStrategy<KafkaPayload> + Send>| {
+                Box::new(Timed {
+                    inner,
+                    first: first.clone(),
+                }) as Box<dyn ProcessingStrategy<KafkaPayload> + Send>
+            },
+        )
     };
     let consumer = KafkaConsumer::subscribe(
         &KafkaConsumerConfig::new(&bootstrap, GROUP).with_override("log_level", "3"),
         &[INPUT],
     )?;
-    // The timing closure hides the factory's own `rebuilds_on_rebalance`; ask for it here.
-    let mut processor = StreamProcessor::new(consumer, timed).with_config(
-        ProcessorConfig::default()
-            .with_join_timeout(Duration::from_secs(30))
-            .with_rebuild_on_rebalance(true),
-    );
+    let mut processor = StreamProcessor::new(consumer, timed)
+        .with_config(ProcessorConfig::default().with_join_timeout(Duration::from_secs(30)));
     let handle = processor.handle();
     let cpu_before = redis_cpu_secs(&nodes)?;
     let thread = std::thread::spawn(move || {

@@ -96,5 +96,6 @@ pub use error::{BoxError, InvalidMessage, StrategyError, SubmitError};
 pub use ledger::OffsetLedger;
 pub use message::{Message, Partition, Topic};
 pub use strategy::{
-    BoxedPipeline, Fallible, ProcessingStrategy, ProcessingStrategyFactory, fallible,
+    BoxedPipeline, Fallible, ProcessingStrategy, ProcessingStrategyFactory, WrapPipelines,
+    fallible, wrap_pipelines,
 };

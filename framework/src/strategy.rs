@@ -320,6 +320,68 @@ where
     }
 }
 
+/// A factory whose pipelines are `inner`'s, each passed through `wrap`; see [`wrap_pipelines`].
+#[derive(Debug)]
+pub struct WrapPipelines<F, W> {
+    inner: F,
+    wrap: W,
+}
+
+/// A factory that builds its pipelines with `inner` and hands each, with the partitions it was
+/// built for, to `wrap` (to record assignments, time the pipeline, put a step in front of it).
+///
+/// Unlike a closure that calls `inner`, it keeps what `inner` says of itself: its
+/// [`try_create`](ProcessingStrategyFactory::try_create) errors, its
+/// [`create_timeout`](ProcessingStrategyFactory::create_timeout) and whether it
+/// [`rebuilds_on_rebalance`](ProcessingStrategyFactory::rebuilds_on_rebalance).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use rill::steps::CommitOffsets;
+/// use rill::{Partition, ProcessingStrategy, ProcessingStrategyFactory, wrap_pipelines};
+///
+/// let mut built = Vec::new();
+/// let inner = |_: &[Partition]| CommitOffsets::new(Duration::ZERO);
+/// let mut factory = wrap_pipelines(
+///     inner,
+///     move |partitions: &[Partition], pipeline: Box<dyn ProcessingStrategy<u32> + Send>| {
+///         built.push(partitions.to_vec());
+///         pipeline
+///     },
+/// );
+/// let _pipeline = factory.create(&[]);
+/// ```
+pub const fn wrap_pipelines<F, W>(inner: F, wrap: W) -> WrapPipelines<F, W> {
+    WrapPipelines { inner, wrap }
+}
+
+impl<T, P, F, W> ProcessingStrategyFactory<T, P> for WrapPipelines<F, W>
+where
+    P: ?Sized,
+    F: ProcessingStrategyFactory<T, P>,
+    W: FnMut(&[Partition], Box<P>) -> Box<P> + Send,
+{
+    fn create(&mut self, partitions: &[Partition]) -> Box<P> {
+        let pipeline = self.inner.create(partitions);
+        (self.wrap)(partitions, pipeline)
+    }
+
+    fn try_create(&mut self, partitions: &[Partition]) -> Result<Box<P>, BoxError> {
+        let pipeline = self.inner.try_create(partitions)?;
+        Ok((self.wrap)(partitions, pipeline))
+    }
+
+    fn create_timeout(&self) -> Duration {
+        self.inner.create_timeout()
+    }
+
+    fn rebuilds_on_rebalance(&self) -> bool {
+        self.inner.rebuilds_on_rebalance()
+    }
+}
+
 /// The pipeline a [`Fallible`] factory's `create` returns when it could not build one.
 #[derive(Debug)]
 struct NotBuilt(Option<BoxError>);
@@ -360,6 +422,61 @@ mod tests {
     use crate::processor::StreamProcessor;
     use crate::steps::{CommitOffsets, RunTask};
     use crate::testing::numbered_broker;
+
+    /// A factory that says it waits at start and must be rebuilt on every rebalance.
+    struct Particular;
+
+    impl ProcessingStrategyFactory<u64> for Particular {
+        fn create(&mut self, _: &[Partition]) -> Box<dyn ProcessingStrategy<u64> + Send> {
+            Box::new(CommitOffsets::new(Duration::ZERO))
+        }
+
+        fn create_timeout(&self) -> Duration {
+            Duration::from_secs(7)
+        }
+
+        fn rebuilds_on_rebalance(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_wrapped_factory_keeps_what_its_inner_factory_says_of_itself() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = std::sync::Arc::clone(&seen);
+        let mut factory = wrap_pipelines(
+            Particular,
+            move |partitions: &[Partition], pipeline: Box<dyn ProcessingStrategy<u64> + Send>| {
+                recorded.lock().unwrap().push(partitions.to_vec());
+                pipeline
+            },
+        );
+        let partition = Partition::new(crate::Topic::new("t"), 3);
+
+        assert_eq!(factory.create_timeout(), Duration::from_secs(7));
+        assert!(factory.rebuilds_on_rebalance());
+        assert!(factory.try_create(std::slice::from_ref(&partition)).is_ok());
+        assert_eq!(*seen.lock().unwrap(), [vec![partition]]);
+    }
+
+    #[test]
+    fn a_failing_inner_factory_fails_the_wrapped_one_without_calling_wrap() {
+        let wrapped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let called = std::sync::Arc::clone(&wrapped);
+        let failing = fallible(|_: &[Partition]| {
+            Err::<CommitOffsets, _>(std::io::Error::other("no connection"))
+        });
+        let mut factory = wrap_pipelines(
+            failing,
+            move |_: &[Partition], pipeline: Box<dyn ProcessingStrategy<u64> + Send>| {
+                called.store(true, std::sync::atomic::Ordering::SeqCst);
+                pipeline
+            },
+        );
+
+        assert!(factory.try_create(&[]).is_err());
+        assert!(!wrapped.load(std::sync::atomic::Ordering::SeqCst));
+    }
 
     #[test]
     fn a_closure_builds_pipelines_that_are_not_send_for_a_local_processor() {

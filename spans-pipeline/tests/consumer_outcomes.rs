@@ -51,7 +51,6 @@ fn segments_that_cannot_be_produced_become_outcomes_and_the_consumer_goes_on() {
     };
     let mut setup = ConsumerSetup {
         producer: Some(Arc::new(producer)),
-        outcomes: Some(OUTCOMES),
         ..ConsumerSetup::default()
     };
     setup.config.flusher.produce_attempts = 2;

@@ -21,11 +21,14 @@ use rill::dlq::DlqPolicy;
 use rill::processor::{
     ProcessorConfig, ProcessorHandle, ProcessorStats, RunError, StreamProcessor,
 };
-use rill::{Partition, ProcessingStrategyFactory, Producer, Topic};
+use rill::{Partition, ProcessingStrategy, Producer, Topic, wrap_pipelines};
 use sonic_rs::{JsonContainerTrait, JsonValueTrait};
 use spans_pipeline::buffer::RedisConnection;
 use spans_pipeline::config::Config;
 use spans_pipeline::consumer::SpansStrategyFactory;
+
+/// The pipeline as the processor keeps it.
+type Pipeline = Box<dyn ProcessingStrategy<KafkaPayload> + Send>;
 
 pub const INPUT: &str = "ingest-spans";
 pub const OUTPUT: &str = "buffered-segments";
@@ -169,14 +172,14 @@ pub struct ConsumerSetup {
     pub processor: ProcessorConfig,
     /// The producer of flushed segments; the real Kafka producer when `None`.
     pub producer: Option<Arc<dyn Producer<KafkaPayload>>>,
-    /// The topic of outcome records, if any ([`OUTCOMES`] by default, as `run` has them on).
-    pub outcomes: Option<&'static str>,
 }
 
 impl Default for ConsumerSetup {
     fn default() -> Self {
         let mut config = Config::default();
         config.kafka.output_topic = OUTPUT.to_owned();
+        // Outcome records on, as `run` has them, to a topic the tests read.
+        config.kafka.outcomes_topic = OUTCOMES.to_owned();
         config.buffer.root_timeout = Duration::from_secs(1);
         config.buffer.timeout = Duration::from_secs(2);
         config.buffer.flush_lock_ttl = Duration::ZERO;
@@ -190,7 +193,6 @@ impl Default for ConsumerSetup {
                 .with_poll_timeout(Duration::from_millis(20))
                 .with_join_timeout(Duration::from_secs(10)),
             producer: None,
-            outcomes: Some(OUTCOMES),
         }
     }
 }
@@ -217,20 +219,21 @@ impl ConsumerSetup {
             .producer
             .clone()
             .unwrap_or_else(|| Arc::clone(&kafka_producer) as Arc<dyn Producer<KafkaPayload>>);
-        let mut config = self.config.clone();
-        config.kafka.outcomes_topic = self.outcomes.unwrap_or_default().to_owned();
-        let mut factory = SpansStrategyFactory::from_config(
-            &config,
+        let factory = SpansStrategyFactory::from_config(
+            &self.config,
             connection,
             producer,
             runtime.handle().clone(),
         );
         let assignments = Arc::new(Mutex::new(Vec::new()));
         let recorded = Arc::clone(&assignments);
-        let factory = move |partitions: &[Partition]| {
-            recorded.lock().unwrap().push(partitions.to_vec());
-            factory.create(partitions)
-        };
+        let factory = wrap_pipelines(
+            factory,
+            move |partitions: &[Partition], pipeline: Pipeline| {
+                recorded.lock().unwrap().push(partitions.to_vec());
+                pipeline
+            },
+        );
         // Members leave the group cleanly when stopped, so the session timeout only matters
         // for a member that misses heartbeats: on a loaded test machine a short one expels a
         // live consumer, whose redelivered batches then show up as duplicates.
@@ -241,9 +244,8 @@ impl ConsumerSetup {
             config = config.with_rebalance_protocol(RebalanceProtocol::Eager);
         }
         let consumer = KafkaConsumer::subscribe(&config, &[INPUT]).unwrap();
-        // The recording closure hides the factory's own `rebuilds_on_rebalance`; ask for it here.
         let mut processor = StreamProcessor::new(consumer, factory)
-            .with_config(self.processor.clone().with_rebuild_on_rebalance(true))
+            .with_config(self.processor.clone())
             .with_dlq(DlqPolicy::new(KafkaDlqProducer::new(
                 kafka_producer,
                 Topic::new(DLQ),
