@@ -64,7 +64,7 @@ async fn load_flush_candidates_reads_ready_segments() {
         zadd(&redis, QUEUE, 5, SegmentKey::new(PT, "ready").as_str());
         zadd(&redis, QUEUE, 15, SegmentKey::new(PT, "later").as_str());
         let candidates = store
-            .load_flush_candidates(&[(0, QUEUE.to_owned())], 10, 100)
+            .load_flush_candidates(&[QUEUE.to_owned()], 10, 100)
             .await
             .unwrap();
         assert_eq!(candidates, [vec![candidate("ready", 5)]]);
@@ -80,7 +80,7 @@ async fn load_flush_candidates_respects_the_limit_oldest_first() {
             zadd(&redis, QUEUE, score, SegmentKey::new(PT, id).as_str());
         }
         let candidates = store
-            .load_flush_candidates(&[(0, QUEUE.to_owned())], 10, 2)
+            .load_flush_candidates(&[QUEUE.to_owned()], 10, 2)
             .await
             .unwrap();
         assert_eq!(candidates, [vec![candidate("a", 1), candidate("b", 2)]]);
@@ -102,7 +102,7 @@ async fn load_flush_candidates_sets_bad_queue_entries_aside_and_returns_the_othe
         zadd(&redis, QUEUE, 2, "not-a-segment-key");
         zadd(&redis, QUEUE, 3, SegmentKey::new(PT, "ready").as_str());
         let candidates = store
-            .load_flush_candidates(&[(0, QUEUE.to_owned())], 10, 100)
+            .load_flush_candidates(&[QUEUE.to_owned()], 10, 100)
             .await
             .unwrap();
         assert_eq!(candidates, [vec![candidate("ready", 3)]]);

@@ -24,9 +24,7 @@ use serde::Serialize;
 use crate::buffer::connection::{CommandBatch, RedisConnection};
 use crate::buffer::error::BufferError;
 use crate::buffer::keys::{self, KeyFamily, SegmentKey};
-use crate::buffer::store::{
-    add_queue_stats, as_optional_u64, as_string, info_field, into_array, read_queue_stats,
-};
+use crate::buffer::store::{as_optional_u64, as_string, info_field, into_array, queue_stats};
 
 /// Steps of a redirect chain followed before giving up (the script's own limit).
 const MAX_REDIRECT_STEPS: usize = 100;
@@ -533,17 +531,10 @@ impl BufferInspector {
         deadline: Instant,
         leftovers: &mut Leftovers,
     ) -> Result<(Vec<QueueReport>, bool), BufferError> {
-        let mut batch = CommandBatch::new();
-        for name in names {
-            add_queue_stats(&mut batch, name, now);
-        }
-        let mut replies = self.conn.execute(batch).await?.into_iter();
+        let stats = queue_stats(&self.conn, names.iter().map(String::as_str), now).await?;
         let mut queues = Vec::new();
         let mut complete = true;
-        for name in names {
-            let Some(stats) = read_queue_stats(&mut replies)? else {
-                break;
-            };
+        for (name, stats) in names.iter().zip(stats) {
             let oldest_deadline = stats.oldest_deadline;
             let mut queue = QueueReport {
                 key: name.clone(),

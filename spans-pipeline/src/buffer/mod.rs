@@ -241,10 +241,10 @@ impl SpansBuffer {
             .max_flush_segments
             .div_ceil(self.assigned_shards.len())
             .max(1);
-        let queues: Vec<(u16, String)> = self
+        let queues: Vec<String> = self
             .assigned_shards
             .iter()
-            .map(|&shard| (shard, self.queue_key(shard)))
+            .map(|&shard| self.queue_key(shard))
             .collect();
 
         let started = Instant::now();

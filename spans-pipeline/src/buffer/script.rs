@@ -163,6 +163,28 @@ mod tests {
             .unwrap_or_else(|| panic!("metric {name} missing"))
     }
 
+    /// The redirect map of the test's partition, sorted by span.
+    async fn redirects(conn: &RedisConnection) -> Vec<(String, String)> {
+        let map: std::collections::BTreeMap<String, String> = conn
+            .clone()
+            .hgetall(format!("span-buf:ssr:{{{PT}}}"))
+            .await
+            .unwrap();
+        map.into_iter().collect()
+    }
+
+    async fn counters(conn: &RedisConnection, id: &str) -> (Option<String>, Option<String>) {
+        let key = segment(id);
+        (
+            get(conn, &format!("span-buf:ic:{key}")).await,
+            get(conn, &format!("span-buf:ibc:{key}")).await,
+        )
+    }
+
+    fn counted(spans: u64, bytes: u64) -> (Option<String>, Option<String>) {
+        (Some(spans.to_string()), Some(bytes.to_string()))
+    }
+
     async fn get(conn: &RedisConnection, key: &str) -> Option<String> {
         conn.clone().get(key).await.unwrap()
     }
@@ -190,25 +212,13 @@ mod tests {
             assert_eq!(metric(&metrics, "detached_segment_too_large"), 0);
             assert_eq!(metric(&metrics, "detached_segment_locked"), 0);
 
-            let redirects: std::collections::BTreeMap<String, String> = conn
-                .clone()
-                .hgetall(format!("span-buf:ssr:{{{PT}}}"))
-                .await
-                .unwrap();
             assert_eq!(
-                redirects.into_iter().collect::<Vec<_>>(),
+                redirects(&conn).await,
                 [("a".into(), "b".into()), ("b".into(), "b".into())]
             );
             assert_eq!(members(&conn, &member_keys("b")).await, ["salt-root"]);
             let b = segment("b");
-            assert_eq!(
-                get(&conn, &format!("span-buf:ic:{b}")).await.as_deref(),
-                Some("2")
-            );
-            assert_eq!(
-                get(&conn, &format!("span-buf:ibc:{b}")).await.as_deref(),
-                Some("23")
-            );
+            assert_eq!(counters(&conn, "b").await, counted(2, 23));
             assert_eq!(
                 get(&conn, &format!("span-buf:hrs:{b}")).await.as_deref(),
                 Some("1")
@@ -242,25 +252,11 @@ mod tests {
                 members(&conn, &member_keys("a")).await,
                 ["salt-child", "salt-leaf"]
             );
-            let (a, b) = (segment("a"), segment("b"));
             assert!(members(&conn, &member_keys("b")).await.is_empty());
-            assert_eq!(get(&conn, &format!("span-buf:ic:{b}")).await, None);
-            assert_eq!(get(&conn, &format!("span-buf:ibc:{b}")).await, None);
+            assert_eq!(counters(&conn, "b").await, (None, None));
+            assert_eq!(counters(&conn, "a").await, counted(2, 24));
             assert_eq!(
-                get(&conn, &format!("span-buf:ic:{a}")).await.as_deref(),
-                Some("2")
-            );
-            assert_eq!(
-                get(&conn, &format!("span-buf:ibc:{a}")).await.as_deref(),
-                Some("24")
-            );
-            let redirects: std::collections::BTreeMap<String, String> = conn
-                .clone()
-                .hgetall(format!("span-buf:ssr:{{{PT}}}"))
-                .await
-                .unwrap();
-            assert_eq!(
-                redirects.into_iter().collect::<Vec<_>>(),
+                redirects(&conn).await,
                 [("b".into(), "a".into()), ("c".into(), "b".into())]
             );
             redis.assert_ttls();
@@ -291,17 +287,9 @@ mod tests {
             let (key, _, _, merged) = call(&conn, Call::new("a", &["b"], 7, "salt-parent")).await;
             assert_eq!(key, segment("a"));
             assert_eq!(merged, ["b"]);
-            let a = segment("a");
             assert!(members(&conn, &member_keys("b")).await.is_empty());
             assert_eq!(members(&conn, &member_keys("a")).await.len(), 9001);
-            assert_eq!(
-                get(&conn, &format!("span-buf:ic:{a}")).await.as_deref(),
-                Some("9001")
-            );
-            assert_eq!(
-                get(&conn, &format!("span-buf:ibc:{a}")).await.as_deref(),
-                Some("130")
-            );
+            assert_eq!(counters(&conn, "a").await, counted(9001, 130));
         })
         .await;
     }
@@ -363,18 +351,6 @@ mod tests {
             assert_eq!(key, segment("a"));
         })
         .await;
-    }
-
-    async fn counters(conn: &RedisConnection, id: &str) -> (Option<String>, Option<String>) {
-        let key = segment(id);
-        (
-            get(conn, &format!("span-buf:ic:{key}")).await,
-            get(conn, &format!("span-buf:ibc:{key}")).await,
-        )
-    }
-
-    fn counted(spans: u64, bytes: u64) -> (Option<String>, Option<String>) {
-        (Some(spans.to_string()), Some(bytes.to_string()))
     }
 
     #[tokio::test]
@@ -542,15 +518,8 @@ mod tests {
                 ["salt-child", "salt-leaf"]
             );
             assert!(members(&conn, &member_keys("b")).await.is_empty());
-            let (a, b) = (segment("a"), segment("b"));
-            assert_eq!(
-                get(&conn, &format!("span-buf:ic:{a}")).await.as_deref(),
-                Some("2")
-            );
-            assert_eq!(
-                get(&conn, &format!("span-buf:ibc:{a}")).await.as_deref(),
-                Some("24")
-            );
+            let b = segment("b");
+            assert_eq!(counters(&conn, "a").await, counted(2, 24));
             assert_eq!(get(&conn, &format!("span-buf:ic:{b}")).await, None);
             redis.assert_ttls();
         })

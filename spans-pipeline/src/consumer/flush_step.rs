@@ -279,7 +279,8 @@ impl<N> FlushSegments<N> {
             let silent = if healthy_since > 0 {
                 now - healthy_since > max_unhealthy_secs
             } else {
-                instant.saturating_duration_since(worker.started) > max_unhealthy * 2
+                instant.saturating_duration_since(worker.started)
+                    > startup_timeout(&self.context.options)
             };
             let cause = if worker.task.is_finished() {
                 Some("no_process")

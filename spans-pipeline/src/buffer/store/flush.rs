@@ -19,15 +19,15 @@ const COMPRESSED_BYTES_PER_DECODE_THREAD: usize = 256 * 1024;
 
 impl SpansBufferStore {
     /// Segments whose deadline is at or before `now`, oldest first, at most `limit` per queue.
-    /// Returns one list per queue, in the order of `queues` (`(shard, queue key)`).
+    /// Returns one list per queue, in the order of `queues` (queue keys).
     pub async fn load_flush_candidates(
         &self,
-        queues: &[(u16, String)],
+        queues: &[String],
         now: i64,
         limit: usize,
     ) -> Result<Vec<Vec<FlushCandidate>>, BufferError> {
         let mut batch = CommandBatch::new();
-        for (_, queue) in queues {
+        for queue in queues {
             let mut range = redis::cmd("ZRANGEBYSCORE");
             range
                 .arg(queue)
@@ -42,7 +42,7 @@ impl SpansBufferStore {
         let replies = self.conn.execute(batch).await?;
         let mut per_queue = Vec::with_capacity(queues.len());
         let mut bad_entries: Vec<(&str, Vec<u8>)> = Vec::new();
-        for ((_, queue), reply) in queues.iter().zip(replies) {
+        for (queue, reply) in queues.iter().zip(replies) {
             let mut candidates = Vec::new();
             for pair in into_array("ZRANGEBYSCORE", reply)?.chunks(2) {
                 let member = as_bytes("ZRANGEBYSCORE", pair[0].clone())?;

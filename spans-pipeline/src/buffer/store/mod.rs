@@ -43,7 +43,7 @@ use crate::buffer::options::BufferOptions;
 use crate::buffer::script;
 
 pub use queue::QueueStats;
-pub(crate) use queue::{add_queue_stats, read_queue_stats};
+pub(crate) use queue::queue_stats;
 pub(crate) use reply::{as_optional_u64, as_string, info_field, into_array};
 pub(crate) use write::PreparedWrite;
 

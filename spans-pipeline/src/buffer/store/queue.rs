@@ -7,7 +7,7 @@ use redis::Value;
 
 use super::reply::{as_f64, as_optional_u64, check_replies, check_spread_replies, first_score};
 use super::{CLEANUP_KEYS_PER_UNLINK, SpansBufferStore, expire};
-use crate::buffer::connection::CommandBatch;
+use crate::buffer::connection::{CommandBatch, RedisConnection};
 use crate::buffer::error::BufferError;
 use crate::buffer::keys::{self, SegmentKey};
 use crate::buffer::segment::InsertedSubsegment;
@@ -159,17 +159,27 @@ impl SpansBufferStore {
         queues: &[String],
         now: i64,
     ) -> Result<Vec<QueueStats>, BufferError> {
-        let mut batch = CommandBatch::new();
-        for queue in queues {
-            add_queue_stats(&mut batch, queue, now);
-        }
-        let mut replies = self.conn.execute(batch).await?.into_iter();
-        let mut stats = Vec::with_capacity(queues.len());
-        while let Some(queue) = read_queue_stats(&mut replies)? {
-            stats.push(queue);
-        }
-        Ok(stats)
+        queue_stats(&self.conn, queues.iter().map(String::as_str), now).await
     }
+}
+
+/// [`SpansBufferStore::queue_stats`] on any connection (`inspect` has one of its own), in the
+/// order of `queues`; shorter if a reply is missing.
+pub(crate) async fn queue_stats<'a>(
+    conn: &RedisConnection,
+    queues: impl IntoIterator<Item = &'a str>,
+    now: i64,
+) -> Result<Vec<QueueStats>, BufferError> {
+    let mut batch = CommandBatch::new();
+    for queue in queues {
+        add_queue_stats(&mut batch, queue, now);
+    }
+    let mut replies = conn.execute(batch).await?.into_iter();
+    let mut stats = Vec::new();
+    while let Some(queue) = read_queue_stats(&mut replies)? {
+        stats.push(queue);
+    }
+    Ok(stats)
 }
 
 /// What [`SpansBufferStore::queue_stats`] reads of one queue.
@@ -184,7 +194,7 @@ pub struct QueueStats {
 }
 
 /// Adds the three commands of one queue's [`QueueStats`] to `batch`.
-pub(crate) fn add_queue_stats(batch: &mut CommandBatch, queue: &str, now: i64) {
+fn add_queue_stats(batch: &mut CommandBatch, queue: &str, now: i64) {
     let mut zcard = redis::cmd("ZCARD");
     zcard.arg(queue);
     batch.add(queue, zcard);
@@ -198,7 +208,7 @@ pub(crate) fn add_queue_stats(batch: &mut CommandBatch, queue: &str, now: i64) {
 
 /// Reads the next queue's [`QueueStats`] from the replies of [`add_queue_stats`]' commands;
 /// `None` once they are used up.
-pub(crate) fn read_queue_stats(
+fn read_queue_stats(
     replies: &mut impl Iterator<Item = Value>,
 ) -> Result<Option<QueueStats>, BufferError> {
     let (Some(size), Some(due), Some(oldest)) = (replies.next(), replies.next(), replies.next())

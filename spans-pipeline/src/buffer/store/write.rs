@@ -247,7 +247,7 @@ impl SpansBufferStore {
                 .arg(subsegment.byte_count())
                 .arg(self.options.max_segment_bytes)
                 .arg(&subsegment.salt)
-                .arg(bool_arg(!self.options.flush_lock_ttl.is_zero()))
+                .arg(bool_arg(self.locks_on()))
                 .arg(self.options.metrics_sample_rate);
             for span_id in subsegment.span_ids() {
                 cmd.arg(span_id);
