@@ -145,11 +145,6 @@ impl MockKafka {
         }
     }
 
-    /// Clients of this broker: settings, produce, read back, committed offsets.
-    pub fn clients(&self) -> &TestClients {
-        &self.clients
-    }
-
     fn mock(&self) -> Result<&rill::testing::kafka::MockKafka, MockKafkaError> {
         match &self.backend {
             Backend::Mock(mock) => Ok(mock),
