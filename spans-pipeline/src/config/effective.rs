@@ -128,7 +128,7 @@ mod tests {
         let mut config = Config::default();
         config.kafka.bootstrap_servers = "broker-1:9092,broker-2:9092".to_owned();
         config.kafka.slice_id = Some(3);
-        config.kafka.rebalance_protocol = crate::config::Rebalance::Eager;
+        config.kafka.rebalance_protocol = rill::backends::kafka::RebalanceProtocol::Eager;
         config.kafka.max_poll_interval = Duration::from_secs(90);
         config
             .kafka

@@ -52,9 +52,9 @@ pub struct KafkaSection {
     /// Kafka slice id (part of the queue keys), when running sliced.
     pub slice_id: Option<u32>,
     /// `eager` or `cooperative`.
-    pub rebalance_protocol: Rebalance,
+    pub rebalance_protocol: RebalanceProtocol,
     /// Where to start without a committed offset: `earliest`, `latest` or `error`.
-    pub initial_offset: StartOffset,
+    pub initial_offset: InitialOffset,
     /// Longest time between two polls before the broker evicts the member.
     #[serde(with = "humantime_serde")]
     pub max_poll_interval: Duration,
@@ -75,54 +75,11 @@ impl Default for KafkaSection {
             dlq_required: false,
             outcomes_topic: "outcomes".to_owned(),
             slice_id: None,
-            rebalance_protocol: Rebalance::Cooperative,
-            initial_offset: StartOffset::Earliest,
+            rebalance_protocol: RebalanceProtocol::Cooperative,
+            initial_offset: InitialOffset::Earliest,
             max_poll_interval: Duration::from_secs(300),
             consumer_overrides: BTreeMap::new(),
             producer_overrides: BTreeMap::new(),
-        }
-    }
-}
-
-/// `kafka.rebalance_protocol`: how partitions move between members.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Rebalance {
-    /// Every member gives up everything at each rebalance (`range,roundrobin`).
-    Eager,
-    /// Only the partitions that move are revoked (`cooperative-sticky`).
-    #[default]
-    Cooperative,
-}
-
-impl From<Rebalance> for RebalanceProtocol {
-    fn from(rebalance: Rebalance) -> Self {
-        match rebalance {
-            Rebalance::Eager => Self::Eager,
-            Rebalance::Cooperative => Self::Cooperative,
-        }
-    }
-}
-
-/// `kafka.initial_offset`: where a partition without a committed offset is read from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StartOffset {
-    /// The oldest message kept.
-    #[default]
-    Earliest,
-    /// Only what is produced from now on.
-    Latest,
-    /// Fail instead.
-    Error,
-}
-
-impl From<StartOffset> for InitialOffset {
-    fn from(offset: StartOffset) -> Self {
-        match offset {
-            StartOffset::Earliest => Self::Earliest,
-            StartOffset::Latest => Self::Latest,
-            StartOffset::Error => Self::Error,
         }
     }
 }
@@ -188,8 +145,8 @@ impl Config {
     pub fn kafka_consumer_config(&self) -> KafkaConsumerConfig {
         let kafka = &self.kafka;
         let mut consumer = KafkaConsumerConfig::new(&kafka.bootstrap_servers, &kafka.group_id)
-            .with_rebalance_protocol(kafka.rebalance_protocol.into())
-            .with_initial_offset(kafka.initial_offset.into())
+            .with_rebalance_protocol(kafka.rebalance_protocol)
+            .with_initial_offset(kafka.initial_offset)
             .with_max_poll_interval(kafka.max_poll_interval);
         for (key, value) in &kafka.consumer_overrides {
             consumer = consumer.with_override(key, value);

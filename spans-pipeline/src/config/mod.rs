@@ -33,7 +33,7 @@ mod kafka;
 mod redis;
 pub mod size;
 
-pub use kafka::{KafkaSection, PRODUCER_DEFAULTS, Rebalance, StartOffset, is_secret_setting};
+pub use kafka::{KafkaSection, PRODUCER_DEFAULTS, is_secret_setting};
 pub use redis::{RedisSection, redact_url};
 
 /// The environment variable prefix of overrides.
@@ -362,6 +362,7 @@ fn parse_value(text: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rill::backends::kafka::{InitialOffset, RebalanceProtocol};
 
     fn load(text: &str, env: &[(&str, &str)], overrides: &[&str]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
@@ -464,8 +465,8 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert_eq!(config.kafka.initial_offset, StartOffset::Latest);
-        assert_eq!(config.kafka.rebalance_protocol, Rebalance::Eager);
+        assert_eq!(config.kafka.initial_offset, InitialOffset::Latest);
+        assert_eq!(config.kafka.rebalance_protocol, RebalanceProtocol::Eager);
     }
 
     #[test]
