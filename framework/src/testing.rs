@@ -297,6 +297,22 @@ pub fn poll_until<T, S: ProcessingStrategy<T> + ?Sized>(
     }
 }
 
+/// Polls `step` every millisecond until it reports an error, and returns it.
+///
+/// # Panics
+///
+/// When no error comes within ten seconds.
+pub fn poll_until_error<T, S: ProcessingStrategy<T> + ?Sized>(step: &mut S) -> StrategyError {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match step.poll() {
+            Err(error) => return error,
+            Ok(_) => assert!(Instant::now() < deadline, "no error reported"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// An in-memory broker with `topic` of `partitions` partitions, each holding the payloads
 /// `0..per_partition` at the same offsets.
 pub fn numbered_broker(

@@ -118,7 +118,7 @@ mod tests {
     use super::*;
     use crate::error::{InvalidMessage, StrategyError, SubmitError};
     use crate::strategy::ProcessingStrategy;
-    use crate::testing::{RecordingStep, message, partition, poll_until};
+    use crate::testing::{RecordingStep, message, partition, poll_until, poll_until_error};
 
     #[test]
     fn at_most_concurrency_functions_run_at_once_and_a_full_step_hands_the_message_back() {
@@ -186,14 +186,7 @@ mod tests {
         )
         .unwrap();
         step.submit(message(0, 0)).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let error = loop {
-            match step.poll() {
-                Err(error) => break error,
-                Ok(_) => assert!(Instant::now() < deadline, "no error reported"),
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
+        let error = poll_until_error(&mut step);
         assert!(matches!(error, StrategyError::InvalidMessage(_)));
         step.submit(message(1, 1)).unwrap();
 
@@ -214,13 +207,7 @@ mod tests {
         .unwrap();
         step.submit(message(0, 0)).unwrap();
 
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match step.poll() {
-                Err(error) => break assert!(matches!(error, StrategyError::Other(_))),
-                Ok(_) => assert!(Instant::now() < deadline, "no error reported"),
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let error = poll_until_error(&mut step);
+        assert!(matches!(error, StrategyError::Other(_)));
     }
 }

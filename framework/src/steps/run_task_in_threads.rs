@@ -287,7 +287,7 @@ mod tests {
 
     use super::*;
     use crate::clock::Clock;
-    use crate::testing::{RecordingStep, message, partition, poll_until};
+    use crate::testing::{RecordingStep, message, partition, poll_until, poll_until_error};
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
@@ -381,14 +381,7 @@ mod tests {
         );
         step.submit(message(9, 0)).unwrap();
 
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let error = loop {
-            match step.poll() {
-                Err(error) => break error,
-                Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
-                Ok(_) => panic!("no error reported"),
-            }
-        };
+        let error = poll_until_error(&mut step);
 
         let StrategyError::InvalidMessage(invalid) = error else {
             panic!("expected an invalid message, got {error:?}");
