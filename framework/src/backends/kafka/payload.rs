@@ -75,7 +75,6 @@ impl KafkaPayload {
     }
 }
 
-// Written by hand: payload bytes never end up in logs, only their sizes.
 /// The value's bytes, empty for a message without a value (a tombstone): what a codec
 /// decodes.
 impl AsRef<[u8]> for KafkaPayload {
@@ -84,6 +83,7 @@ impl AsRef<[u8]> for KafkaPayload {
     }
 }
 
+// Written by hand: payload bytes never end up in logs, only their sizes.
 impl fmt::Debug for KafkaPayload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaPayload")
